@@ -1,0 +1,137 @@
+"""The one door to jaxopt: linear solvers and ``custom_root`` for implicit differentiation.
+
+Every estimator that needs a linear solve takes one of these ``solve(matvec, b, ...) -> x``
+functions (pytrees in, pytrees out), so jaxopt can be replaced (lineax, a hand-written CG)
+by editing this module only. jaxopt is imported lazily: importing diffnas_jax does not import
+it, and its deprecation notice is silenced here once rather than in every caller.
+
+References: Blondel et al., "Efficient and Modular Implicit Differentiation", NeurIPS 2022
+(jaxopt); Lorraine, Vicol & Duvenaud, "Optimizing Millions of Hyperparameters by Implicit
+Differentiation", AISTATS 2020 (the Neumann-series inverse-Hessian-vector product).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from ._checks import check_int_in_range, check_nonnegative, check_positive
+
+PyTree = Any
+MatVec = Callable[[PyTree], PyTree]
+
+__all__ = ["solve_cg", "solve_normal_cg", "solve_gmres", "solve_neumann", "custom_root",
+           "SOLVERS", "get_solver"]
+
+
+@functools.lru_cache(maxsize=None)
+def _jaxopt():
+    with warnings.catch_warnings():
+        # jaxopt announces its end of maintenance on import; that is why this module exists.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import jaxopt.implicit_diff
+        import jaxopt.linear_solve
+    return jaxopt
+
+
+def _check_common(tol: Any, maxiter: Any, ridge: Any) -> None:
+    check_positive("tol", tol)
+    if maxiter is not None:
+        check_int_in_range("maxiter", maxiter, 1, 10**9)
+    if ridge is not None:
+        check_nonnegative("ridge", ridge)
+
+
+def solve_cg(matvec: MatVec, b: PyTree, *, ridge: float | None = None, init: PyTree | None = None,
+             tol: float = 1e-5, maxiter: int | None = None) -> PyTree:
+    """Solve ``(A + ridge I) x = b`` by conjugate gradient; ``A`` symmetric positive definite.
+
+    Args:
+      matvec: ``v -> A v`` on pytrees shaped like ``b``.
+      b: right-hand side pytree.
+      ridge: optional Tikhonov damping added to ``A``.
+      init: optional initial guess (defaults to zeros).
+      tol: relative residual tolerance; maxiter: iteration cap (``None``: jax's default).
+    Returns:
+      ``x``, a pytree like ``b``.
+    """
+    _check_common(tol, maxiter, ridge)
+    return _jaxopt().linear_solve.solve_cg(matvec, b, ridge=ridge, init=init, tol=tol, maxiter=maxiter)
+
+
+def solve_normal_cg(matvec: MatVec, b: PyTree, *, ridge: float | None = None, init: PyTree | None = None,
+                    tol: float = 1e-5, maxiter: int | None = None) -> PyTree:
+    """Solve ``A x = b`` through the normal equations ``(A^T A + ridge I) x = A^T b`` by CG.
+
+    Works for any nonsingular (also indefinite) square ``A``; ``matvec`` must be linear and
+    transposable by ``jax.linear_transpose`` (true for JVPs and linearized functions).
+    """
+    _check_common(tol, maxiter, ridge)
+    return _jaxopt().linear_solve.solve_normal_cg(matvec, b, ridge=ridge, init=init, tol=tol,
+                                                  maxiter=maxiter)
+
+
+def solve_gmres(matvec: MatVec, b: PyTree, *, ridge: float | None = None, init: PyTree | None = None,
+                tol: float = 1e-5, maxiter: int | None = None, restart: int = 20) -> PyTree:
+    """Solve ``(A + ridge I) x = b`` by restarted GMRES (any nonsingular ``A``)."""
+    _check_common(tol, maxiter, ridge)
+    check_int_in_range("restart", restart, 1, 10**6)
+    return _jaxopt().linear_solve.solve_gmres(matvec, b, ridge=ridge, init=init, tol=tol,
+                                              maxiter=maxiter, restart=restart)
+
+
+def solve_neumann(matvec: MatVec, b: PyTree, *, ridge: float | None = None, init: PyTree | None = None,
+                  tol: float = 1e-5, maxiter: int | None = 20, alpha: float = 1.0) -> PyTree:
+    """Truncated Neumann series ``x = alpha sum_{i=0}^{maxiter} (I - alpha A)^i b``.
+
+    Approximates ``A^{-1} b`` when the spectral radius of ``I - alpha A`` is below one, i.e.
+    ``0 < alpha < 2 / lambda_max(A)`` for symmetric positive definite ``A`` (Lorraine et al. 2020,
+    Algorithm 3). ``maxiter`` is the number of terms after the first; the error decays like
+    ``rho^maxiter``. ``tol`` and ``init`` are accepted for a uniform solver signature and unused:
+    the number of terms is fixed so the cost is known in advance and the loop is a ``fori_loop``.
+    """
+    del init
+    _check_common(tol, maxiter, ridge)
+    check_positive("alpha", alpha)
+    n = 20 if maxiter is None else int(maxiter)
+    if ridge is not None:
+        base = matvec
+        matvec = lambda v: jax.tree.map(lambda av, vv: av + ridge * vv, base(v), v)  # noqa: E731
+
+    p0 = jax.tree.map(lambda x: alpha * x, b)
+
+    def body(_, carry):
+        p, acc = carry
+        ap = matvec(p)
+        p = jax.tree.map(lambda pi, api: pi - alpha * api, p, ap)
+        return p, jax.tree.map(jnp.add, acc, p)
+
+    _, x = jax.lax.fori_loop(0, n, body, (p0, p0))
+    return x
+
+
+def custom_root(optimality_fun: Callable, has_aux: bool = False, solve: Callable | None = None):
+    """``jaxopt.implicit_diff.custom_root``: replace a solver's derivative by the IFT one.
+
+    ``solve`` defaults to :func:`solve_normal_cg` (as in jaxopt). See jaxopt for the protocol.
+    """
+    solve = solve_normal_cg if solve is None else solve
+    return _jaxopt().implicit_diff.custom_root(optimality_fun, has_aux=has_aux, solve=solve)
+
+
+SOLVERS: dict[str, Callable[..., PyTree]] = {
+    "cg": solve_cg,
+    "normal_cg": solve_normal_cg,
+    "gmres": solve_gmres,
+    "neumann": solve_neumann,
+}
+
+
+def get_solver(name: str) -> Callable[..., PyTree]:
+    """The solver registered under ``name`` (``ValueError`` naming ``solver`` otherwise)."""
+    from ._checks import check_choice
+
+    return SOLVERS[check_choice("solver", name, SOLVERS)]

@@ -1,0 +1,368 @@
+"""The ``diffnas`` command line: ``diffnas search | evaluate | baseline | profile``.
+
+Subcommands are registered by small functions so the heavy imports (jax, flax) only happen
+when a subcommand runs; ``diffnas --help`` is instant.
+
+With no flags, ``diffnas search`` searches an NAS-Bench-201-style cell on scikit-learn's digits
+(DARTS first order, 25 epochs, a few minutes on a 2-core CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from typing import Sequence
+
+SPACES = ("nb201", "darts", "mbconv")
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds must be comma-separated ints, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds is empty")
+    return seeds
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {v}")
+    return v
+
+
+def _data_args(p: argparse.ArgumentParser, dataset_default: str | None = "digits") -> None:
+    p.add_argument("--dataset", default=dataset_default,
+                   help="digits (scikit-learn, default) | cifar10 (needs --data-dir) | synthetic | FILE.npz "
+                        "with x_train, y_train, x_test, y_test [, x_val, y_val]")
+    p.add_argument("--data-dir", default=None, help="folder with the extracted CIFAR-10 batches (either layout)")
+    p.add_argument("--data-seed", type=int, default=None, help="seed of the train/val/test split (default 0)")
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="run a differentiable architecture search",
+                       description="Differentiable architecture search; writes result.json, metrics.jsonl, "
+                                   "checkpoints and PNG plots to --out.")
+    p.add_argument("--space", choices=SPACES, default="nb201", help="search space (default nb201)")
+    p.add_argument("--method", default="darts", help="darts | darts_2nd | gdas | snas | drnas | pcdarts | "
+                                                     "fairdarts | darts_pt | ... (default darts)")
+    p.add_argument("--hypergrad", default=None, help="override the method's estimator: first_order | unrolled | "
+                                                     "implicit | single_level | rarts")
+    p.add_argument("--select", choices=("argmax", "perturbation"), default="argmax",
+                   help="genotype selection: magnitude argmax or DARTS-PT perturbation")
+    _data_args(p)
+    p.add_argument("--epochs", type=_positive, default=None, help="search epochs (default 25)")
+    p.add_argument("--batch-size", type=_positive, default=None, help="global batch size (default 64)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--seed", type=int, default=0, help="search seed (default 0)")
+    g.add_argument("--seeds", type=_seeds, default=None,
+                   help="comma-separated seeds searched together in one vmapped program, e.g. 0,1,2,3")
+    p.add_argument("--out", default="runs/search", help="output folder (default runs/search)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--devices", type=_positive, default=1,
+                   help="data-parallel devices (a jax.sharding Mesh over the batch axis)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 100)")
+    p.add_argument("--channels", type=_positive, default=None, help="supernet channels C")
+    p.add_argument("--layers", type=_positive, default=None, help="supernet depth (NB201: cells per stage)")
+    p.add_argument("--arch-lr", type=float, default=None, help="override the method's architecture lr")
+    p.add_argument("--weight-lr", type=float, default=None, help="override the method's weight lr")
+    p.add_argument("--augment", action="store_true", help="random crop (+flip) on search batches")
+    p.add_argument("--evaluate", action="store_true",
+                   help="afterwards train each found genotype from scratch (as `diffnas evaluate`)")
+    p.add_argument("--eval-epochs", type=_positive, default=None, help="epochs of --evaluate (default 30)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    p.set_defaults(func=cmd_search)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="train a genotype from scratch; report test accuracy, params, FLOPs",
+                       description="Train the discrete network of a genotype from scratch on train+val and "
+                                   "report test accuracy, parameters and FLOPs (also as DIR2/eval.json).")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--genotype", help="NB201 arch string, DARTS Genotype(...) text or a built-in name (DARTS_V2)")
+    g.add_argument("--result", help="a search's result.json (its genotype(s), space and dataset)")
+    p.add_argument("--space", choices=SPACES, default=None, help="space of --genotype (default: guessed)")
+    _data_args(p, None)
+    p.add_argument("--epochs", type=_positive, default=None, help="training epochs (default 30)")
+    p.add_argument("--batch-size", type=_positive, default=None, help="batch size (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--channels", type=_positive, default=None, help="network channels C")
+    p.add_argument("--layers", type=_positive, default=None, help="network depth")
+    p.add_argument("--out", default=None, help="folder for eval.json (default: next to --result)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _add_baseline(sub) -> None:
+    p = sub.add_parser("baseline", help="random-search baseline: train random genotypes with the same protocol",
+                       description="Sample random architectures of the space and train each from scratch with "
+                                   "the evaluation protocol; writes DIR/baseline.json.")
+    p.add_argument("--strategy", choices=("random",), default="random", help="sampling strategy")
+    p.add_argument("--num", type=_positive, default=20, help="number of architectures (default 20)")
+    p.add_argument("--space", choices=SPACES, default="nb201", help="search space (default nb201)")
+    _data_args(p)
+    p.add_argument("--epochs", type=_positive, default=None, help="training epochs per architecture (default 30)")
+    p.add_argument("--batch-size", type=_positive, default=None, help="batch size (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="sampling and training seed")
+    p.add_argument("--channels", type=_positive, default=None, help="network channels C")
+    p.add_argument("--layers", type=_positive, default=None, help="network depth")
+    p.add_argument("--out", default="runs/baseline", help="output folder (default runs/baseline)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_baseline)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffnas",
+        description="Differentiable neural architecture search in JAX (diffnas_jax).",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="{search,evaluate,baseline,profile}")
+    _add_search(sub)
+    _add_evaluate(sub)
+    _add_baseline(sub)
+    _add_profile(sub)
+    return parser
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="measure a latency look-up table of a space's candidate ops on this device")
+    p.add_argument("--space", default="mbconv", choices=("mbconv", "nb201"))
+    p.add_argument("--input", default="32,32,3", help="H,W,C of one example (default 32,32,3)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per op (median reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1, help="examples per timed call")
+    p.add_argument("--out", default="latency_table.json", help="JSON table to write")
+    p.add_argument("--compare", default=None, help="another device's table: print per-op latency ratios")
+    p.set_defaults(func=_cmd_profile)
+
+
+def _cmd_profile(args) -> int:
+    from diffnas_jax import cost
+    from diffnas_jax.spaces import mbconv, nb201
+
+    shape = tuple(int(v) for v in args.input.split(","))
+    space = mbconv.search_space() if args.space == "mbconv" else nb201.search_space()
+    table = cost.profile_latency(space, shape, args.repeats, warmup=args.warmup, batch_size=args.batch)
+    cost.save_table(table, args.out)
+    meta = table.meta
+    print(f"{args.space} on {meta['device']}: {len(meta['entries'])} entries, fixed part {table.constant:.3f} ms; "
+          f"wrote {args.out}")
+    if args.compare:
+        ratios = cost.compare_tables(table, cost.load_table(args.compare))
+        for k, v in ratios.items():
+            print(f"  {k}: {v:.3f}x")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands (heavy imports inside)
+# ---------------------------------------------------------------------------------------------
+def _force_host_devices(n: int) -> None:
+    """Let ``--devices N`` work on a CPU-only machine: XLA must be told before jax is imported."""
+    if n > 1 and "jax" not in sys.modules:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={n}").strip()
+
+
+def _eval_config(args, space: str, dataset: str, data_dir, data_seed: int, epochs=None):
+    from diffnas_jax.search.evaluate import EvalConfig
+
+    kw = dict(space=space, dataset=dataset, data_dir=data_dir, data_seed=data_seed, seed=args.seed)
+    if epochs is not None:
+        kw["epochs"] = epochs
+    if getattr(args, "batch_size", None) is not None and args.command != "search":
+        kw["batch_size"] = args.batch_size
+    for k in ("channels", "layers"):
+        if getattr(args, k, None) is not None and args.command != "search":
+            kw[k] = getattr(args, k)
+    return EvalConfig(**kw)
+
+
+def _summary(accs: Sequence[float]) -> dict:
+    import numpy as np
+
+    a = np.asarray(accs, np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+            "median": float(np.median(a)), "best": float(a.max()), "worst": float(a.min()), "n": int(len(a))}
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def cmd_search(args) -> int:
+    _force_host_devices(args.devices)
+    from diffnas_jax.search.driver import RunInUseError, SearchConfig, run_search
+    from diffnas_jax.search.checkpoint import CheckpointError
+
+    kw = dict(space=args.space, method=args.method, hypergrad=args.hypergrad, select=args.select,
+              dataset=args.dataset, data_dir=args.data_dir, seed=args.seed, seeds=args.seeds,
+              devices=args.devices, out=args.out, resume=args.resume, channels=args.channels,
+              layers=args.layers, arch_lr=args.arch_lr, weight_lr=args.weight_lr, augment=args.augment,
+              progress=not args.no_progress, plots=not args.no_plots)
+    for k in ("epochs", "batch_size", "checkpoint_every", "data_seed"):
+        if getattr(args, k) is not None:
+            kw[k] = getattr(args, k)
+    try:
+        config = SearchConfig(**kw)
+        result = run_search(config)
+    except (RunInUseError, CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
+        print(f"diffnas search: error: {e}", file=sys.stderr)
+        return 2
+    if result["status"] != "complete":
+        return 130
+    out = pathlib.Path(config.out)
+    for s in result["seeds"]:
+        print(f"seed {s['seed']}: genotype {s['genotype']}  (supernet val acc "
+              f"{s['final_metrics'].get('val_acc', float('nan')):.4f})")
+    print(f"search time {result['search_time_s']:.1f} s; results in {out / 'result.json'}")
+    if args.evaluate:
+        from diffnas_jax.search.evaluate import train_and_evaluate
+
+        ecfg = _eval_config(args, config.space, config.dataset, config.data_dir, config.data_seed,
+                            args.eval_epochs)
+        evals = []
+        for s in result["seeds"]:
+            r = train_and_evaluate(s["genotype"], ecfg, progress=not args.no_progress, desc=f"evaluate seed {s['seed']}")
+            r["search_seed"] = s["seed"]
+            evals.append(r)
+            print(f"seed {s['seed']}: test accuracy {r['test_accuracy']:.4f}, params {r['params']}, "
+                  f"FLOPs {r['flops']:.3g}")
+        summary = _summary([r["test_accuracy"] for r in evals])
+        if len(evals) > 1:
+            print(f"test accuracy over {len(evals)} seeds: {summary['mean']:.4f} +- {summary['std']:.4f}")
+        _write_json(out / "eval.json", {"evaluations": evals, "test_accuracy": summary})
+        result["evaluation"] = {"test_accuracy": summary, "per_seed": [r["test_accuracy"] for r in evals]}
+        _write_json(out / "result.json", result)
+    return 0
+
+
+def _guess_space(genotype: str) -> str:
+    g = genotype.strip()
+    if g.startswith("|") and "~" in g:
+        return "nb201"
+    return "darts"
+
+
+def cmd_evaluate(args) -> int:
+    from diffnas_jax.search.evaluate import train_and_evaluate
+
+    data_seed = 0 if args.data_seed is None else args.data_seed
+    if args.result:
+        path = pathlib.Path(args.result)
+        if path.is_dir():
+            path = path / "result.json"
+        try:
+            res = json.loads(path.read_text())
+        except FileNotFoundError:
+            print(f"diffnas evaluate: error: {path} not found", file=sys.stderr)
+            return 2
+        genotypes = [s["genotype"] for s in res["seeds"]]
+        cfg = res.get("config", {})
+        space = args.space or res.get("space", "nb201")
+        dataset = args.dataset or cfg.get("dataset", "digits")
+        data_dir = args.data_dir or cfg.get("data_dir")
+        if args.data_seed is None:
+            data_seed = cfg.get("data_seed", 0)
+        out = pathlib.Path(args.out) if args.out else path.parent
+    else:
+        genotypes = [args.genotype]
+        space = args.space or _guess_space(args.genotype)
+        dataset = args.dataset or "digits"
+        data_dir = args.data_dir
+        out = pathlib.Path(args.out) if args.out else None
+    try:
+        ecfg = _eval_config(args, space, dataset, data_dir, data_seed, args.epochs)
+        evals = [train_and_evaluate(g, ecfg, progress=not args.no_progress) for g in genotypes]
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"diffnas evaluate: error: {e}", file=sys.stderr)
+        return 2
+    for r in evals:
+        print(f"{r['genotype']}\n  test accuracy {r['test_accuracy']:.4f}  params {r['params']}  "
+              f"FLOPs {r['flops']:.4g}  ({r['train_time_s']:.1f} s)")
+    summary = _summary([r["test_accuracy"] for r in evals])
+    report = dict(evals[0]) if len(evals) == 1 else {"evaluations": evals}
+    report["test_accuracy" if len(evals) > 1 else "test_accuracy_summary"] = summary
+    if len(evals) > 1:
+        print(f"test accuracy over {len(evals)} genotypes: {summary['mean']:.4f} +- {summary['std']:.4f}")
+    if out is not None:
+        _write_json(out / "eval.json", report)
+        print(f"wrote {out / 'eval.json'}")
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from diffnas_jax.data import load_dataset
+    from diffnas_jax.search.evaluate import random_genotypes, train_and_evaluate
+
+    data_seed = 0 if args.data_seed is None else args.data_seed
+    try:
+        dataset = load_dataset(args.dataset, data_dir=args.data_dir, seed=data_seed)
+        ecfg = _eval_config(args, args.space, args.dataset, args.data_dir, data_seed, args.epochs)
+        genotypes = random_genotypes(args.space, args.num, args.seed, dataset.num_classes)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"diffnas baseline: error: {e}", file=sys.stderr)
+        return 2
+    out = pathlib.Path(args.out)
+    path = out / "baseline.json"
+    done = {}
+    if path.is_file():  # continue an interrupted baseline with the same protocol
+        prev = json.loads(path.read_text())
+        if prev.get("config") == _jsonable_config(ecfg) and prev.get("strategy") == args.strategy:
+            done = {r["genotype"]: r for r in prev.get("architectures", [])}
+    rows = []
+    for i, g in enumerate(genotypes):
+        if str(g) in done:
+            rows.append(done[str(g)])
+            continue
+        r = train_and_evaluate(g, ecfg, dataset, progress=not args.no_progress, desc=f"random {i + 1}/{args.num}")
+        rows.append({k: r[k] for k in ("genotype", "test_accuracy", "train_accuracy", "params", "flops",
+                                       "train_time_s")})
+        print(f"[{i + 1}/{args.num}] {r['genotype']}  test accuracy {r['test_accuracy']:.4f}")
+        _write_json(path, {"strategy": args.strategy, "num": args.num, "architectures": rows,
+                           "config": _jsonable_config(ecfg), "complete": False})
+    summary = _summary([r["test_accuracy"] for r in rows])
+    _write_json(path, {"strategy": args.strategy, "num": args.num, "architectures": rows,
+                       "config": _jsonable_config(ecfg), "complete": True, **summary})
+    print(f"random baseline over {len(rows)} architectures: mean {summary['mean']:.4f}, median "
+          f"{summary['median']:.4f}, best {summary['best']:.4f}; wrote {path}")
+    return 0
+
+
+def _jsonable_config(cfg) -> dict:
+    import dataclasses
+
+    from diffnas_jax.search.logging import to_jsonable
+
+    return to_jsonable(dataclasses.asdict(cfg))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from diffnas_jax import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,517 @@
+"""Fast differentiable sorting and ranking (Blondel, Teboul, Berthet & Djolonga, ICML 2020).
+
+Soft sorting and ranking are projections onto the permutahedron: ``soft_rank(x)`` projects
+``x / eps`` onto the convex hull of the permutations of ``rho = (n, ..., 1)`` and ``soft_sort(x)``
+projects ``rho / eps`` onto the permutahedron of ``x`` (with a quadratic, "l2", or entropic,
+"kl", regularisation).  After one sort, both reduce to isotonic regression, solved exactly by
+pool-adjacent-violators (PAV); the Jacobian of isotonic regression is block-wise averaging over
+the solution's blocks (a block-wise softmax for "kl"), so the custom VJPs below never
+differentiate through the solver loop.
+
+The outputs and vector-Jacobian products equal the authors' numpy implementation
+(``google-research/fast-soft-sort``), with one deliberate exception: for ``soft_sort`` with
+``regularization="kl"`` the reference VJP weights each block by ``softmax(rho / eps)`` instead of
+``softmax(sorted values)``, which is not the derivative of its own output.  We return the true
+gradient (as torchsort does); ``kl_vjp="reference"`` reproduces the authors' numbers.
+
+How it is made fast under XLA on CPU (see BUILD_NOTES.md for numbers):
+
+* XLA's CPU sort is several times faster for a single integer operand than for a float key with
+  an index payload, so the argsort packs an order-preserving integer image of each value and its
+  index into one int64 and sorts that.  For float32 (and narrower) inputs this is exact; for
+  float64 the lowest ``ceil(log2 n)`` mantissa bits give way to the index, so values closer than
+  about ``2**-(52 - log2 n)`` relative are ordered by index — a change of the same size in the
+  output, since the projection is 1-Lipschitz.
+* PAV runs as parallel rounds: every maximal run of adjacent violating blocks is pooled at once
+  (any order of pooling gives the same solution), with segment sums over the block ids.  Typical
+  inputs need 1-10 rounds, each a handful of vectorised O(n) operations over the whole batch.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from diffnas_jax._checks import as_float_array, check_axis, check_choice, check_positive
+
+__all__ = ["soft_sort", "soft_rank", "isotonic_l2", "isotonic_kl"]
+
+_DIRECTIONS = ("ASCENDING", "DESCENDING")
+_REGULARIZATIONS = ("l2", "kl")
+_KL_VJPS = ("exact", "reference")
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout helpers: every core routine works on a (batch, n) array.
+
+
+def _compute_dtype(dtype) -> Any:
+    # bfloat16/float16 lose too much in the segment sums; float64 stays float64.
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def _to_2d(x: jax.Array, axis: int):
+    x = jnp.moveaxis(x, axis, -1)
+    lead = x.shape[:-1]
+    return x.reshape((math.prod(lead), x.shape[-1])), lead
+
+
+def _from_2d(y: jax.Array, lead, axis: int, ndim: int) -> jax.Array:
+    y = y.reshape(lead + (y.shape[-1],))
+    return jnp.moveaxis(y, -1, axis if axis >= 0 else ndim + axis)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argsort through one integer sort.
+
+
+def _argsort_descending(z: jax.Array) -> jax.Array:
+    """Indices that sort each row of ``z`` (batch, n) in descending order."""
+    n = z.shape[-1]
+    with jax.enable_x64(True):  # int64 keys are needed even when the caller runs in 32-bit mode
+        if z.dtype == jnp.float64:
+            bits = lax.bitcast_convert_type(-z, jnp.int64)
+            key = bits ^ ((bits >> 63) & jnp.int64(0x7FFFFFFFFFFFFFFF))
+            shift = max(1, (n - 1).bit_length())
+            key = (key >> shift) << shift
+        else:
+            bits = lax.bitcast_convert_type(-z.astype(jnp.float32), jnp.int32)
+            key = (bits ^ ((bits >> 31) & jnp.int32(0x7FFFFFFF))).astype(jnp.int64) << 32
+        # Ties go in decreasing index order, as the reference's ``argsort(z)[::-1]`` has them.
+        key = key | (n - 1 - lax.broadcasted_iota(jnp.int64, z.shape, 1))
+        key = jnp.sort(key, axis=-1)
+        mask = (1 << max(1, (n - 1).bit_length())) - 1 if z.dtype == jnp.float64 else 0xFFFFFFFF
+        return (n - 1 - (key & jnp.int64(mask))).astype(jnp.int32)
+
+
+def _take(x: jax.Array, perm: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x, perm, axis=-1, mode="promise_in_bounds")
+
+
+def _untake(x: jax.Array, perm: jax.Array) -> jax.Array:
+    """Inverse of ``_take``: ``out[b, perm[b, i]] = x[b, i]``."""
+    rows = lax.broadcasted_iota(jnp.int32, perm.shape, 0)
+    return jnp.zeros_like(x).at[rows, perm].set(x, unique_indices=True, mode="promise_in_bounds")
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks: a boolean ``start`` marks the first element of each block of consecutive indices.
+
+
+class _Blocks:
+    """Segment ids of the blocks of each row, flattened over the batch for segment sums."""
+
+    def __init__(self, start: jax.Array):
+        batch, n = start.shape
+        ids = jnp.cumsum(start, axis=-1, dtype=jnp.int32) - 1
+        self.ids = ids
+        self.flat = (ids + lax.broadcasted_iota(jnp.int32, start.shape, 0) * n).reshape(-1)
+        self.shape = start.shape
+        self.num = batch * n
+
+    def block_sum(self, x: jax.Array) -> jax.Array:
+        """Per-block sums in block space (batch, n); blocks past the last one are 0."""
+        s = jax.ops.segment_sum(x.reshape(-1), self.flat, self.num, indices_are_sorted=True)
+        return s.reshape(self.shape)
+
+    def block_logsumexp(self, x: jax.Array) -> jax.Array:
+        m = jax.ops.segment_max(x.reshape(-1), self.flat, self.num, indices_are_sorted=True)
+        m = jnp.where(jnp.isfinite(m), m, 0)
+        s = jax.ops.segment_sum(jnp.exp(x.reshape(-1) - m[self.flat]), self.flat, self.num,
+                                indices_are_sorted=True)
+        return (jnp.log(s) + m).reshape(self.shape)
+
+    def sum(self, x: jax.Array) -> jax.Array:
+        """Block sum of ``x``, broadcast back to every element of the block."""
+        s = jax.ops.segment_sum(x.reshape(-1), self.flat, self.num, indices_are_sorted=True)
+        return s[self.flat].reshape(self.shape)
+
+    def max(self, x: jax.Array) -> jax.Array:
+        m = jax.ops.segment_max(x.reshape(-1), self.flat, self.num, indices_are_sorted=True)
+        return m[self.flat].reshape(self.shape)
+
+    def mean(self, x: jax.Array) -> jax.Array:
+        return self.sum(x) / self.sum(jnp.ones_like(x))
+
+    def logsumexp(self, x: jax.Array) -> jax.Array:
+        m = lax.stop_gradient(self.max(x))
+        m = jnp.where(jnp.isfinite(m), m, 0)
+        return m + jnp.log(self.sum(jnp.exp(x - m)))
+
+    def softmax(self, x: jax.Array) -> jax.Array:
+        return jnp.exp(x - self.logsumexp(x))
+
+
+_WINDOW = 8  # blocks a block may absorb per round; 8 cut the rounds ~8x on long pooling chains
+
+
+def _shift(x: jax.Array, t: int, fill: float) -> jax.Array:
+    return jnp.concatenate([x[:, t:], jnp.full((x.shape[0], t), fill, x.dtype)], axis=1)
+
+
+def _merge_round(a: jax.Array, b: jax.Array, kl: bool) -> jax.Array:
+    """One parallel pooling round in block space; returns the surviving block starts.
+
+    Per block (batch, nb; padded blocks empty): l2 ``a`` = sum of y, ``b`` = count;
+    kl ``a`` = logsumexp(y), ``b`` = logsumexp(w).  Block j absorbs blocks j+1..K(j), K(j) the
+    last maximiser of the pooled value over the window j..j+_WINDOW: then no split of j..K(j)
+    has a larger left part, so the group is one block of the sub-problem on it and pooling it is
+    a valid PAV step (PAV's result does not depend on the order of its merges).  Overlapping
+    groups share a final block, so their union is pooled.
+    """
+    nb = a.shape[-1]
+    idx = lax.broadcasted_iota(jnp.int32, a.shape, 1)
+    value = a - b if kl else a / b
+    # The adjacent step is the plain PAV violation test, exact in either geometry.
+    last = jnp.where(value <= _shift(value, 1, jnp.nan) if nb > 1 else False, idx + 1, idx)
+    if kl:
+        # Pooled values relative to block j's own, as ratios of sums of exp(stat_k - stat_j):
+        # exps instead of logaddexps; an overflowing window just stops there (a merge missed
+        # here is found in a later round).
+        acc_a = jnp.ones_like(a)
+        acc_b = jnp.ones_like(b)
+        best = jnp.ones_like(a)
+    else:
+        acc_a, acc_b, best = a, b, value
+    for t in range(1, min(_WINDOW, nb - 1) + 1):
+        if kl:
+            acc_a = acc_a + jnp.exp(_shift(a, t, -jnp.inf) - a)
+            acc_b = acc_b + jnp.exp(_shift(b, t, -jnp.inf) - b)
+            cand = jnp.where(jnp.isfinite(acc_a) & jnp.isfinite(acc_b), acc_a / acc_b, jnp.nan)
+        else:
+            acc_a = acc_a + _shift(a, t, 0.0)
+            acc_b = acc_b + _shift(b, t, 0.0)
+            cand = acc_a / acc_b
+        if t == 1:
+            best = jnp.where(last > idx, cand, best)
+            if kl:  # a pooled pair whose ratio overflowed ends the window for that block
+                best = jnp.where((last > idx) & jnp.isnan(cand), jnp.inf, best)
+            continue
+        better = cand >= best  # ties pool too, as the reference PAV does
+        best = jnp.where(better, cand, best)
+        last = jnp.where(better, idx + t, last)
+    reach = lax.cummax(last, axis=1)
+    return jnp.concatenate([jnp.ones_like(reach[:, :1], dtype=bool), reach[:, :-1] < idx[:, 1:]], 1)
+
+
+def _pav(y: jax.Array, w: jax.Array | None) -> jax.Array:
+    """Block starts of the solution of isotonic regression with decreasing constraints.
+
+    ``w is None``: argmin_{v_1 >= ... >= v_n} 0.5 ||v - y||^2 (block value = mean of y).
+    Otherwise:     argmin_{v_1 >= ... >= v_n} <exp(y - v), 1> + <exp(w), v>
+                   (block value = logsumexp(y_B) - logsumexp(w_B)).
+    The loop carries no tangents (inputs are stop_gradient-ed), so it never needs transposing.
+    """
+    kl = w is not None
+    y = lax.stop_gradient(y)
+    w = lax.stop_gradient(w) if kl else jnp.ones_like(y)
+
+    def body(carry):
+        start, _ = carry
+        blocks = _Blocks(start)
+        if kl:
+            keep = _merge_round(blocks.block_logsumexp(y), blocks.block_logsumexp(w), True)
+        else:
+            keep = _merge_round(blocks.block_sum(y), blocks.block_sum(w), False)
+        new = start & jnp.take_along_axis(keep, blocks.ids, axis=1, mode="promise_in_bounds")
+        return new, jnp.any(new != start)
+
+    start = _merge_round(y, w, kl)  # every element is its own block at first
+    start, _ = lax.while_loop(lambda c: c[1], body, (start, jnp.any(~start)))
+    return start
+
+
+# ----------------------------------------------------------------------------------------------
+# Isotonic regression (public): decreasing constraints, as in the reference implementation.
+
+
+@jax.custom_vjp
+def _isotonic_l2_2d(s, w):
+    blocks = _Blocks(_pav(s - w, None))
+    return blocks.mean(s - w)
+
+
+def _isotonic_l2_fwd(s, w):
+    blocks = _Blocks(_pav(s - w, None))
+    return blocks.mean(s - w), blocks.flat
+
+
+def _isotonic_l2_bwd(flat, g):
+    blocks = _Blocks.__new__(_Blocks)
+    blocks.flat, blocks.shape, blocks.num = flat, g.shape, g.size
+    avg = blocks.mean(g)
+    return avg, -avg
+
+
+_isotonic_l2_2d.defvjp(_isotonic_l2_fwd, _isotonic_l2_bwd)
+
+
+@jax.custom_vjp
+def _isotonic_kl_2d(s, w):
+    blocks = _Blocks(_pav(s, w))
+    return blocks.logsumexp(s) - blocks.logsumexp(w)
+
+
+def _isotonic_kl_fwd(s, w):
+    blocks = _Blocks(_pav(s, w))
+    return blocks.logsumexp(s) - blocks.logsumexp(w), (blocks.flat, s, w)
+
+
+def _isotonic_kl_bwd(res, g):
+    flat, s, w = res
+    blocks = _Blocks.__new__(_Blocks)
+    blocks.flat, blocks.shape, blocks.num = flat, g.shape, g.size
+    total = blocks.sum(g)
+    return blocks.softmax(s) * total, -blocks.softmax(w) * total
+
+
+_isotonic_kl_2d.defvjp(_isotonic_kl_fwd, _isotonic_kl_bwd)
+
+
+def _isotonic(kind: str, s, w, axis: int):
+    s = as_float_array("s", s, min_ndim=1)
+    axis = check_axis("axis", axis, s.ndim)
+    n = s.shape[axis]
+    if w is None:
+        w = jnp.arange(n, 0, -1, dtype=s.dtype)
+        w = jnp.moveaxis(jnp.broadcast_to(w, s.shape[:axis] + s.shape[axis + 1:] + (n,)), -1, axis)
+    w = as_float_array("w", w, min_ndim=1)
+    if w.shape != s.shape:
+        try:
+            w = jnp.broadcast_to(w, s.shape)
+        except ValueError as e:
+            raise ValueError(f"`w` of shape {w.shape} does not broadcast to `s` of shape {s.shape}") from e
+    dtype = jnp.result_type(s.dtype, w.dtype)
+    if n == 0:
+        return jnp.zeros(s.shape, dtype)
+    cdt = _compute_dtype(dtype)
+    s2, lead = _to_2d(s.astype(cdt), axis)
+    w2, _ = _to_2d(w.astype(cdt), axis)
+    v = (_isotonic_l2_2d if kind == "l2" else _isotonic_kl_2d)(s2, w2)
+    return _from_2d(v, lead, axis, s.ndim).astype(dtype)
+
+
+def isotonic_l2(s: jax.Array, w: jax.Array | None = None, *, axis: int = -1) -> jax.Array:
+    """Isotonic regression ``argmin_{v_1 >= ... >= v_n} 0.5 ||v - (s - w)||^2`` along ``axis``.
+
+    The dual step of the projection onto the permutahedron (Blondel et al., ICML 2020, Eq. 6),
+    solved exactly by pool-adjacent-violators.  The custom VJP averages the cotangent over each
+    block of the solution (w.r.t. ``s``; minus that w.r.t. ``w``).
+
+    Args:
+      s: (..., n) array.
+      w: array broadcastable to ``s``; defaults to ``(n, n-1, ..., 1)``.
+      axis: the axis along which the constraints run.
+    Returns:
+      v: array of the shape of ``s``, non-increasing along ``axis``.
+    """
+    return _isotonic("l2", s, w, axis)
+
+
+def isotonic_kl(s: jax.Array, w: jax.Array | None = None, *, axis: int = -1) -> jax.Array:
+    """Isotonic optimisation ``argmin_{v_1 >= ... >= v_n} <exp(s - v), 1> + <exp(w), v>``.
+
+    The KL (entropic) counterpart of :func:`isotonic_l2` (Blondel et al., ICML 2020, Eq. 7);
+    on a block B of the solution ``v_B = logsumexp(s_B) - logsumexp(w_B)``, so the VJP is a
+    block-wise softmax of ``s`` (and minus one of ``w``) times the block's cotangent sum.
+
+    Args:
+      s: (..., n) array.
+      w: array broadcastable to ``s``; defaults to ``(n, n-1, ..., 1)`` as in the reference.
+      axis: the axis along which the constraints run.
+    Returns:
+      v: array of the shape of ``s``, non-increasing along ``axis``.
+    """
+    return _isotonic("kl", s, w, axis)
+
+
+# ----------------------------------------------------------------------------------------------
+# Soft rank: project theta = values * sign / eps onto the permutahedron of rho = (n, ..., 1).
+
+
+def _rank_forward(theta, kl):
+    n = theta.shape[-1]
+    perm = _argsort_descending(theta)
+    s = _take(theta, perm)
+    rho = jnp.arange(n, 0, -1, dtype=theta.dtype)
+    if kl:
+        logw = jnp.log(rho)
+        blocks = _Blocks(_pav(s, jnp.broadcast_to(logw, s.shape)))
+        primal = jnp.exp(s - blocks.logsumexp(s) + blocks.logsumexp(jnp.broadcast_to(logw, s.shape)))
+    else:
+        blocks = _Blocks(_pav(s - rho, None))
+        primal = s - blocks.mean(s - rho)
+    return perm, s, blocks, primal
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _soft_rank_2d(theta, kl):
+    perm, _, _, primal = _rank_forward(theta, kl)
+    return _untake(primal, perm)
+
+
+def _soft_rank_fwd(theta, kl):
+    perm, s, blocks, primal = _rank_forward(theta, kl)
+    if kl:
+        res = (perm, blocks.flat, primal, blocks.softmax(s))
+    else:
+        res = (perm, blocks.flat, None, 1.0 / blocks.sum(jnp.ones_like(s)))
+    return _untake(primal, perm), res
+
+
+def _soft_rank_bwd(kl, res, g):
+    perm, flat, primal, weights = res
+    blocks = _Blocks.__new__(_Blocks)
+    blocks.flat, blocks.shape, blocks.num = flat, g.shape, g.size
+    gs = _take(g, perm)
+    if primal is None:  # l2: (I - block average)
+        r = gs - blocks.sum(gs) * weights
+    else:  # kl: diag(rank) (I - block softmax of s)
+        u = primal * gs
+        r = u - weights * blocks.sum(u)
+    return (_untake(r, perm),)
+
+
+_soft_rank_2d.defvjp(_soft_rank_fwd, _soft_rank_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Soft sort: project w = rho / eps onto the permutahedron of z = sign * values.
+
+
+def _sort_forward(z, w, kl):
+    perm = _argsort_descending(z)
+    s = _take(z, perm)
+    if kl:
+        blocks = _Blocks(_pav(w, s))
+        out = w - blocks.logsumexp(w) + blocks.logsumexp(s)
+    else:
+        blocks = _Blocks(_pav(w - s, None))
+        out = w - blocks.mean(w - s)
+    return perm, s, blocks, out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _soft_sort_2d(z, w, kl, reference_vjp):
+    return _sort_forward(z, w, kl)[3]
+
+
+def _soft_sort_fwd(z, w, kl, reference_vjp):
+    perm, s, blocks, out = _sort_forward(z, w, kl)
+    if kl:
+        ws = blocks.softmax(w)
+        res = (perm, blocks.flat, ws if reference_vjp else blocks.softmax(s), ws)
+    else:
+        inv = 1.0 / blocks.sum(jnp.ones_like(s))
+        res = (perm, blocks.flat, inv, None)
+    return out, res
+
+
+def _soft_sort_bwd(kl, reference_vjp, res, g):
+    perm, flat, weights_s, weights_w = res
+    blocks = _Blocks.__new__(_Blocks)
+    blocks.flat, blocks.shape, blocks.num = flat, g.shape, g.size
+    total = blocks.sum(g)
+    if weights_w is None:  # l2: d out / d s = block average, d out / d w = I - block average
+        avg = total * weights_s
+        return _untake(avg, perm), g - avg
+    return _untake(weights_s * total, perm), g - weights_w * total
+
+
+_soft_sort_2d.defvjp(_soft_sort_fwd, _soft_sort_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API.
+
+
+def _prepare(values, direction, regularization_strength, regularization, axis):
+    values = as_float_array("values", values, min_ndim=1)
+    check_choice("direction", direction, _DIRECTIONS)
+    check_choice("regularization", regularization, _REGULARIZATIONS)
+    check_positive("regularization_strength", regularization_strength)
+    axis = check_axis("axis", axis, values.ndim)
+    return values, axis
+
+
+def soft_rank(
+    values: jax.Array,
+    direction: str = "ASCENDING",
+    regularization_strength: float | jax.Array = 1.0,
+    regularization: str = "l2",
+    *,
+    axis: int = -1,
+) -> jax.Array:
+    """Soft ranks (1-based) along ``axis`` (Blondel et al., "Fast Differentiable Sorting and
+    Ranking", ICML 2020).
+
+    ``r(x) = P(sign * x / eps)``, the projection of ``sign * x / eps`` onto the permutahedron of
+    ``(n, ..., 1)`` in the geometry of ``regularization``; ``eps -> 0`` gives the hard ranks
+    (1 for the smallest value when ``ASCENDING``), ``eps -> inf`` the mean rank ``(n + 1) / 2``
+    ("l2").  O(n log n): one sort and pool-adjacent-violators.
+
+    Args:
+      values: (..., n) array; any leading batch dimensions.
+      direction: "ASCENDING" (the largest value gets rank n) or "DESCENDING".
+      regularization_strength: eps > 0; smaller is closer to the hard ranks.
+      regularization: "l2" (quadratic) or "kl" (entropic).
+      axis: the axis to rank along.
+    Returns:
+      Array of the shape and dtype of ``values``.
+    """
+    values, axis = _prepare(values, direction, regularization_strength, regularization, axis)
+    n = values.shape[axis]
+    if n == 0:
+        return values
+    dtype = values.dtype
+    x, lead = _to_2d(values.astype(_compute_dtype(dtype)), axis)
+    sign = 1.0 if direction == "ASCENDING" else -1.0
+    theta = x * (sign / jnp.asarray(regularization_strength, x.dtype))
+    out = _soft_rank_2d(theta, regularization == "kl")
+    return _from_2d(out, lead, axis, values.ndim).astype(dtype)
+
+
+def soft_sort(
+    values: jax.Array,
+    direction: str = "ASCENDING",
+    regularization_strength: float | jax.Array = 1.0,
+    regularization: str = "l2",
+    *,
+    axis: int = -1,
+    kl_vjp: str = "exact",
+) -> jax.Array:
+    """Soft sort along ``axis`` (Blondel et al., "Fast Differentiable Sorting and Ranking",
+    ICML 2020).
+
+    ``s(x) = sign * P_x(rho / eps)``: the projection of ``rho / eps`` (``rho = (n, ..., 1)``)
+    onto the permutahedron of ``sign * x``.  ``eps -> 0`` gives ``sort(x)``; for "l2",
+    ``eps -> inf`` gives ``mean(x)`` everywhere.  The "kl" variant is the authors' entropic
+    version (meant for positive values, as in the paper's experiments).  O(n log n).
+
+    Args:
+      values: (..., n) array; any leading batch dimensions.
+      direction: "ASCENDING" or "DESCENDING".
+      regularization_strength: eps > 0; smaller is closer to the hard sort.
+      regularization: "l2" or "kl".
+      axis: the axis to sort along.
+      kl_vjp: "exact" (default: the derivative of the output) or "reference" (the authors'
+        numpy VJP for "kl", which weights blocks by ``softmax(rho / eps)``; only for comparison).
+    Returns:
+      Array of the shape and dtype of ``values``, sorted along ``axis``.
+    """
+    values, axis = _prepare(values, direction, regularization_strength, regularization, axis)
+    check_choice("kl_vjp", kl_vjp, _KL_VJPS)
+    n = values.shape[axis]
+    if n == 0:
+        return values
+    dtype = values.dtype
+    x, lead = _to_2d(values.astype(_compute_dtype(dtype)), axis)
+    sign = -1.0 if direction == "ASCENDING" else 1.0
+    rho = jnp.arange(n, 0, -1, dtype=x.dtype)
+    w = jnp.broadcast_to(rho / jnp.asarray(regularization_strength, x.dtype), x.shape)
+    out = sign * _soft_sort_2d(sign * x, w, regularization == "kl", kl_vjp == "reference")
+    return _from_2d(out, lead, axis, values.ndim).astype(dtype)

@@ -1,0 +1,661 @@
+"""The search driver: one configuration in, a searched architecture and its records out.
+
+``run_search(SearchConfig(...))`` builds the four axes (space, relaxation from the method,
+hypergradient estimator, selector), the optax optimizers (SGD with a cosine schedule on the
+weights, Adam on the architecture, as DARTS, Liu et al. ICLR 2019), jit-compiles
+:func:`diffnas_jax.search.make_step`, and runs it over ``(train, val)`` batch pairs with:
+
+- a progress bar (epoch, step, losses, accuracies, temperature, ETA) and ``metrics.jsonl``
+  (one record per step, one per epoch with the mixing weights of every edge);
+- verified atomic orbax checkpoints of the whole :class:`SearchState` every
+  ``checkpoint_every`` steps, at the end, and on SIGINT/SIGTERM; ``resume=True`` continues from
+  the newest and ends bitwise equal (on CPU) to an uninterrupted run: the step key is
+  ``fold_in(key(seed), step)`` and the data order a pure function of ``(seed, epoch)``;
+- data parallelism: with ``devices=N`` the batch is placed on a ``jax.sharding.Mesh`` over its
+  batch axis (``NamedSharding``), the state replicated; XLA inserts the all-reduces, so
+  BatchNorm statistics and gradients are those of the global batch;
+- several seeds (``seeds=(0, 1, 2, 3)``) in one compiled program through ``jax.vmap`` over a
+  leading seed axis of the state, the step keys and the batches (each seed its own data order).
+
+Outputs in ``out``: ``result.json``, ``metrics.jsonl``, ``checkpoints/``, ``cell*.png``,
+``arch_weights*.png`` (and ``tensorboard/`` when ``tensorboardX`` is installed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import pathlib
+import platform
+import signal
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, restore_checkpoint, save_checkpoint
+from .logging import MetricsLogger, read_jsonl, to_jsonable
+
+__all__ = ["SearchConfig", "run_search", "build_search", "SearchSetup", "RunInUseError", "SPACE_PRESETS",
+           "make_space", "make_mesh", "shard_batch", "replicate"]
+
+# Sizes that make the default digits search take about two minutes on a 2-core CPU.
+SPACE_PRESETS: dict[str, dict[str, Any]] = {
+    "nb201": {"C": 8, "N": 1},
+    "darts": {"C": 8, "layers": 3},
+    "mbconv": {"widths": (8, 8, 16, 16, 32, 32), "stem_width": 8, "first_width": 8, "head_width": 64},
+}
+
+
+class RunInUseError(RuntimeError):
+    """``out`` holds another run's checkpoints (pass ``resume=True`` to continue it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Everything that defines a search run (recorded in ``result.json``).
+
+    Attributes:
+      space: ``"nb201"`` | ``"darts"`` | ``"mbconv"``.
+      method: a name of :func:`diffnas_jax.methods.list_methods` (relaxation, estimator, optimizer
+        defaults); its CIFAR-sized ``epochs`` / ``batch_size`` are replaced by this config's.
+      hypergrad: override of the method's estimator (``first_order``, ``unrolled``, ``implicit``, ...).
+      select: ``"argmax"`` (magnitude) or ``"perturbation"`` (DARTS-PT, Wang et al. 2021).
+      dataset: ``digits`` | ``cifar10`` | ``synthetic`` | a path to ``FILE.npz``.
+      data_dir: CIFAR-10 folder.
+      data_seed: seed of the train/val/test split (kept fixed across search seeds so every
+        architecture is tested on the same images).
+      epochs, batch_size: search length and per-step batch (split over ``devices``).
+      seed: search seed; ``seeds``: several seeds vmapped in one program (overrides ``seed``).
+      devices: number of devices of the batch-axis mesh.
+      out: output folder; ``resume``: continue from its newest checkpoint.
+      checkpoint_every: steps between checkpoints (0: only at the end and on signals).
+      channels, layers: supernet size (``None``: :data:`SPACE_PRESETS`); for NB201 ``layers``
+        is the number of cells per stage ``N``.
+      arch_lr, weight_lr: overrides of the method's learning rates.
+      augment: random crop (and flip where the dataset allows) on training batches.
+      progress, tensorboard, plots: outputs.
+      max_steps: stop (with a checkpoint) after this many steps in total (for tests / budgets).
+    """
+
+    space: str = "nb201"
+    method: str = "darts"
+    hypergrad: str | None = None
+    select: str = "argmax"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    data_seed: int = 0
+    epochs: int = 25
+    batch_size: int = 64
+    seed: int = 0
+    seeds: tuple[int, ...] | None = None
+    devices: int = 1
+    out: str = "runs/search"
+    resume: bool = False
+    checkpoint_every: int = 100
+    channels: int | None = None
+    layers: int | None = None
+    arch_lr: float | None = None
+    weight_lr: float | None = None
+    augment: bool = False
+    progress: bool = True
+    tensorboard: bool = True
+    plots: bool = True
+    max_steps: int | None = None
+
+    def __post_init__(self):
+        from .._checks import check_choice
+
+        check_choice("space", self.space, tuple(SPACE_PRESETS))
+        check_choice("select", self.select, ("argmax", "perturbation"))
+        for name in ("epochs", "batch_size", "devices"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+        if self.batch_size % self.devices:
+            raise ValueError(f"`batch_size` {self.batch_size} must be divisible by `devices` {self.devices}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"`checkpoint_every` must be >= 0, got {self.checkpoint_every}")
+        if self.seeds is not None:
+            seeds = tuple(int(s) for s in self.seeds)
+            if not seeds or len(set(seeds)) != len(seeds):
+                raise ValueError(f"`seeds` must be distinct ints, got {self.seeds!r}")
+            object.__setattr__(self, "seeds", seeds)
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        return self.seeds if self.seeds is not None else (self.seed,)
+
+    @property
+    def vmapped(self) -> bool:
+        return self.seeds is not None
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that define the trajectory (not outputs, resume or budgets)."""
+        d = dataclasses.asdict(self)
+        for k in ("out", "resume", "progress", "tensorboard", "plots", "max_steps", "checkpoint_every"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def make_space(name: str, num_classes: int, *, channels: int | None = None, layers: int | None = None,
+               **space_kwargs: Any) -> Any:
+    """A search space by name, sized by :data:`SPACE_PRESETS` unless ``channels``/``layers`` are given.
+
+    ``space_kwargs`` (e.g. a method's PC-DARTS switches) are passed where the constructor takes them.
+    """
+    import importlib
+
+    mod = importlib.import_module(f"diffnas_jax.spaces.{name}")
+    ctor = mod.search_space
+    kw = dict(SPACE_PRESETS[name])
+    if channels is not None:
+        kw["C"] = channels
+    if layers is not None:
+        kw["N" if name == "nb201" else "layers"] = layers
+    kw.update({k: v for k, v in space_kwargs.items() if k != "space"})
+    kw["num_classes"] = num_classes
+    return ctor(**{k: v for k, v in kw.items() if _accepts(ctor, k)})
+
+
+def make_mesh(devices: int) -> jax.sharding.Mesh:
+    """A 1-D mesh named ``"batch"`` over the first ``devices`` devices."""
+    avail = jax.devices()
+    if devices > len(avail):
+        raise ValueError(f"`devices`={devices} but only {len(avail)} device(s) are visible "
+                         f"({avail[0].platform}); on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N")
+    return jax.sharding.Mesh(np.array(avail[:devices]), ("batch",))
+
+
+def shard_batch(batch: Any, mesh: jax.sharding.Mesh | None, batch_axis: int = 0) -> Any:
+    """Place every array of ``batch`` on ``mesh``, split along ``batch_axis`` (the rest replicated)."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, batch)
+    P = jax.sharding.PartitionSpec
+    sharding = jax.sharding.NamedSharding(mesh, P(*([None] * batch_axis + ["batch"])))
+    if jax.process_count() > 1:
+        # multi-host: every process holds the same global numpy batch (same seed) and feeds
+        # only its own contiguous slice of the batch axis
+        n, i = jax.process_count(), jax.process_index()
+
+        def local(a):
+            a = np.asarray(a)
+            size = a.shape[batch_axis] // n
+            part = np.take(a, np.arange(i * size, (i + 1) * size), axis=batch_axis)
+            return jax.make_array_from_process_local_data(sharding, part, a.shape)
+
+        return jax.tree.map(local, batch)
+    return jax.tree.map(lambda a: jax.device_put(a, sharding), batch)
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh | None) -> Any:
+    """Replicate ``tree`` on every device of ``mesh`` (weights, arch, optimizer states)."""
+    if mesh is None:
+        return tree
+    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+@dataclasses.dataclass
+class SearchSetup:
+    """Everything :func:`run_search` builds before the loop (useful on its own in tests)."""
+
+    config: SearchConfig
+    dataset: Any
+    method: Any
+    space: Any
+    relaxation: Callable
+    hypergradient: Any
+    weight_opt: Any
+    arch_opt: Any
+    step_fn: Callable            # pure step(state, bt, bv, key)
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    mesh: Any
+
+
+def _resolve_with(factory, **context) -> Any:
+    """Call a method's factory, adding the context kwargs its constructor accepts but were not set."""
+    ctor = factory.resolve()
+    if ctor is None:
+        return None
+    extra = {k: v for k, v in context.items() if k not in factory.defaults and _accepts(ctor, k)}
+    return factory(**extra)
+
+
+def build_search(config: SearchConfig, dataset: Any = None, space: Any = None) -> SearchSetup:
+    """Load data and build space, relaxation, estimator, optimizers and the pure step.
+
+    ``dataset`` / ``space`` replace the ones ``config`` names (e.g. a user-defined space from
+    :func:`diffnas_jax.spaces.from_module`).
+    """
+    from diffnas_jax.data import load_dataset, num_batches
+    from diffnas_jax.methods import Factory, get_method
+
+    from .step import make_step
+
+    if dataset is None:
+        dataset = load_dataset(config.dataset, data_dir=config.data_dir, seed=config.data_seed)
+    overrides = {"epochs": config.epochs, "batch_size": config.batch_size}
+    if config.arch_lr is not None:
+        overrides["arch_lr"] = config.arch_lr
+    if config.weight_lr is not None:
+        overrides["weight_lr"] = config.weight_lr
+    base = get_method(config.method)
+    method = get_method(config.method, **overrides)
+    steps_per_epoch = min(num_batches(len(dataset.y_train), config.batch_size),
+                          num_batches(len(dataset.y_val), config.batch_size))
+    if steps_per_epoch < 1:
+        raise ValueError(f"`batch_size` {config.batch_size} is larger than the train or val split of "
+                         f"{dataset.name} ({len(dataset.y_train)} / {len(dataset.y_val)} examples)")
+    total = steps_per_epoch * config.epochs
+    # a paper's warm-up (e.g. PC-DARTS 15 of 50 epochs) keeps its fraction of the search
+    warmup = int(round(base.warmup_epochs / base.epochs * config.epochs)) * steps_per_epoch
+    if space is None:
+        space = make_space(config.space, dataset.num_classes, channels=config.channels, layers=config.layers,
+                           **method.space_kwargs)
+    schedule = method.weight_schedule(total)
+    context = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "num_steps": total,
+               "epochs": config.epochs}
+    relaxation = _resolve_with(method.relaxation_factory, **context)
+    hfac = method.hypergrad_factory if config.hypergrad is None else Factory.of("hypergrad", config.hypergrad)
+    hypergradient = _resolve_with(hfac, eta=schedule, weight_decay=method.weight_weight_decay,
+                                  momentum=method.weight_momentum, **context)
+    regularizer = _resolve_with(method.regularizer, **context) if method.regularizer.module else None
+    weight_opt = method.weight_optimizer(total)
+    arch_opt = method.arch_optimizer()
+    step_kwargs = {"weight_grad_clip": None}  # the weight optimizer already clips (DARTS: 5)
+    if regularizer is not None:
+        step_kwargs["regularizer"] = regularizer
+    step_fn = make_step(space, relaxation, hypergradient, weight_opt, arch_opt, **step_kwargs)
+    mesh = make_mesh(config.devices) if config.devices > 1 else None
+    return SearchSetup(config, dataset, method, space, relaxation, hypergradient, weight_opt, arch_opt,
+                       step_fn, steps_per_epoch, total, warmup, mesh)
+
+
+def init_state(setup: SearchSetup) -> Any:
+    """The initial :class:`SearchState` (stacked over seeds when ``config.seeds`` is set)."""
+    from .state import init_search_state
+
+    cfg = setup.config
+    x = jnp.asarray(setup.dataset.x_train[: max(2, min(cfg.batch_size, 8))])
+
+    def one(seed_key):
+        return init_search_state(seed_key, setup.space, x, setup.weight_opt, setup.arch_opt, setup.hypergradient)
+
+    keys = jnp.stack([jax.random.fold_in(jax.random.key(s), 0) for s in cfg.seed_list])
+    if cfg.vmapped:
+        return jax.jit(jax.vmap(one))(keys)
+    return jax.jit(one)(keys[0])
+
+
+def make_jitted_step(setup: SearchSetup) -> Callable:
+    """``jstep(state, batch_train, batch_val, keys, frozen) -> (state, metrics)``, jit-compiled.
+
+    ``frozen`` (a traced bool) keeps the architecture and its optimizer state during a method's
+    warm-up epochs, in the same compiled program.
+    """
+    step = setup.step_fn
+
+    def guarded(state, bt, bv, key, frozen):
+        new, metrics = step(state, bt, bv, key)
+        keep = lambda n, o: jnp.where(frozen, o, n)  # noqa: E731
+        new = new.replace(arch=jax.tree.map(keep, new.arch, state.arch),
+                          arch_opt_state=jax.tree.map(keep, new.arch_opt_state, state.arch_opt_state))
+        return new, metrics
+
+    if setup.config.vmapped:
+        guarded = jax.vmap(guarded, in_axes=(0, 0, 0, 0, None))
+    return jax.jit(guarded, donate_argnums=(0,))
+
+
+def step_keys(config: SearchConfig, step: int) -> jax.Array:
+    """The step's PRNG key(s): a pure function of ``(seed, step)``."""
+    keys = [jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 1), step) for s in config.seed_list]
+    return jnp.stack(keys) if config.vmapped else keys[0]
+
+
+def _epoch_iter(setup: SearchSetup, epoch: int, start: int):
+    """``(batch_train, batch_val)`` numpy pairs of one epoch (stacked over seeds when vmapped)."""
+    from diffnas_jax.data import epoch_batches
+
+    cfg, ds = setup.config, setup.dataset
+    iters = []
+    for s in cfg.seed_list:
+        tr = epoch_batches(ds.x_train, ds.y_train, cfg.batch_size, seed=s, epoch=2 * epoch, start=start)
+        va = epoch_batches(ds.x_val, ds.y_val, cfg.batch_size, seed=s, epoch=2 * epoch + 1, start=start)
+        iters.append(zip(tr, va))
+    for b in range(start, setup.steps_per_epoch):
+        pairs = [next(it) for it in iters]
+        if cfg.vmapped:
+            yield tuple(tuple(np.stack([p[i][j] for p in pairs]) for j in range(2)) for i in range(2))
+        else:
+            yield pairs[0]
+
+
+def _augment_fn(setup: SearchSetup):
+    if not setup.config.augment:
+        return None
+    from diffnas_jax.data import random_crop_flip
+
+    pad = max(1, setup.dataset.image_shape[0] // 8)
+    flip = bool(setup.dataset.flip)
+    fn = jax.jit(lambda k, x: random_crop_flip(k, x, pad, flip))
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folder bookkeeping
+# ---------------------------------------------------------------------------------------------
+def _versions() -> dict:
+    import flax
+    import optax
+
+    import diffnas_jax
+
+    return {"diffnas_jax": diffnas_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+            "optax": optax.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
+            "platform": platform.platform(), "backend": jax.default_backend()}
+
+
+def _prepare_out(config: SearchConfig) -> pathlib.Path:
+    out = pathlib.Path(config.out)
+    ckpts = list_checkpoints(out / "checkpoints")
+    run_file = out / "run.json"
+    if config.resume:
+        if not run_file.is_file():
+            if ckpts:
+                raise CheckpointError(f"{run_file} is missing: cannot check that {out} holds this run")
+            return out
+        stored = json.loads(run_file.read_text())
+        if stored.get("fingerprint") != config.fingerprint():
+            diff = {k: (stored["config"].get(k), v) for k, v in dataclasses.asdict(config).items()
+                    if k not in ("out", "resume", "progress", "tensorboard", "plots", "max_steps",
+                                 "checkpoint_every") and stored["config"].get(k) != to_jsonable(v)}
+            raise RunInUseError(f"--resume: {out} holds a run with another configuration "
+                                f"(stored vs given: {diff}); resume with the same flags or use another --out")
+        return out
+    if ckpts or (out / "result.json").exists():
+        raise RunInUseError(f"{out} already holds another run ({'checkpoints' if ckpts else 'result.json'}); "
+                            "pass --resume to continue it or choose another --out")
+    return out
+
+
+class _SignalGuard:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (so it can checkpoint)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def _host_metrics(m: dict) -> dict:
+    return {k: np.asarray(v) for k, v in jax.device_get(m).items()}
+
+
+def _leaf_name(path) -> str:
+    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def _mix_probs(setup: SearchSetup, arch: Any) -> dict:
+    """Per choice leaf (named by its path), ``softmax`` over its last axis (for plots and results)."""
+    from ..spaces.base import ARCH_PASSTHROUGH_KEY
+
+    out = {}
+    for path, v in jax.tree_util.tree_leaves_with_path(arch):
+        if any(getattr(p, "key", None) == ARCH_PASSTHROUGH_KEY for p in path):
+            continue
+        out[_leaf_name(path)] = np.asarray(jax.nn.softmax(jnp.asarray(v, jnp.float32), axis=-1))
+    return out
+
+
+def _index_seed(tree: Any, i: int, vmapped: bool) -> Any:
+    return jax.tree.map(lambda a: a[i], tree) if vmapped else tree
+
+
+def _select(setup: SearchSetup, state: Any, seed_index: int) -> tuple[Any, dict]:
+    """The genotype of one seed's search, by the configured selector."""
+    from diffnas_jax import select as sel
+
+    cfg = setup.config
+    st = jax.device_get(_index_seed(state, seed_index, cfg.vmapped))
+    selector = setup.method.selector
+    use_pt = cfg.select == "perturbation" or selector.name == "perturbation"
+    if not use_pt:
+        if selector.module and selector.name != "argmax":
+            res = selector.bind()(setup.space, st.arch)
+            return getattr(res, "genotype", res), {"selector": repr(selector)}
+        return sel.argmax(setup.space, st.arch), {"selector": "argmax"}
+    from diffnas_jax.data import epoch_batches
+
+    ds = setup.dataset
+    n = len(ds.y_val)
+    size = n // -(-n // 256)  # equal batches of at most 256: one compiled shape
+    batches = [(jnp.asarray(x), jnp.asarray(y)) for x, y in
+               epoch_batches(ds.x_val, ds.y_val, size, seed=0, epoch=0, shuffle=False)]
+    res = sel.perturbation(setup.space, st.weights, st.model_state, st.arch, setup.relaxation, batches,
+                           key=jax.random.key(cfg.seed_list[seed_index]), step=int(st.step), train=True)
+    return res.genotype, {"selector": "perturbation", "base_accuracy": float(res.base_accuracy)}
+
+
+def run_search(config: SearchConfig, *, dataset: Any = None, space: Any = None,
+               on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run (or resume) a search; return the content written to ``result.json``.
+
+    Args:
+      config: the :class:`SearchConfig`.
+      dataset: a preloaded :class:`diffnas_jax.data.Dataset` (default: load ``config.dataset``).
+      space: a search-space object replacing ``config.space`` (e.g. a user-defined space).
+      on_step: called as ``on_step(step, metrics)`` after each step (host-side; tests use it).
+
+    Raises:
+      RunInUseError: ``out`` holds another run and ``resume`` is false (or the configs differ).
+      CheckpointError: the newest checkpoint is corrupt or truncated (names the file).
+
+    A run stopped by SIGINT/SIGTERM or ``max_steps`` writes a checkpoint and returns a result
+    with ``"status": "interrupted"`` (no ``result.json``).
+    """
+    t_start = time.time()
+    out = _prepare_out(config)
+    out.mkdir(parents=True, exist_ok=True)
+    setup = build_search(config, dataset, space)
+    cfg = setup.config
+    spe, total = setup.steps_per_epoch, setup.total_steps
+    ckpt_dir = out / "checkpoints"
+    state = init_state(setup)
+    start_step, elapsed_before = 0, 0.0
+    latest = latest_checkpoint(ckpt_dir) if cfg.resume else None
+    if latest is not None:
+        state, meta = restore_checkpoint(latest, state)
+        if meta.get("fingerprint") != cfg.fingerprint():
+            raise RunInUseError(f"checkpoint {latest} belongs to another configuration")
+        start_step = int(meta["step"])
+        elapsed_before = float(meta.get("elapsed_s", 0.0))
+    (out / "run.json").write_text(json.dumps({"fingerprint": cfg.fingerprint(),
+                                              "config": to_jsonable(dataclasses.asdict(cfg))}, indent=1))
+    state = replicate(state, setup.mesh)
+    logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
+    logger.truncate_after(start_step)
+    # the epoch's running means continue from the records of the steps before the checkpoint
+    epoch_acc: dict[str, list] = {}
+    for r in read_jsonl(logger.path):
+        if r.get("event") == "step" and r["epoch"] == start_step // spe and start_step % spe:
+            for k, v in r.items():
+                if k not in ("event", "step", "epoch"):
+                    epoch_acc.setdefault(k, []).append(np.asarray(v, np.float64))
+    jstep = make_jitted_step(setup)
+    augment = _augment_fn(setup)
+    batch_axis = 1 if cfg.vmapped else 0
+
+    stop_at = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    meta_base = {"fingerprint": cfg.fingerprint(), "steps_per_epoch": spe}
+
+    def checkpoint(step_no):
+        save_checkpoint(ckpt_dir, step_no, state, {**meta_base, "epoch": step_no // spe,
+                                                   "elapsed_s": elapsed_before + time.time() - t_loop})
+
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    step_no = start_step
+    interrupted = None
+    t_loop = time.time()
+    with _SignalGuard() as guard:
+        try:
+            for epoch in range(start_step // spe, cfg.epochs):
+                if step_no >= stop_at or guard.signum is not None:
+                    break
+                if bar is not None:
+                    bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
+                first = step_no - epoch * spe
+                if first == 0:
+                    epoch_acc = {}
+                for (bt, bv) in _epoch_iter(setup, epoch, first):
+                    keys = step_keys(cfg, step_no)
+                    if augment is not None:
+                        ka = jax.random.fold_in(jax.random.key(cfg.seed_list[0] + 7919), step_no)
+                        bt = (np.asarray(augment(ka, jnp.asarray(bt[0].reshape((-1,) + bt[0].shape[-3:])))
+                                         ).reshape(bt[0].shape), bt[1])
+                    bt = shard_batch(bt, setup.mesh, batch_axis)
+                    bv = shard_batch(bv, setup.mesh, batch_axis)
+                    state, metrics = jstep(state, bt, bv, keys, jnp.asarray(step_no < setup.warmup_steps))
+                    step_no += 1
+                    m = {k: v.astype(np.float64) for k, v in _host_metrics(metrics).items()}
+                    for k, v in m.items():
+                        epoch_acc.setdefault(k, []).append(v)
+                    logger.log({"event": "step", "step": step_no, "epoch": epoch, **m})
+                    if on_step is not None:
+                        on_step(step_no, m)
+                    if bar is not None:
+                        post = {"loss": m["train_loss"], "val_loss": m["val_loss"], "acc": m["train_acc"],
+                                "val_acc": m["val_acc"]}
+                        if "temperature" in m:
+                            post["tau"] = m["temperature"]
+                        bar.set_postfix({k: f"{float(np.mean(v)):.3g}" for k, v in post.items()}, refresh=False)
+                        bar.update(1)
+                    if step_no % spe == 0:
+                        probs = _mix_probs(setup, jax.device_get(state.arch))
+                        logger.log({"event": "epoch", "step": step_no, "epoch": epoch,
+                                    **{k: np.mean(np.stack(v), axis=0) for k, v in epoch_acc.items()},
+                                    "mix": probs})
+                    if cfg.checkpoint_every and step_no % cfg.checkpoint_every == 0 and step_no < total:
+                        checkpoint(step_no)
+                    if guard.signum is not None or step_no >= stop_at:
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+        if step_no < total:
+            interrupted = ("signal " + signal.Signals(guard.signum).name) if guard.signum is not None else "max_steps"
+            checkpoint(step_no)
+            logger.close()
+            print(f"search stopped by {interrupted} at step {step_no}/{total}; checkpoint written to "
+                  f"{ckpt_dir}; continue with --resume", file=sys.stderr)
+            return {"status": "interrupted", "reason": interrupted, "step": step_no, "out": str(out)}
+    search_time = elapsed_before + time.time() - t_loop
+    checkpoint(step_no)
+    logger.close()
+    return _finish(setup, state, out, search_time, time.time() - t_start, epoch_acc)
+
+
+def _finish(setup: SearchSetup, state: Any, out: pathlib.Path, search_time: float, wall: float,
+            epoch_acc: dict) -> dict:
+    cfg = setup.config
+    host = jax.device_get(state)
+    seeds, objects = [], []
+    for i, seed in enumerate(cfg.seed_list):
+        genotype, sel_info = _select(setup, state, i)
+        objects.append(genotype)
+        arch = _index_seed(host.arch, i, cfg.vmapped)
+        final = {k: float(np.mean(np.stack(v), axis=0)[i] if cfg.vmapped else np.mean(v))
+                 for k, v in epoch_acc.items()}
+        seeds.append({"seed": seed, "genotype": str(genotype), "selection": sel_info,
+                      "arch": to_jsonable(arch), "mix": to_jsonable(_mix_probs(setup, arch)),
+                      "final_metrics": final})
+    w0 = _index_seed(host.weights, 0, cfg.vmapped)
+    result = {
+        "status": "complete",
+        "genotype": seeds[0]["genotype"] if len(seeds) == 1 else [s["genotype"] for s in seeds],
+        "seeds": seeds,
+        "space": cfg.space, "method": setup.method.describe(),
+        "hypergradient": getattr(setup.hypergradient, "name", str(setup.hypergradient)),
+        "steps": setup.total_steps, "steps_per_epoch": setup.steps_per_epoch,
+        "search_time_s": round(search_time, 2), "wall_time_s": round(wall, 2),
+        "supernet_params": int(sum(np.prod(np.shape(a)) for a in jax.tree.leaves(w0))),
+        "dataset": setup.dataset.summary(),
+        "config": to_jsonable(dataclasses.asdict(cfg)),
+        "versions": _versions(),
+    }
+    if cfg.plots:
+        result["plots"] = write_plots(setup, out, seeds, objects)
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / "result.json")
+    return result
+
+
+def write_plots(setup: SearchSetup, out: pathlib.Path, seeds: Sequence[dict], genotypes: Sequence[Any]) -> list[str]:
+    """``cell[_seedS].png`` of each genotype and ``arch_weights[_seedS].png`` from metrics.jsonl."""
+    from diffnas_jax import viz
+
+    cfg = setup.config
+    records = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "epoch"]
+    op_names = getattr(setup.space, "op_names", None) or getattr(setup.space, "primitives", None)
+    edge_names = None
+    if hasattr(setup.space, "edge_keys"):
+        edge_names = {"cell": list(setup.space.edge_keys)}
+    paths = []
+    for i, (s, genotype) in enumerate(zip(seeds, genotypes)):
+        suffix = f"_seed{s['seed']}" if cfg.vmapped else ""
+        try:
+            paths.append(viz.plot_genotype(genotype, out / f"cell{suffix}.png",
+                                           title=f"{cfg.method} on {setup.dataset.name}: {cfg.space} cell"))
+        except (TypeError, ValueError) as e:  # a space without a drawable genotype
+            print(f"warning: no cell plot ({e})", file=sys.stderr)
+        if records:
+            steps = [r["step"] for r in records]
+            hist = {k: np.stack([np.asarray(r["mix"][k])[i] if cfg.vmapped else np.asarray(r["mix"][k])
+                                 for r in records]) for k in records[0]["mix"]}
+            paths.append(viz.plot_arch_history(steps, hist, out / f"arch_weights{suffix}.png", op_names=op_names,
+                                               edge_names=edge_names,
+                                               title=f"mixing weights ({cfg.method}, seed {s['seed']})"))
+    return [str(p) for p in paths]

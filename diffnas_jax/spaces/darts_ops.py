@@ -1,0 +1,186 @@
+"""The DARTS candidate operations as Flax modules (Liu et al., ICLR 2019, ``cnn/operations.py``).
+
+Submodule names reproduce the reference ``state_dict`` names (``op.1`` is the depthwise conv of
+a ``SepConv``, ``conv_1``/``conv_2``/``bn`` of a ``FactorizedReduce`` ...), so a parameter's
+Flax path joined with ``.`` is its PyTorch name; see :func:`flax_to_torch_leaf`.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .genotypes import EVAL_OPS
+from .layers import BatchNorm2d, Conv2d, DepthwiseConv2d, PointwiseConv2d, avg_pool, max_pool
+
+Array = jax.Array
+
+__all__ = ["ReLUConvBN", "FactorizedReduce", "SepConv", "DilConv", "PoolBN", "Conv7x1_1x7", "make_op",
+           "is_identity", "has_params", "flax_to_torch_leaf", "torch_to_flax_leaf"]
+
+
+class ReLUConvBN(nn.Module):
+    """ReLU -> Conv2d(k, stride, padding, no bias) -> BatchNorm (names ``op.1``, ``op.2``)."""
+    features: int
+    kernel_size: int = 1
+    stride: int = 1
+    padding: int = 0
+    affine: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        x = jax.nn.relu(x)
+        x = Conv2d(self.features, self.kernel_size, self.stride, self.padding, name="op.1")(x)
+        return BatchNorm2d(self.affine, name="op.2")(x, train)
+
+
+class FactorizedReduce(nn.Module):
+    """ReLU, two 1x1 stride-2 convs on ``x`` and ``x[1:, 1:]`` concatenated, BatchNorm.
+
+    Spatial sizes must be even (the reference's concatenation fails otherwise).
+    """
+    features: int
+    affine: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        if self.features % 2:
+            raise ValueError(f"FactorizedReduce needs an even number of output channels, got {self.features}")
+        x = jax.nn.relu(x)
+        a = PointwiseConv2d(self.features // 2, name="conv_1")(x[:, ::2, ::2, :])
+        b = PointwiseConv2d(self.features // 2, name="conv_2")(x[:, 1::2, 1::2, :])
+        return BatchNorm2d(self.affine, name="bn")(jnp.concatenate([a, b], axis=-1), train)
+
+
+class SepConv(nn.Module):
+    """Twice ReLU -> depthwise k x k -> 1x1 -> BatchNorm; the first depthwise conv has the stride."""
+    features: int
+    kernel_size: int
+    stride: int
+    padding: int
+    affine: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        c = x.shape[-1]
+        x = jax.nn.relu(x)
+        x = DepthwiseConv2d(self.kernel_size, self.stride, self.padding, name="op.1")(x)
+        x = PointwiseConv2d(c, name="op.2")(x)
+        x = BatchNorm2d(self.affine, name="op.3")(x, train)
+        x = jax.nn.relu(x)
+        x = DepthwiseConv2d(self.kernel_size, 1, self.padding, name="op.5")(x)
+        x = PointwiseConv2d(self.features, name="op.6")(x)
+        return BatchNorm2d(self.affine, name="op.7")(x, train)
+
+
+class DilConv(nn.Module):
+    """ReLU -> dilated depthwise k x k -> 1x1 -> BatchNorm (names ``op.1``, ``op.2``, ``op.3``)."""
+    features: int
+    kernel_size: int
+    stride: int
+    padding: int
+    dilation: int
+    affine: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        x = jax.nn.relu(x)
+        x = DepthwiseConv2d(self.kernel_size, self.stride, self.padding, self.dilation, name="op.1")(x)
+        x = PointwiseConv2d(self.features, name="op.2")(x)
+        return BatchNorm2d(self.affine, name="op.3")(x, train)
+
+
+class Conv7x1_1x7(nn.Module):
+    """ReLU -> Conv (1, 7) -> Conv (7, 1) -> BatchNorm (AmoebaNet's op; names ``1``, ``2``, ``3``)."""
+    features: int
+    stride: int
+    affine: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        x = jax.nn.relu(x)
+        x = Conv2d(self.features, (1, 7), (1, self.stride), (0, 3), name="1")(x)
+        x = Conv2d(self.features, (7, 1), (self.stride, 1), (3, 0), name="2")(x)
+        return BatchNorm2d(self.affine, name="3")(x, train)
+
+
+class PoolBN(nn.Module):
+    """A 3x3 pool followed by a non-affine BatchNorm (name ``1``): the search cell's pool ops."""
+    kind: str
+    stride: int
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        pool = max_pool if self.kind == "max" else avg_pool
+        return BatchNorm2d(False, name="1")(pool(x, 3, self.stride, 1), train)
+
+
+def _zero(x: Array, stride: int) -> Array:
+    return jnp.zeros_like(x[:, ::stride, ::stride, :])
+
+
+def is_identity(name: str, stride: int) -> bool:
+    """True where the reference builds ``Identity`` (no drop-path on it in the evaluation cell)."""
+    return name == "skip_connect" and stride == 1
+
+
+def has_params(name: str, stride: int) -> bool:
+    return name not in ("none",) and not is_identity(name, stride) and not (
+        name in ("max_pool_3x3", "avg_pool_3x3"))
+
+
+def make_op(op_name: str, C: int, stride: int, affine: bool, name: str, pool_bn: bool = False):
+    """The module (or parameter-free function ``f(x, train)``) for ``op_name``.
+
+    ``pool_bn``: wrap pools with a non-affine BatchNorm as the search cell's ``MixedOp`` does.
+    """
+    if op_name not in EVAL_OPS:
+        raise ValueError(f"unknown op name {op_name!r}; expected one of {EVAL_OPS}")
+    if op_name == "none":
+        return lambda x, train: _zero(x, stride)
+    if op_name in ("max_pool_3x3", "avg_pool_3x3"):
+        kind = op_name[:3]
+        if pool_bn:
+            return PoolBN(kind, stride, name=name)
+        pool = max_pool if kind == "max" else avg_pool
+        return lambda x, train: pool(x, 3, stride, 1)
+    if op_name == "skip_connect":
+        if stride == 1:
+            return lambda x, train: x
+        return FactorizedReduce(C, affine, name=name)
+    if op_name.startswith("sep_conv_"):
+        k = int(op_name[-1])
+        return SepConv(C, k, stride, k // 2, affine, name=name)
+    if op_name.startswith("dil_conv_"):
+        k = int(op_name[-1])
+        return DilConv(C, k, stride, k - 1, 2, affine, name=name)
+    return Conv7x1_1x7(C, stride, affine, name=name)
+
+
+_LEAF_TO_TORCH = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var",
+                  "num_batches_tracked": "num_batches_tracked"}
+_LEAF_TO_FLAX = {"running_mean": "mean", "running_var": "var", "num_batches_tracked": "num_batches_tracked",
+                 "bias": "bias"}
+
+
+def flax_to_torch_leaf(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    """(Flax leaf name, array) -> (PyTorch leaf name, array in PyTorch layout)."""
+    value = np.asarray(value)
+    if leaf == "kernel":
+        if value.ndim == 4:
+            return "weight", np.ascontiguousarray(value.transpose(3, 2, 0, 1))
+        return "weight", np.ascontiguousarray(value.T)
+    if leaf == "num_batches_tracked":
+        return leaf, value.astype(np.int64)
+    return _LEAF_TO_TORCH[leaf], value
+
+
+def torch_to_flax_leaf(flax_leaf: str, value: np.ndarray) -> np.ndarray:
+    """Array in PyTorch layout -> the layout of Flax leaf ``flax_leaf``."""
+    value = np.asarray(value)
+    if flax_leaf == "kernel":
+        return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+    if flax_leaf == "num_batches_tracked":
+        return value.astype(np.int32)
+    return value

@@ -1,0 +1,272 @@
+"""Flax building blocks shared by the search spaces, numerically equal to their PyTorch twins.
+
+Layout is NHWC. Convolution kernels are stored HWIO (``kernel``) so that a PyTorch OIHW weight
+imports with ``w.transpose(2, 3, 1, 0)``; linear kernels are stored (in, out) (PyTorch (out, in)
+transposed).  BatchNorm follows ``torch.nn.BatchNorm2d``: in train mode it normalises with the
+*biased* batch variance and updates the running variance with the *unbiased* one, momentum 0.1,
+eps 1e-5; running statistics live in the ``"batch_stats"`` collection as ``mean``, ``var`` and
+``num_batches_tracked``.
+
+Two formulations are chosen for XLA on CPU rather than for brevity (shared/BENCHMARKS.md):
+the depthwise convolution is a sum of ``k*k`` shifted multiplies (``feature_group_count``
+convolutions compile to slow loops and become grouped convolutions under ``vmap``), and 1x1
+convolutions are ``dot_general`` contractions (``vmap`` over stacked weights then stays a
+batched matmul).  Results equal the direct convolutions up to float rounding.
+
+References: the PyTorch modules ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.AvgPool2d`` and
+``nn.MaxPool2d`` as used by DARTS (Liu et al., ICLR 2019) and NAS-Bench-201 (Dong & Yang, ICLR
+2020).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+
+__all__ = [
+    "torch_uniform_init", "Conv2d", "DepthwiseConv2d", "PointwiseConv2d", "Linear", "BatchNorm2d",
+    "avg_pool", "max_pool", "channel_shuffle", "global_avg_pool", "depthwise_conv",
+    "pointwise_conv", "conv_out_size",
+]
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    """Output length of a convolution / pooling window along one axis (PyTorch floor rule)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def torch_uniform_init(fan_in: int) -> Callable[..., Array]:
+    """PyTorch's default ``kaiming_uniform_(a=sqrt(5))``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def depthwise_conv(x: Array, kernel: Array, stride: int | Sequence[int] = 1,
+                   padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1) -> Array:
+    """Depthwise 2-D convolution as a sum of shifted multiplies.
+
+    ``x``: (N, H, W, C); ``kernel``: (kh, kw, 1, C) (HWIO with one input channel per group, i.e.
+    PyTorch ``Conv2d(C, C, k, groups=C)`` OIHW (C, 1, kh, kw) transposed).  Zero padding, PyTorch
+    output size.  Equal to ``lax.conv_general_dilated(..., feature_group_count=C)``.
+    """
+    kh, kw = kernel.shape[0], kernel.shape[1]
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    n, h, w, c = x.shape
+    ho = conv_out_size(h, kh, sh, ph, dh)
+    wo = conv_out_size(w, kw, sw, pw, dw)
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    k = kernel.reshape(kh, kw, c).astype(x.dtype)
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            patch = lax.slice(xp, (0, i * dh, j * dw, 0),
+                              (n, i * dh + sh * (ho - 1) + 1, j * dw + sw * (wo - 1) + 1, c),
+                              (1, sh, sw, 1))
+            term = patch * k[i, j]
+            out = term if out is None else out + term
+    return out
+
+
+def pointwise_conv(x: Array, kernel: Array) -> Array:
+    """1x1 convolution as a contraction over channels: (N, H, W, Ci) x (1, 1, Ci, Co)."""
+    return jnp.einsum("nhwc,cd->nhwd", x, kernel.reshape(kernel.shape[-2], kernel.shape[-1]).astype(x.dtype))
+
+
+class Conv2d(nn.Module):
+    """``torch.nn.Conv2d`` in NHWC with an HWIO ``kernel`` (and ``bias`` when ``use_bias``).
+
+    Zero padding ``padding`` (int or (ph, pw)) on both sides, ``stride``, ``dilation``; no groups
+    (see :class:`DepthwiseConv2d`).  1x1 kernels with unit stride use :func:`pointwise_conv`.
+    """
+    features: int
+    kernel_size: int | tuple[int, int]
+    stride: int | tuple[int, int] = 1
+    padding: int | tuple[int, int] = 0
+    dilation: int | tuple[int, int] = 1
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kh, kw = _pair(self.kernel_size)
+        cin = x.shape[-1]
+        fan_in = cin * kh * kw
+        kernel = self.param("kernel", torch_uniform_init(fan_in), (kh, kw, cin, self.features), x.dtype)
+        sh, sw = _pair(self.stride)
+        ph, pw = _pair(self.padding)
+        if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):
+            y = pointwise_conv(x[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else x, kernel)
+        else:
+            y = lax.conv_general_dilated(
+                x, kernel.astype(x.dtype), (sh, sw), ((ph, ph), (pw, pw)),
+                rhs_dilation=_pair(self.dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.use_bias:
+            y = y + self.param("bias", torch_uniform_init(fan_in), (self.features,), x.dtype).astype(x.dtype)
+        return y
+
+
+class PointwiseConv2d(nn.Module):
+    """Bias-free 1x1 ``Conv2d`` (kernel (1, 1, Ci, Co)) as a channel contraction."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cin = x.shape[-1]
+        kernel = self.param("kernel", torch_uniform_init(cin), (1, 1, cin, self.features), x.dtype)
+        return pointwise_conv(x, kernel)
+
+
+class DepthwiseConv2d(nn.Module):
+    """Bias-free ``Conv2d(C, C, k, groups=C)``; kernel (kh, kw, 1, C); see :func:`depthwise_conv`."""
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k = self.kernel_size
+        c = x.shape[-1]
+        kernel = self.param("kernel", torch_uniform_init(k * k), (k, k, 1, c), x.dtype)
+        return depthwise_conv(x, kernel, self.stride, self.padding, self.dilation)
+
+
+class Linear(nn.Module):
+    """``torch.nn.Linear``: ``kernel`` (in, out) = PyTorch weight transposed, ``bias`` (out,)."""
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cin = x.shape[-1]
+        kernel = self.param("kernel", torch_uniform_init(cin), (cin, self.features), x.dtype)
+        y = x @ kernel.astype(x.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", torch_uniform_init(cin), (self.features,), x.dtype).astype(x.dtype)
+        return y
+
+
+class BatchNorm2d(nn.Module):
+    """``torch.nn.BatchNorm2d`` over the last (channel) axis of an NHWC batch.
+
+    ``train=True``: normalise with the batch mean and biased variance; update
+    ``mean <- (1-m) mean + m batch_mean``, ``var <- (1-m) var + m unbiased_batch_var``,
+    ``num_batches_tracked += 1`` (only when the ``batch_stats`` collection is mutable and not
+    during ``init``).  ``train=False``: normalise with the running statistics.
+    ``affine``: learnable ``scale`` (PyTorch ``weight``) and ``bias``.
+    """
+    affine: bool = True
+    momentum: float = 0.1
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        c = x.shape[-1]
+        stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), stat_dtype))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), stat_dtype))
+        count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        if train:
+            xf = x.astype(stat_dtype)
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
+                n = x.size // c
+                unbiased = var * (n / max(n - 1, 1))
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * lax.stop_gradient(mean)
+                ra_var.value = (1 - m) * ra_var.value + m * lax.stop_gradient(unbiased)
+                count.value = count.value + 1
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        inv = lax.rsqrt(var + self.eps)
+        if self.affine:
+            scale = self.param("scale", nn.initializers.ones, (c,), stat_dtype)
+            bias = self.param("bias", nn.initializers.zeros, (c,), stat_dtype)
+            mul = inv * scale
+            add = bias - mean * mul
+        else:
+            mul = inv
+            add = -mean * mul
+        return (x * mul.astype(x.dtype) + add.astype(x.dtype)).astype(x.dtype)
+
+
+def _window_slices(x: Array, k: int, stride: int, pad_value: float, padding: int):
+    n, h, w, c = x.shape
+    ho = conv_out_size(h, k, stride, padding)
+    wo = conv_out_size(w, k, stride, padding)
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=pad_value)
+    for i in range(k):
+        for j in range(k):
+            yield lax.slice(xp, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                            (1, stride, stride, 1))
+
+
+def avg_pool(x: Array, kernel_size: int, stride: int, padding: int = 0) -> Array:
+    """``nn.AvgPool2d(k, stride, padding, count_include_pad=False)`` on NHWC ``x``.
+
+    Each window's sum is divided by the number of cells inside the unpadded input.
+    """
+    n, h, w, c = x.shape
+    total = None
+    for s in _window_slices(x, kernel_size, stride, 0.0, padding):
+        total = s if total is None else total + s
+    ones = np.pad(np.ones((h, w)), padding)
+    ho, wo = total.shape[1], total.shape[2]
+    counts = np.zeros((ho, wo))
+    for i in range(kernel_size):
+        for j in range(kernel_size):
+            counts += ones[i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+    return total * jnp.asarray(1.0 / counts, x.dtype)[None, :, :, None]
+
+
+def max_pool(x: Array, kernel_size: int, stride: int, padding: int = 0) -> Array:
+    """``nn.MaxPool2d(k, stride, padding)`` on NHWC ``x`` (padding cells never win).
+
+    Written as an elementwise maximum of ``k*k`` shifted slices: the ``reduce_window`` form
+    differentiates into ``select_and_scatter``, which XLA on CPU compiles and runs very slowly
+    (minutes of compile inside the vmapped DARTS cell).  On exact ties inside a window the
+    gradient is shared between the tied cells instead of going to the first one.
+    """
+    out = None
+    for s in _window_slices(x, kernel_size, stride, -np.inf, padding):
+        out = s if out is None else jnp.maximum(out, s)
+    return out
+
+
+def global_avg_pool(x: Array) -> Array:
+    """``nn.AdaptiveAvgPool2d(1)`` followed by flattening: (N, H, W, C) -> (N, C)."""
+    return jnp.mean(x, axis=(1, 2))
+
+
+def channel_shuffle(x: Array, groups: int) -> Array:
+    """ShuffleNet channel shuffle on the last axis, as PC-DARTS' ``channel_shuffle(x, groups)``.
+
+    Channel ``g * (C // groups) + i`` moves to position ``i * groups + g``.
+    """
+    c = x.shape[-1]
+    if c % groups:
+        raise ValueError(f"channel_shuffle: {c} channels are not divisible by `groups`={groups}")
+    y = x.reshape(x.shape[:-1] + (groups, c // groups))
+    y = jnp.swapaxes(y, -1, -2)
+    return y.reshape(x.shape)
+

@@ -1,0 +1,230 @@
+"""Turn any Flax model with :mod:`diffnas_jax.nn` choices into a search space.
+
+``from_module(module, example_input)`` gives the same protocol as the built-in spaces
+(:mod:`diffnas_jax.spaces.base`), so every relaxation, hypergradient estimator and selector of the
+library runs on a user's model unchanged; ``fix(module, genotype)`` gives the discrete model with
+only the chosen candidates' parameters (at the same parameter paths as in the supernet, so a
+supernet's weights can be inherited).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffnas_jax.nn.choice import COLLECT, FIXED, HARD, MIXED, ChoiceInfo, choice_mode
+from diffnas_jax.spaces.base import check_mix_matches
+
+_RESERVED = ("params", "arch", "mix")
+
+
+def _takes_train(module: nn.Module) -> bool:
+    try:
+        return "train" in inspect.signature(module.__call__).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+def _split_path(path: str) -> tuple[str, ...]:
+    return tuple(path.split("/")) if path else ()
+
+
+def _set_in(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _get_in(tree: Mapping, path: tuple[str, ...]) -> Any:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+@dataclasses.dataclass(frozen=True)
+class UserSpace:
+    """A search space over the choices of a Flax module (see :func:`from_module`).
+
+    Protocol: ``init(key, x) -> (weights, state)``, ``init_arch(key) -> arch`` (nested dict
+    mirroring the module tree, one ``alpha`` vector of logits per choice),
+    ``apply(weights, state, mix, x, train, *, rng=None) -> (out, state)``,
+    ``genotype(arch) -> {choice path: chosen}``, ``arch_from_genotype``, ``random_genotype``.
+    """
+
+    module: nn.Module
+    choices: tuple[ChoiceInfo, ...]
+    arch_shapes: Any
+    hard: bool = False
+    train_kwarg: bool = False
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _kwargs(self, train: bool) -> dict:
+        return {"train": train} if self.train_kwarg else {}
+
+    @property
+    def choice_paths(self) -> tuple[str, ...]:
+        return tuple(c.path for c in self.choices)
+
+    def _info(self, path: str) -> ChoiceInfo:
+        for c in self.choices:
+            if c.path == path:
+                return c
+        raise ValueError(f"unknown choice {path!r}; the space's choices are {self.choice_paths}")
+
+    # -- protocol ------------------------------------------------------------------------------
+    def init(self, key: jax.Array, x: jax.Array) -> tuple[Any, Any]:
+        """Weights (``"params"``) and state (every other mutable collection, e.g. batch_stats)."""
+        with choice_mode(MIXED):
+            variables = self.module.init({"params": key, "dropout": key}, x, **self._kwargs(False))
+        weights = variables.get("params", {})
+        state = {k: v for k, v in variables.items() if k not in _RESERVED}
+        return weights, state
+
+    def init_arch(self, key: jax.Array) -> dict:
+        """Architecture logits, ``1e-3 * N(0, 1)`` per choice as in DARTS."""
+        leaves, treedef = jax.tree_util.tree_flatten(self.arch_shapes)
+        keys = jax.random.split(key, max(len(leaves), 1))
+        return jax.tree_util.tree_unflatten(
+            treedef, [1e-3 * jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves)])
+
+    def apply(self, weights: Any, state: Any, mix: Any, x: jax.Array, train: bool, *,
+              rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        check_mix_matches(self.arch_shapes, mix)
+        variables = {"params": weights, "mix": mix, **state}
+        rngs = {"dropout": rng} if rng is not None else {}
+        mode = HARD if self.hard else MIXED
+        with choice_mode(mode):
+            if train and state:
+                out, new_state = self.module.apply(variables, x, rngs=rngs, mutable=list(state), **self._kwargs(True))
+                return out, dict(new_state)
+            out = self.module.apply(variables, x, rngs=rngs, **self._kwargs(train))
+        return out, state
+
+    def genotype(self, arch: Any) -> dict[str, Any]:
+        """``{choice path: chosen}``: a candidate name (``Choice``), a width (``WidthChoice``, int)
+        or a tuple of input names (``InputChoice``, the ``n_chosen`` largest logits)."""
+        check_mix_matches(self.arch_shapes, arch, name="arch")
+        out: dict[str, Any] = {}
+        for c in self.choices:
+            logits = np.asarray(_get_in(arch, _split_path(c.path))["alpha"])
+            if c.kind == "input":
+                top = np.argsort(-logits, kind="stable")[: c.n_chosen]
+                out[c.path] = tuple(c.names[i] for i in sorted(top))
+            elif c.kind == "width":
+                out[c.path] = int(c.names[int(np.argmax(logits))])
+            else:
+                out[c.path] = c.names[int(np.argmax(logits))]
+        return out
+
+    def arch_from_genotype(self, genotype: Mapping[str, Any], scale: float = 10.0) -> dict:
+        """Logits that decode to ``genotype`` (``scale`` on the chosen entries, 0 elsewhere)."""
+        arch = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), self.arch_shapes)
+        for path in genotype:
+            self._info(path)
+        for c in self.choices:
+            if c.path not in genotype:
+                raise ValueError(f"genotype has no entry for choice {c.path!r}")
+            value = genotype[c.path]
+            chosen = (value,) if isinstance(value, (str, int)) else tuple(value)
+            vec = np.zeros(len(c.names), np.float32)
+            for v in chosen:
+                if str(v) not in c.names:
+                    raise ValueError(f"choice {c.path!r}: genotype names unknown candidate {v!r}; candidates are {c.names}")
+                vec[c.names.index(str(v))] = scale
+            _get_in(arch, _split_path(c.path))["alpha"] = vec
+        return jax.tree_util.tree_map(jnp.asarray, arch)
+
+    def random_genotype(self, key: jax.Array) -> dict[str, Any]:
+        """A uniformly random discrete architecture."""
+        keys = jax.random.split(key, max(len(self.choices), 1))
+        out: dict[str, Any] = {}
+        for k, c in zip(keys, self.choices):
+            perm = np.asarray(jax.random.permutation(k, len(c.names)))
+            if c.kind == "input":
+                out[c.path] = tuple(c.names[i] for i in sorted(perm[: c.n_chosen]))
+            elif c.kind == "width":
+                out[c.path] = int(c.names[perm[0]])
+            else:
+                out[c.path] = c.names[perm[0]]
+        return out
+
+    def fix(self, genotype: Mapping[str, Any]) -> "FixedModel":
+        return fix(self.module, genotype, _space=self)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedModel:
+    """The discrete model of a genotype: ``init(key, x) -> (weights, state)`` and
+    ``apply(weights, state, x, train, *, rng=None) -> (out, state)``; only chosen candidates have
+    parameters, at the same paths as in the supernet."""
+
+    module: nn.Module
+    genotype: Mapping[str, Any]
+    train_kwarg: bool = False
+
+    def _kwargs(self, train: bool) -> dict:
+        return {"train": train} if self.train_kwarg else {}
+
+    def init(self, key: jax.Array, x: jax.Array) -> tuple[Any, Any]:
+        with choice_mode(FIXED, genotype=self.genotype):
+            variables = self.module.init({"params": key, "dropout": key}, x, **self._kwargs(False))
+        return variables.get("params", {}), {k: v for k, v in variables.items() if k not in _RESERVED}
+
+    def apply(self, weights: Any, state: Any, x: jax.Array, train: bool = False, *,
+              rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        variables = {"params": weights, **state}
+        rngs = {"dropout": rng} if rng is not None else {}
+        with choice_mode(FIXED, genotype=self.genotype):
+            if train and state:
+                out, new_state = self.module.apply(variables, x, rngs=rngs, mutable=list(state), **self._kwargs(True))
+                return out, dict(new_state)
+            return self.module.apply(variables, x, rngs=rngs, **self._kwargs(train)), state
+
+
+def from_module(module: nn.Module, example_input: Any, *, hard: bool = False) -> UserSpace:
+    """Make a search space of a Flax module that contains ``Choice`` / ``InputChoice`` /
+    ``WidthChoice`` submodules.
+
+    Args:
+      module: a Flax linen module; if its ``__call__`` takes ``train``, the space passes it.
+      example_input: an input batch (only its shape and dtype are used).
+      hard: single-path execution: with a one-hot mix (GDAS, ProxylessNAS relaxations) only the
+        chosen candidate of each ``Choice`` runs (``lax.switch``).
+
+    Returns:
+      A :class:`UserSpace`.
+
+    Raises:
+      ValueError: when the module has no choices, or candidates of a choice disagree in shape.
+    """
+    registry: dict[str, ChoiceInfo] = {}
+    takes_train = _takes_train(module)
+    kwargs = {"train": False} if takes_train else {}
+    with choice_mode(COLLECT, registry=registry):
+        shapes = jax.eval_shape(lambda k, x: module.init({"params": k, "dropout": k}, x, **kwargs),
+                                jax.random.PRNGKey(0), example_input)
+    if not registry:
+        raise ValueError("`module` contains no Choice / InputChoice / WidthChoice: nothing to search")
+    arch_shapes = shapes.get("arch", {})
+    return UserSpace(module=module, choices=tuple(registry[p] for p in sorted(registry)),
+                     arch_shapes=jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), arch_shapes),
+                     hard=hard, train_kwarg=takes_train)
+
+
+def fix(module: nn.Module, genotype: Mapping[str, Any], *, _space: UserSpace | None = None) -> FixedModel:
+    """The discrete model of ``module`` for ``genotype`` (a dict ``{choice path: chosen}``).
+
+    Unknown choice paths or candidate names raise ``ValueError`` naming the choice (checked
+    against the module's choices when ``init`` traces it).
+    """
+    if not isinstance(genotype, Mapping):
+        raise TypeError(f"`genotype` must be a dict {{choice path: chosen}}, got {type(genotype).__name__}")
+    if _space is not None:
+        for path in genotype:
+            _space._info(path)
+    return FixedModel(module=module, genotype=dict(genotype), train_kwarg=_takes_train(module))
