@@ -1,0 +1,40 @@
+"""Shared test set-up.
+
+Tests run in float64 (reference fixtures are float64); dtype-preservation tests pass explicit
+float32/bfloat16 inputs.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("DIFFNAS_SHARED", ROOT.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+
+
+def load_fixture(name: str):
+    """Load ``../shared/fixtures/<name>``, skipping the test with a clear message when absent."""
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"reference fixture {path} not found (../shared is absent); skipping conformance test")
+    return np.load(path, allow_pickle=False)
+
+
+def rel_err(ours, ref, floor: float = 0.0) -> float:
+    """max|ours - ref| / max(max|ref|, floor) as in shared/fixtures/README.md."""
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    denom = max(float(np.max(np.abs(ref))) if ref.size else 0.0, floor, 1e-300)
+    return float(np.max(np.abs(ours - ref))) / denom if ref.size else 0.0
+
+
+@pytest.fixture
+def fixture_loader():
+    return load_fixture

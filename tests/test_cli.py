@@ -1,0 +1,127 @@
+"""The ``diffnas`` command line: instant --help, a tiny end-to-end search / evaluate / baseline."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from diffnas_jax.cli import build_parser, main
+
+@pytest.fixture(scope="module", autouse=True)
+def float32_mode():
+    # the CLI runs in float32; x64 (switched on by conftest) makes Flax init trace far slower
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    yield
+    jax.config.update("jax_enable_x64", old)
+
+
+TINY = ["--dataset", "synthetic", "--channels", "2", "--layers", "1", "--batch-size", "32", "--no-progress"]
+
+
+def test_help_is_instant_and_imports_no_jax():
+    code = ("import sys; from diffnas_jax.cli import build_parser; build_parser().format_help(); "
+            "assert 'jax' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run([sys.executable, "-m", "diffnas_jax.cli", "search", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for flag in ("--space", "--method", "--hypergrad", "--select", "--dataset", "--data-dir", "--epochs",
+                 "--seeds", "--out", "--resume", "--devices"):
+        assert flag in out
+
+
+def test_parser_rejects_bad_flags():
+    p = build_parser()
+    with pytest.raises(SystemExit):
+        p.parse_args(["search", "--seed", "1", "--seeds", "0,1"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["search", "--seeds", "a,b"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["search", "--space", "vgg"])
+    assert p.parse_args(["search", "--seeds", "0,1,2,3"]).seeds == (0, 1, 2, 3)
+    assert p.parse_args(["search"]).space == "nb201"
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    pytest.importorskip("diffnas_jax.relaxations", reason="the driver builds methods from diffnas_jax.relaxations")
+    out = tmp_path_factory.mktemp("run")
+    rc = main(["search", "--out", str(out), "--epochs", "2", *TINY])
+    return out, rc
+
+
+def test_search_writes_results_and_plots(searched):
+    out, rc = searched
+    assert rc == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["genotype"].startswith("|") and result["space"] == "nb201"
+    assert result["config"]["dataset"] == "synthetic" and "jax" in result["versions"]
+    assert result["search_time_s"] > 0 and len(result["seeds"][0]["arch"]["cell"]) == 6
+    probs = np.asarray(result["seeds"][0]["mix"]["cell"])
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if r["event"] == "step"]
+    epochs = [r for r in lines if r["event"] == "epoch"]
+    assert len(steps) == result["steps"] and len(epochs) == 2
+    assert all(np.isfinite(r["train_loss"]) for r in steps)
+    for name in ("cell.png", "arch_weights.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "checkpoints").is_dir()
+    # a second search into the same folder is refused with a clear message
+    assert main(["search", "--out", str(out), "--epochs", "2", *TINY]) == 2
+
+
+def test_evaluate_from_result(searched, tmp_path):
+    out, _ = searched
+    rc = main(["evaluate", "--result", str(out / "result.json"), "--epochs", "1", "--channels", "2",
+               "--batch-size", "32", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert 0.0 <= ev["test_accuracy"] <= 1.0 and ev["params"] > 0 and ev["flops"] > 0
+    assert ev["genotype"] == json.loads((out / "result.json").read_text())["genotype"]
+
+
+def test_baseline_bookkeeping(tmp_path, monkeypatch):
+    """Summary statistics, incremental baseline.json and continuation (training stubbed out)."""
+    import diffnas_jax.search.evaluate as ev
+
+    calls = []
+
+    def fake_train(g, cfg, dataset=None, **kw):
+        calls.append(str(g))
+        return {"genotype": str(g), "test_accuracy": 0.1 * len(calls), "train_accuracy": 1.0, "params": 1,
+                "flops": 2.0, "train_time_s": 0.0}
+
+    monkeypatch.setattr(ev, "train_and_evaluate", fake_train)
+    args = ["baseline", "--num", "3", "--dataset", "synthetic", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    b = json.loads((tmp_path / "baseline.json").read_text())
+    accs = [a["test_accuracy"] for a in b["architectures"]]
+    assert len(set(a["genotype"] for a in b["architectures"])) == 3 and b["complete"]
+    assert b["mean"] == pytest.approx(0.2) and b["median"] == pytest.approx(0.2) and b["best"] == pytest.approx(0.3)
+    assert all(a["genotype"].startswith("|") for a in b["architectures"]) and accs == sorted(accs)
+    # same protocol again: nothing is retrained
+    assert main(args) == 0 and len(calls) == 3
+
+
+@pytest.mark.slow
+def test_baseline_random(tmp_path):
+    rc = main(["baseline", "--num", "2", "--epochs", "1", "--channels", "2", "--dataset", "synthetic",
+               "--batch-size", "32", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    b = json.loads((tmp_path / "baseline.json").read_text())
+    accs = [a["test_accuracy"] for a in b["architectures"]]
+    assert len(accs) == 2 and b["complete"]
+    assert b["median"] == pytest.approx(float(np.median(accs))) and b["best"] == max(accs)
+
+
+def test_evaluate_errors_are_clear(tmp_path, capsys):
+    assert main(["evaluate", "--result", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json" in capsys.readouterr().err
+    assert main(["search", "--dataset", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    assert "missing.npz" in capsys.readouterr().err

@@ -1,0 +1,191 @@
+"""The search driver: exact resume, checkpoint faults, used --out, vmapped seeds, sharding.
+
+A tiny user-defined space (one Choice over three candidates, a BatchNorm) on a tiny synthetic
+task keeps compile time small; the persistent compilation cache of this module lets the several
+runs of the same configuration compile once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("diffnas_jax.relaxations", reason="the driver builds methods from diffnas_jax.relaxations")
+
+from diffnas_jax.data import synthetic  # noqa: E402
+from diffnas_jax.nn import Choice  # noqa: E402
+from diffnas_jax.search.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint  # noqa: E402
+from diffnas_jax.search.driver import RunInUseError, SearchConfig, run_search  # noqa: E402
+from diffnas_jax.spaces import from_module  # noqa: E402
+
+
+class TinyNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(4, (3, 3))(x)
+        x = Choice([nn.Conv(4, (3, 3)), nn.Conv(4, (1, 1)), lambda v: v], names=["conv3", "conv1", "skip"])(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(4)(jax.nn.relu(x).mean((1, 2)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    ds = synthetic(0, num_train=48, num_val=48, num_test=16, image_size=4)
+    space = from_module(TinyNet(), jnp.zeros((2, 4, 4, 1), jnp.float32))
+    return ds, space
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+BASE = dict(epochs=2, batch_size=16, progress=False, plots=False, checkpoint_every=2, dataset="synthetic")
+
+
+def _cfg(out, **kw):
+    return SearchConfig(out=str(out), **{**BASE, **kw})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    ds, space = tiny
+    out = tmp_path_factory.mktemp("full")
+    return out, run_search(_cfg(out), dataset=ds, space=space)
+
+
+def test_resume_after_sigterm_is_bitwise_equal(tiny, uninterrupted, tmp_path):
+    ds, space = tiny
+    full_out, full = uninterrupted
+    assert full["status"] == "complete" and full["steps"] == 6
+
+    def kill_at_4(step, metrics):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    part = run_search(_cfg(tmp_path), dataset=ds, space=space, on_step=kill_at_4)
+    assert part["status"] == "interrupted" and part["step"] == 4
+    assert not (tmp_path / "result.json").exists()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")][-1] == "step_00000004"
+    resumed = run_search(_cfg(tmp_path, resume=True), dataset=ds, space=space)
+    assert resumed["genotype"] == full["genotype"]
+    # arch logits bitwise equal (JSON keeps float32 values exactly as float64 reprs)
+    assert resumed["seeds"][0]["arch"] == full["seeds"][0]["arch"]
+    assert (tmp_path / "metrics.jsonl").read_text() == (full_out / "metrics.jsonl").read_text()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert {"genotype", "seeds", "search_time_s", "config", "versions"} <= set(result)
+
+
+def test_used_out_is_refused(tiny, uninterrupted):
+    ds, space = tiny
+    out, _ = uninterrupted
+    with pytest.raises(RunInUseError, match="--resume"):
+        run_search(_cfg(out), dataset=ds, space=space)
+    with pytest.raises(RunInUseError, match="another configuration"):
+        run_search(_cfg(out, resume=True, seed=5), dataset=ds, space=space)
+
+
+def test_corrupt_checkpoint_is_named_and_last_good_one_kept(tiny, tmp_path):
+    ds, space = tiny
+    part = run_search(_cfg(tmp_path, max_steps=4), dataset=ds, space=space)
+    assert part["status"] == "interrupted"
+    ckpts = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in ckpts] == ["step_00000002", "step_00000004"]
+    victim = max((p for p in (ckpts[-1] / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=str(victim)):
+        run_search(_cfg(tmp_path, resume=True), dataset=ds, space=space)
+    # nothing was overwritten: the earlier checkpoint verifies, the bad one is still bad
+    assert verify_checkpoint(ckpts[0])["step"] == 2
+    assert victim.read_bytes() == data[: len(data) // 2]
+    # deleting the bad checkpoint resumes from the earlier one
+    shutil.rmtree(ckpts[-1])
+    done = run_search(_cfg(tmp_path, resume=True), dataset=ds, space=space)
+    assert done["status"] == "complete"
+
+
+def test_vmapped_seeds_match_separate_runs(tiny, uninterrupted, tmp_path):
+    ds, space = tiny
+    _, full = uninterrupted  # seed 0
+    both = run_search(_cfg(tmp_path / "v", seeds=(0, 3)), dataset=ds, space=space)
+    one3 = run_search(_cfg(tmp_path / "s3", seed=3), dataset=ds, space=space)
+    assert len(both["seeds"]) == 2
+    for got, ref in ((both["seeds"][0], full["seeds"][0]), (both["seeds"][1], one3["seeds"][0])):
+        a = np.asarray(jax.tree.leaves(got["arch"]), np.float64)
+        b = np.asarray(jax.tree.leaves(ref["arch"]), np.float64)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert got["genotype"] == ref["genotype"]
+    # the two seeds really are different searches
+    assert both["seeds"][0]["arch"] != both["seeds"][1]["arch"]
+
+
+_SHARDING_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_enable_x64", True)
+    sys.path.insert(0, os.environ["TEST_DIR"])
+    from test_driver import TinyNet
+    from diffnas_jax.data import synthetic
+    from diffnas_jax.search.driver import SearchConfig, build_search, init_state, make_jitted_step, shard_batch, replicate
+    from diffnas_jax.search.step import cross_entropy
+    from diffnas_jax.spaces import from_module
+    assert len(jax.devices()) == 4, jax.devices()
+    ds = synthetic(0, num_train=48, num_val=48, num_test=16, image_size=4)
+    space = from_module(TinyNet(), jnp.zeros((2, 4, 4, 1), jnp.float32))
+    res = {}
+    for n in (1, 4):
+        setup = build_search(SearchConfig(devices=n, batch_size=16, epochs=1, dataset="synthetic"), ds, space)
+        st = replicate(init_state(setup), setup.mesh)
+        bt = shard_batch((ds.x_train[:16], ds.y_train[:16]), setup.mesh)
+        bv = shard_batch((ds.x_val[:16], ds.y_val[:16]), setup.mesh)
+        if n == 4:
+            assert len(bt[0].sharding.device_set) == 4
+        def val_loss(arch, w, s, x, y):
+            mix = setup.relaxation(arch, jax.random.key(0), 0)
+            return cross_entropy(space.apply(w, s, mix, x, True)[0], y)
+        g = jax.jit(jax.grad(val_loss))(st.arch, st.weights, st.model_state, *bv)
+        new, m = make_jitted_step(setup)(st, bt, bv, jax.random.key(1), jnp.asarray(False))
+        res[n] = (jax.tree.leaves(g), jax.tree.leaves(new.arch), float(m["arch_grad_norm"]))
+    for a, b in zip(res[1][0], res[4][0]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    for a, b in zip(res[1][1], res[4][1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(res[1][2], res[4][2], rtol=1e-5)
+    assert max(float(np.abs(np.asarray(a)).max()) for a in res[1][0]) > 0
+    print("SHARDING_OK")
+""")
+
+
+def test_four_device_sharding_equals_single_device(tmp_path):
+    script = tmp_path / "shard.py"
+    script.write_text(_SHARDING_SCRIPT)
+    env = {**os.environ, "TEST_DIR": os.path.dirname(__file__), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SHARDING_OK" in proc.stdout
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="batch_size"):
+        SearchConfig(batch_size=10, devices=4)
+    with pytest.raises(ValueError, match="space"):
+        SearchConfig(space="resnet")
+    with pytest.raises(ValueError, match="seeds"):
+        SearchConfig(seeds=(1, 1))

@@ -1,0 +1,93 @@
+"""soft_sort / soft_rank and sorting_network against the authors' implementations
+(../shared/fixtures/relax_reference.npz), plus basic properties."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_fixture
+from diffnas_jax.relax import soft_rank, soft_sort, sorting_network
+
+FSS_CASES = [(op, reg, dr, eps) for op in ("sort", "rank") for reg in ("l2", "kl") for dr in ("asc", "desc")
+             for eps in ("0.1", "1.0", "10.0")]
+KL_SORT_VJP_BUG = "the KL soft_sort VJP does not yet match fast-soft-sort (values and all other VJPs do)"
+
+
+def _fss(op, reg, dr, eps):
+    d = load_fixture("relax_reference.npz")
+    x = d["fss/x_pos"] if (op == "sort" and reg == "kl") else d["fss/x"]
+    fn = soft_sort if op == "sort" else soft_rank
+    f = lambda v: fn(v, direction="ASCENDING" if dr == "asc" else "DESCENDING",  # noqa: E731
+                     regularization_strength=float(eps), regularization=reg)
+    out, vjp = jax.vjp(f, jnp.asarray(x))
+    key = f"fss/{op}_{reg}_{dr}_{eps}"
+    return d, key, out, vjp(jnp.asarray(d["fss/cot"]))[0]
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a) - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+@pytest.mark.parametrize("case", FSS_CASES, ids=lambda c: "_".join(c))
+def test_soft_sort_rank_values_match_fast_soft_sort(case):
+    d, key, out, _ = _fss(*case)
+    assert _rel(out, d[key]) < 1e-6
+
+
+@pytest.mark.parametrize("case", [c for c in FSS_CASES if not (c[0] == "sort" and c[1] == "kl")], ids=lambda c: "_".join(c))
+def test_soft_sort_rank_vjps_match_fast_soft_sort(case):
+    d, key, _, g = _fss(*case)
+    assert _rel(g, d["fss/vjp_" + key[4:]]) < 1e-6
+
+
+@pytest.mark.xfail(strict=True, reason=KL_SORT_VJP_BUG)
+def test_kl_soft_sort_vjp_matches_fast_soft_sort():
+    worst = 0.0
+    for case in [c for c in FSS_CASES if c[0] == "sort" and c[1] == "kl"]:
+        d, key, _, g = _fss(*case)
+        worst = max(worst, _rel(g, d["fss/vjp_" + key[4:]]))
+    assert worst < 1e-6
+
+
+def _ds_cases():
+    nets = ("odd_even", "bitonic")
+    dists = ("cauchy", "logistic", "logistic_phi", "gaussian", "reciprocal", "optimal")
+    return [(n, dist, st) for n in nets for dist in dists for st in ("2.0", "10.0")]
+
+
+@pytest.mark.parametrize("case", _ds_cases(), ids=lambda c: "_".join(c))
+def test_sorting_network_matches_diffsort(case):
+    d = load_fixture("relax_reference.npz")
+    net, dist, st = case
+    name = f"ds/{net}_{dist}_{st}"
+    x = jnp.asarray(d["ds/x"])
+    f = lambda v: sorting_network(v, network=net, distribution=dist, steepness=float(st))  # noqa: E731
+    (s, p) = f(x)
+    assert _rel(s, d[name + "/sorted"]) < 1e-6
+    assert float(np.max(np.abs(np.asarray(p) - d[name + "/perm"]))) < 1e-6
+    g = jax.grad(lambda v: jnp.sum(f(v)[0] * d["ds/cot"]))(x)
+    assert _rel(g, d[name + "/grad"]) < 1e-6
+    np.testing.assert_allclose(jnp.einsum("bi,bij->bj", x, p), s, rtol=1e-10, atol=1e-10)
+
+
+def test_limits_ties_and_dtypes():
+    x = jnp.array([3.0, 1.0, 2.0, 2.0])
+    np.testing.assert_allclose(soft_rank(x, regularization_strength=1e-4), [4.0, 1.0, 2.5, 2.5], atol=1e-3)
+    np.testing.assert_allclose(soft_sort(x, regularization_strength=1e-4), [1.0, 2.0, 2.0, 3.0], atol=1e-3)
+    np.testing.assert_allclose(soft_rank(x, regularization_strength=1e6), [2.5] * 4, atol=1e-3)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        assert soft_rank(x.astype(dtype)).dtype == dtype
+        assert sorting_network(x.astype(dtype))[0].dtype == dtype
+    big = jnp.array([1e30, -1e30, 0.0, 5.0])
+    for f in (lambda v: soft_rank(v).sum(), lambda v: sorting_network(v)[0].sum()):
+        assert np.all(np.isfinite(np.asarray(jax.grad(f)(big))))
+    with pytest.raises(ValueError, match="direction"):
+        soft_sort(x, direction="UP")
+    with pytest.raises(ValueError, match="regularization"):
+        soft_rank(x, regularization="l1")
+    with pytest.raises(ValueError, match="network"):
+        sorting_network(x, network="bubble")
+    with pytest.raises(ValueError, match="distribution"):
+        sorting_network(x, distribution="laplace")

@@ -1,0 +1,124 @@
+"""DARTS search space against the reference PyTorch code (fixture darts_reference.npz)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_fixture, rel_err
+from diffnas_jax.spaces import darts
+from diffnas_jax.spaces.genotypes import DARTS_V2, Genotype
+
+
+# XLA's backend optimisation barely changes run time here but halves compile time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _ce(logits, y):
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(y.shape[0]), y])
+
+
+@pytest.fixture(scope="module")
+def ref():
+    d = load_fixture("darts_reference.npz")
+    cfg = dict(zip(d["config_names"], d["config"]))
+    sp = darts.search_space(C=int(cfg["C"]), num_classes=int(cfg["num_classes"]), layers=int(cfg["layers"]),
+                            steps=int(cfg["steps"]), multiplier=int(cfg["multiplier"]),
+                            stem_multiplier=int(cfg["stem_multiplier"]))
+    sd = {k[3:]: d[k] for k in d.files if k.startswith("sd/")}
+    w, s = sp.from_reference(sd)
+    x = jnp.asarray(d["x"].transpose(0, 2, 3, 1))
+    y = jnp.asarray(d["y"])
+    arch = {"normal": jnp.asarray(d["alphas_normal"]), "reduce": jnp.asarray(d["alphas_reduce"])}
+
+    def loss_fn(w, arch):
+        mix = jax.tree_util.tree_map(lambda a: jax.nn.softmax(a, -1), arch)
+        logits, new_state = sp.apply(w, s, mix, x, True)
+        return _ce(logits, y), (logits, new_state)
+
+    vg = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)).lower(w, arch).compile(
+        compiler_options=FAST_COMPILE)
+    (loss, (logits, new_state)), (gw, ga) = vg(w, arch)
+    return dict(d=d, sp=sp, sd=sd, w=w, s=s, arch=arch, loss=loss, logits=logits, gw=gw, ga=ga,
+                new_state=new_state)
+
+
+def test_logits_loss_match(ref):
+    d = ref["d"]
+    assert rel_err(ref["logits"], d["logits"]) < 1e-7
+    assert rel_err(ref["loss"], d["loss"]) < 1e-7
+
+
+def test_arch_grads_match(ref):
+    d = ref["d"]
+    assert rel_err(ref["ga"]["normal"], d["grad_alphas_normal"]) < 1e-7
+    assert rel_err(ref["ga"]["reduce"], d["grad_alphas_reduce"]) < 1e-7
+
+
+def test_weight_grads_match(ref):
+    d = ref["d"]
+    gref = {k[5:]: d[k] for k in d.files if k.startswith("grad/")}
+    ours = ref["sp"].to_reference(ref["gw"], ref["s"])
+    floor = 1e-6 * max(float(np.abs(v).max()) for v in gref.values())
+    assert set(gref) <= set(ours)
+    worst = max(rel_err(ours[k], gref[k], floor) for k in gref)
+    assert worst < 1e-7
+
+
+def test_genotype_matches(ref):
+    d = ref["d"]
+    g = ref["sp"].genotype(ref["arch"])
+    assert [f"{o}:{i}" for o, i in g.normal] == list(d["genotype_normal"])
+    assert [f"{o}:{i}" for o, i in g.reduce] == list(d["genotype_reduce"])
+    assert list(g.normal_concat) == [2, 3, 4, 5]
+
+
+def test_round_trip_exact(ref):
+    back = ref["sp"].to_reference(*ref["sp"].from_reference(ref["sd"]))
+    assert set(back) == set(ref["sd"])
+    for k, v in ref["sd"].items():
+        assert back[k].dtype == v.dtype and np.array_equal(back[k], v), k
+
+
+def test_state_update(ref):
+    s, ns = ref["s"], ref["new_state"]
+    assert int(ns["stem.1"]["num_batches_tracked"]) == 1
+    # running mean moves 10 % towards the batch mean (momentum 0.1), never stays put
+    assert not np.allclose(ns["stem.1"]["mean"], s["stem.1"]["mean"])
+    assert jax.tree_util.tree_structure(ns) == jax.tree_util.tree_structure(s)
+
+
+def test_bad_inputs(ref):
+    sp, w, s = ref["sp"], ref["w"], ref["s"]
+    x = jnp.zeros((2, 16, 16, 3))
+    with pytest.raises(ValueError, match="mix"):
+        sp.apply(w, s, {"normal": jnp.zeros((14, 7)), "reduce": jnp.zeros((14, 8))}, x, True)
+    with pytest.raises(ValueError, match="reduced"):
+        sp.apply(w, s, sp.init_arch(jax.random.key(0)), jnp.zeros((2, 6, 6, 3)), True)
+    with pytest.raises(ValueError, match="unknown op"):
+        darts.search_space(primitives=("none", "conv_9x9"))
+    with pytest.raises(ValueError, match="unexpected"):
+        sp.from_reference({**ref["sd"], "alphas_normal": np.zeros((14, 8))})
+
+
+def test_codec_round_trip(ref):
+    sp = ref["sp"]
+    for seed in range(3):
+        g = sp.random_genotype(jax.random.key(seed))
+        assert sp.genotype(sp.arch_from_genotype(g)) == g
+    g2 = sp.genotype(sp.arch_from_genotype(DARTS_V2))
+    assert [tuple(p) for p in g2.normal] == [tuple(p) for p in DARTS_V2.normal]
+    assert isinstance(g2, Genotype)
+
+
+def test_init_shapes_vmap():
+    sp = darts.search_space(C=4, layers=3, steps=2, multiplier=2)
+    x = jnp.zeros((2, 8, 8, 3), jnp.float32)
+    w, s = jax.vmap(sp.init, in_axes=(0, None))(jax.random.split(jax.random.key(0), 2), x)
+    sd = sp.to_reference(jax.tree_util.tree_map(lambda a: a[0], w), jax.tree_util.tree_map(lambda a: a[0], s))
+    assert sd["cells.0._ops.4._ops.4.op.1.weight"].shape == (4, 1, 3, 3)
+    assert sd["classifier.weight"].shape == (10, 32)  # multiplier 2 x C 16 after two reductions
+    arch = sp.init_arch(jax.random.key(1))
+    assert arch["normal"].shape == (5, 8)
+    assert np.abs(np.asarray(arch["normal"])).max() < 1e-2
