@@ -1,0 +1,353 @@
+"""Writes the notebooks of this folder from the cell sources below (outputs cleared).
+
+    python notebooks/build_notebooks.py
+
+Edit the sources here, not the .ipynb files, so the notebooks stay reviewable as code.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import nbformat
+
+HERE = pathlib.Path(__file__).parent
+
+INSTALL = '''# Install (Colab: runs pip; locally, with diffnas_jax installed, does nothing) and detect the device.
+try:
+    import diffnas_jax
+except ImportError:
+    %pip install -q "diffnas-jax @ git+https://github.com/diffnas-jax/diffnas_jax.git"
+import jax
+BACKEND = jax.default_backend()
+print("JAX", jax.__version__, "backend:", BACKEND, jax.devices())
+# Default settings run in < 3 minutes on a 2-core CPU; a GPU/TPU can afford more.
+SCALE = 1 if BACKEND == "cpu" else 4'''
+
+
+def md(s):
+    return nbformat.v4.new_markdown_cell(s)
+
+
+def code(s):
+    return nbformat.v4.new_code_cell(s)
+
+
+NOTEBOOKS = {}
+
+NOTEBOOKS["01_relaxed_operators.ipynb"] = [
+    md("# A tour of `diffnas_jax.relax`\n\nRelaxed discrete operators as pure JAX functions: soft "
+       "sort and rank (Blondel et al. 2020), differentiable sorting networks (Petersen et al. "
+       "2021/2022), NeuralSort (Grover et al. 2019), SoftSort (Prillo & Eisenschlos 2020), Sinkhorn "
+       "Gumbel-softmax / top-k (Jang et al. 2017; Xie & Ermon 2019) and straight-through "
+       "estimators. Every operator works on the last axis, "
+       "batches, and composes with `jit`, `vmap` and `grad`."),
+    code(INSTALL),
+    code('''import jax, jax.numpy as jnp, numpy as np
+import matplotlib.pyplot as plt
+from diffnas_jax import relax
+x = jnp.array([0.3, -1.2, 2.0, 0.9, 0.95, -0.1])
+print("values           ", x)
+print("hard ranks       ", jnp.argsort(jnp.argsort(x)) + 1)
+for eps in (0.01, 0.3, 3.0):
+    print(f"soft_rank eps={eps:<5}", np.round(relax.soft_rank(x, regularization_strength=eps), 3))'''),
+    md("## Soft sort and rank: the regularization strength interpolates between the hard operator and the mean"),
+    code('''eps = jnp.logspace(-3, 1.5, 60)
+ranks = jax.vmap(lambda e: relax.soft_rank(x, regularization_strength=e))(eps)
+sorts = jax.vmap(lambda e: relax.soft_sort(x, regularization_strength=e))(eps)
+grads = jax.vmap(jax.grad(lambda v, e: relax.soft_rank(v, regularization_strength=e)[2]), in_axes=(None, 0))(x, eps)
+fig, ax = plt.subplots(1, 3, figsize=(15, 3.5))
+ax[0].semilogx(eps, ranks); ax[0].set_title("soft_rank(x) vs strength")
+ax[1].semilogx(eps, sorts); ax[1].set_title("soft_sort(x) vs strength")
+ax[2].semilogx(eps, grads); ax[2].set_title("d soft_rank(x)[2] / dx")
+for a in ax: a.set_xlabel("regularization_strength")
+plt.show()'''),
+    md("## Differentiable sorting networks: relaxed permutation matrices"),
+    code('''fig, ax = plt.subplots(1, 4, figsize=(16, 3.5))
+for a, (dist, steep) in zip(ax, [("cauchy", 2.0), ("cauchy", 20.0), ("logistic", 5.0), ("optimal", 5.0)]):
+    s, perm = relax.sorting_network(x, network="odd_even", distribution=dist, steepness=steep)
+    a.imshow(np.asarray(perm), cmap="viridis", vmin=0, vmax=1); a.set_title(f"{dist}, steepness {steep}")
+plt.show()
+s, perm = relax.sorting_network(x, network="bitonic", steepness=10.0)
+print("sorted:", np.round(s, 3), " check einsum:", np.allclose(s, x @ perm, atol=1e-5))'''),
+    md("## NeuralSort and SoftSort"),
+    code('''fig, ax = plt.subplots(1, 3, figsize=(12, 3.5))
+ax[0].imshow(np.asarray(relax.neural_sort(x, temperature=0.3))); ax[0].set_title("neural_sort, T=0.3")
+ax[1].imshow(np.asarray(relax.soft_permutation(x, temperature=0.3))); ax[1].set_title("soft_permutation, T=0.3")
+for t in (0.05, 0.5, 2.0):
+    ax[2].plot(np.asarray(relax.neural_sort(x, temperature=t) @ x), "o-", label=f"neural_sort T={t}")
+ax[2].plot(-np.sort(-np.asarray(x)), "x--", label="hard sort (desc.)"); ax[2].legend()
+plt.show()'''),
+    md("## Gumbel-softmax and Gumbel top-k"),
+    code('''key = jax.random.PRNGKey(0)
+logits = jnp.log(jnp.array([0.5, 0.25, 0.15, 0.1]))
+temps = jnp.array([0.1, 0.5, 1.0, 5.0])
+samples = jax.vmap(lambda t: relax.gumbel_softmax(key, logits, temperature=t))(temps)
+n = 2000 * SCALE
+hard = relax.gumbel_softmax(jax.random.PRNGKey(1), jnp.broadcast_to(logits, (n, 4)), hard=True)
+fig, ax = plt.subplots(1, 3, figsize=(15, 3.5))
+for t, s in zip(temps, samples): ax[0].plot(s, "o-", label=f"T={float(t)}")
+ax[0].legend(); ax[0].set_title("one Gumbel-softmax sample")
+ax[1].bar(np.arange(4) - 0.2, hard.mean(0), 0.4, label="hard samples"); ax[1].bar(np.arange(4) + 0.2, jax.nn.softmax(logits), 0.4, label="softmax")
+ax[1].legend(); ax[1].set_title(f"frequencies over {n} draws")
+v = jnp.array([0.1, 0.9, 0.5, 0.45, -0.3, 0.7])
+for t in (0.1, 0.5, 2.0):
+    ax[2].plot(np.asarray(relax.gumbel_topk(key, v, 3, temperature=t)), "o-", label=f"gumbel_topk T={t}")
+ax[2].legend(); ax[2].set_title("top-3 masks (sum to 3)")
+plt.show()'''),
+    md("## Straight-through estimators"),
+    code('''xs = jnp.linspace(-2, 2, 9)
+print("ste_round  :", relax.ste_round(xs), " grad:", jax.grad(lambda v: relax.ste_round(v).sum())(xs))
+soft = jax.nn.softmax(jnp.array([1.0, 2.0, 0.5]))
+hard = jax.nn.one_hot(jnp.argmax(soft), 3)
+print("straight_through value:", relax.straight_through(hard, soft))'''),
+    md("## Composing operators: a differentiable 'top-k by rank' loss\n\nSoft ranks feed a Gumbel "
+       "top-k mask; the gradient flows through both."),
+    code('''def topk_by_rank(v, k=2):
+    r = relax.soft_rank(v, regularization_strength=0.1)
+    return relax.gumbel_topk(key, r, k, temperature=0.5)
+g = jax.jit(jax.grad(lambda v: jnp.sum(topk_by_rank(v) * jnp.arange(v.shape[-1]))))(x)
+print("mask:", np.round(topk_by_rank(x), 3)); print("grad:", np.round(g, 3))
+batch = jax.random.normal(key, (8, 6))
+print("vmap over a batch:", jax.vmap(topk_by_rank)(batch).shape)'''),
+]
+
+NOTEBOOKS["03_implicit_hypergradients.ipynb"] = [
+    md("# Implicit hypergradients beyond NAS\n\nThe estimators of `diffnas_jax.hypergrad` work on "
+       "any bilevel problem `min_h L_val(w*(h), h)` with `w*(h) = argmin_w L_train(w, h)`. Two "
+       "classic examples: per-feature L2 regularization of a logistic regression (Lorraine et al., "
+       "AISTATS 2020) and data re-weighting. We compare first-order, unrolled and implicit "
+       "hypergradients against the exact one (a dense solve), in accuracy, time and memory."),
+    code(INSTALL),
+    code('''import time
+import jax, jax.numpy as jnp, numpy as np, optax
+import matplotlib.pyplot as plt
+from sklearn.datasets import load_digits
+from diffnas_jax import hypergrad
+jax.config.update("jax_enable_x64", True)
+d = load_digits(); X = jnp.asarray(d.data / 16.0); Y = jnp.asarray(d.target)
+train, val = (X[:150], Y[:150]), (X[150:700], Y[150:700])
+
+def xent(w, x, y):
+    logits = x @ w["W"] + w["b"]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], -1))
+def train_loss(w, h, batch):          # h: log L2 strength per feature (64 hyperparameters)
+    return xent(w, *batch) + 0.5 * jnp.sum(jnp.exp(h)[:, None] * w["W"] ** 2)
+def val_loss(w, h, batch):
+    return xent(w, *batch)
+
+def inner_solve(h, iters=300):
+    w = {"W": jnp.zeros((64, 10)), "b": jnp.zeros(10)}
+    f = lambda w_: train_loss(w_, h, train); opt = optax.lbfgs(); s = opt.init(w)
+    vg = optax.value_and_grad_from_state(f)
+    def body(c, _):
+        w_, s_ = c; v, g = vg(w_, state=s_); u, s_ = opt.update(g, s_, w_, value=v, grad=g, value_fn=f)
+        return (optax.apply_updates(w_, u), s_), None
+    return jax.lax.scan(body, (w, s), None, length=iters)[0][0]
+
+h = jnp.full((64,), -3.0)
+w_star = jax.jit(inner_solve)(h)'''),
+    md("## The exact hypergradient (dense Hessian solve) and the estimators"),
+    code('''from jax.flatten_util import ravel_pytree
+flat, unravel = ravel_pytree(w_star)
+H = jax.hessian(lambda v: train_loss(unravel(v), h, train))(flat)
+gv = ravel_pytree(jax.grad(val_loss)(w_star, h, val))[0]
+mixed = jax.jacobian(lambda hh: ravel_pytree(jax.grad(train_loss)(w_star, hh, train))[0])(h)
+exact = -mixed.T @ jnp.linalg.solve(H, gv)     # d L_val / d h (L_val has no direct h term)
+
+estimators = {
+    "first_order": hypergrad.first_order(),
+    "unrolled (exact HVP)": hypergrad.unrolled(eta=0.5, hvp="exact"),
+    "unrolled (finite diff.)": hypergrad.unrolled(eta=0.5, hvp="finite_difference"),
+    "implicit cg, 5 it": hypergrad.implicit(solver="cg", maxiter=5),
+    "implicit cg, 50 it": hypergrad.implicit(solver="cg", maxiter=50, tol=1e-10),
+    "implicit normal_cg, 50 it": hypergrad.implicit(solver="normal_cg", maxiter=50, tol=1e-10),
+    "implicit neumann, 50 terms": hypergrad.implicit(solver="neumann", maxiter=50, neumann_alpha=0.5),
+}
+rows = []
+for name, est in estimators.items():
+    f = jax.jit(lambda w, hh, est=est: est(train_loss, val_loss, w, hh, train, val))
+    g = f(w_star, h).block_until_ready()
+    t0 = time.perf_counter(); [f(w_star, h).block_until_ready() for _ in range(5)]; dt = (time.perf_counter() - t0) / 5
+    mem = f.lower(w_star, h).compile().memory_analysis()
+    temp = getattr(mem, "temp_size_in_bytes", float("nan")) if mem is not None else float("nan")
+    cos = float(g @ exact / (jnp.linalg.norm(g) * jnp.linalg.norm(exact) + 1e-30))
+    rel = float(jnp.linalg.norm(g - exact) / jnp.linalg.norm(exact))
+    rows.append((name, cos, rel, dt * 1e3, temp / 1e6))
+print(f"{'estimator':28s} {'cosine':>7s} {'rel.err':>8s} {'ms':>7s} {'temp MB':>8s}")
+for r in rows: print(f"{r[0]:28s} {r[1]:7.3f} {r[2]:8.3g} {r[3]:7.2f} {r[4]:8.2f}")'''),
+    md("First-order ignores the dependence of `w*` on `h` (here it is exactly zero: `L_val` has "
+       "no direct `h` term), one unrolled step sees only a local piece of it, and the implicit "
+       "estimate converges to the exact hypergradient as the solver iterates."),
+    md("## Optimising 64 regularization strengths"),
+    code('''est = hypergrad.implicit(solver="cg", maxiter=30, tol=1e-8)
+@jax.jit
+def outer(hh):
+    w = inner_solve(hh); return est(train_loss, val_loss, w, hh, train, val), val_loss(w, hh, val)
+opt = optax.adam(0.1); hh = h; s = opt.init(hh); losses = []
+for i in range(20 * SCALE):
+    g, l = outer(hh); losses.append(float(l)); u, s = opt.update(g, s, hh); hh = optax.apply_updates(hh, u)
+fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
+ax[0].plot(losses); ax[0].set_title("validation loss"); ax[0].set_xlabel("outer step")
+ax[1].imshow(np.asarray(hh).reshape(8, 8)); ax[1].set_title("learned log-strength per pixel")
+plt.show()'''),
+    md("## Data re-weighting: a hypergradient per training example\n\nWith 30 % of training labels "
+       "corrupted, a weight per example (sigmoid of a logit) is learned so that the trained model "
+       "does well on a clean validation set; the corrupted examples get small weights."),
+    code('''rng = np.random.default_rng(0)
+ytr = np.asarray(train[1]).copy(); noisy = rng.random(len(ytr)) < 0.3
+ytr[noisy] = rng.integers(0, 10, noisy.sum()); ytr = jnp.asarray(ytr)
+def wtrain_loss(w, a, batch):
+    x, y = batch; logits = x @ w["W"] + w["b"]
+    per = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], -1)[:, 0]
+    return jnp.sum(jax.nn.sigmoid(a) * per) / len(y) + 1e-3 * jnp.sum(w["W"] ** 2)
+def solve_w(a, iters=200):
+    w = {"W": jnp.zeros((64, 10)), "b": jnp.zeros(10)}
+    f = lambda w_: wtrain_loss(w_, a, (train[0], ytr)); opt = optax.lbfgs(); s = opt.init(w)
+    vg = optax.value_and_grad_from_state(f)
+    def body(c, _):
+        w_, s_ = c; v, g = vg(w_, state=s_); u, s_ = opt.update(g, s_, w_, value=v, grad=g, value_fn=f)
+        return (optax.apply_updates(w_, u), s_), None
+    return jax.lax.scan(body, (w, s), None, length=iters)[0][0]
+est = hypergrad.implicit(solver="cg", maxiter=30)
+@jax.jit
+def outer_rw(a):
+    w = solve_w(a); return est(wtrain_loss, val_loss, w, a, (train[0], ytr), val)
+a = jnp.zeros(len(ytr)); opt = optax.adam(0.3); s = opt.init(a)
+for i in range(15 * SCALE):
+    u, s = opt.update(outer_rw(a), s, a); a = optax.apply_updates(a, u)
+wts = np.asarray(jax.nn.sigmoid(a))
+plt.hist([wts[~noisy], wts[noisy]], bins=20, label=["clean", "corrupted"]); plt.legend(); plt.title("learned example weights"); plt.show()
+print("mean weight clean %.3f, corrupted %.3f" % (wts[~noisy].mean(), wts[noisy].mean()))'''),
+]
+
+NOTEBOOKS["02_darts_search.ipynb"] = [
+    md("# A differentiable architecture search on digits\n\nThe four axes of a search are four "
+       "independent choices: a **space** (NAS-Bench-201 cell), a **relaxation** (DARTS softmax), a "
+       "**hypergradient estimator** (first-order; try `unrolled` or `implicit`) and a **selector** "
+       "(magnitude argmax or DARTS-PT perturbation). The data are scikit-learn's handwritten digits "
+       "(8x8, shipped with scikit-learn). At the end the found cell is trained from scratch beside "
+       "random cells — every NAS result belongs beside random search."),
+    code(INSTALL),
+    code('''import os, tempfile
+import jax, jax.numpy as jnp, numpy as np, optax
+import matplotlib.pyplot as plt
+from diffnas_jax import relaxations, hypergrad, select
+from diffnas_jax.data import load_dataset
+from diffnas_jax.spaces import nb201
+from diffnas_jax.search import init_search_state, make_step
+ds = load_dataset("digits", seed=0)
+print(ds.summary())
+space = nb201.search_space(C=8, N=1, num_classes=ds.num_classes)
+relax = relaxations.softmax()                    # DARTS; try relaxations.gdas(total_steps=...) 
+est = hypergrad.first_order()                    # try hypergrad.implicit(solver="cg", maxiter=5)
+w_opt = optax.chain(optax.clip_by_global_norm(5.0), optax.add_decayed_weights(3e-4), optax.sgd(0.05, momentum=0.9))
+a_opt = optax.adam(3e-2, b1=0.5, b2=0.999)   # larger than DARTS' 3e-4: a short search must move the weights
+step = jax.jit(make_step(space, relax, est, w_opt, a_opt))
+state = init_search_state(jax.random.PRNGKey(0), space, jnp.asarray(ds.x_train[:2]), w_opt, a_opt, est)'''),
+    code('''EPOCHS, B = 6 * SCALE, 64
+xtr, ytr, xva, yva = map(jnp.asarray, (ds.x_train, ds.y_train, ds.x_val, ds.y_val))
+history, log = [], []
+rng = np.random.default_rng(0)
+for epoch in range(EPOCHS):
+    pt, pv = rng.permutation(len(ytr)), rng.permutation(len(yva))
+    for i in range(min(len(ytr), len(yva)) // B):
+        it, iv = pt[i * B:(i + 1) * B], pv[i * B:(i + 1) * B]
+        state, m = step(state, (xtr[it], ytr[it]), (xva[iv], yva[iv]))
+        history.append(np.asarray(jax.nn.softmax(state.arch["cell"], -1)))
+    log.append({k: float(v) for k, v in m.items()})
+    print(f"epoch {epoch}: train acc {log[-1]['train_acc']:.3f}  val acc {log[-1]['val_acc']:.3f}  "
+          f"arch entropy {log[-1]['arch_entropy']:.3f}")'''),
+    md("## Mixing weights of every edge over the search"),
+    code('''h = np.stack(history)            # (steps, 6 edges, 5 ops)
+edges = ["1<-0", "2<-0", "2<-1", "3<-0", "3<-1", "3<-2"]
+fig, ax = plt.subplots(2, 3, figsize=(14, 6), sharex=True, sharey=True)
+for e, a in enumerate(ax.ravel()):
+    for o, name in enumerate(space.op_names): a.plot(h[:, e, o], label=name)
+    a.set_title(f"edge {edges[e]}")
+ax[0, 0].legend(fontsize=7); plt.tight_layout(); plt.show()'''),
+    md("## The derived cell: magnitude and perturbation-based selection"),
+    code('''genotype = select.argmax(space, state.arch)
+print("argmax      :", genotype)
+val_batches = [(xva[i:i + 256], yva[i:i + 256]) for i in range(0, 512, 256)]
+pt_result = select.perturbation(space, state.weights, state.model_state, state.arch, relax, val_batches, train=True)
+print("DARTS-PT    :", pt_result.genotype)
+from diffnas_jax.viz import plot_genotype
+path = plot_genotype(genotype, os.path.join(tempfile.mkdtemp(), "cell.png"))
+plt.figure(figsize=(6, 3)); plt.imshow(plt.imread(path)); plt.axis("off"); plt.show()'''),
+    md("## Train the found cell from scratch beside random cells"),
+    code('''from diffnas_jax.search.evaluate import EvalConfig, train_and_evaluate, random_genotypes
+cfg = EvalConfig(space="nb201", epochs=2 * SCALE)
+found = train_and_evaluate(genotype, cfg, ds)
+rand = [train_and_evaluate(g, cfg, ds) for g in random_genotypes("nb201", 2 * SCALE, seed=1)]
+print(f"searched {found['test_accuracy']:.4f}  ({found['params']} params)  {genotype}")
+for r in rand: print(f"random   {r['test_accuracy']:.4f}  ({r['params']} params)  {r['genotype']}")'''),
+]
+
+NOTEBOOKS["04_hardware_aware.ipynb"] = [
+    md("# Hardware-aware search: accuracy against cost\n\nThe MobileNetV2 layer-wise space "
+       "(FBNet, Wu et al. 2019; ProxylessNAS, Cai et al. 2019): per layer an MBConv with kernel "
+       "{3, 5, 7} and expansion {3, 6}, or skip. The expected cost of the relaxed architecture "
+       "(`diffnas_jax.cost.expected_cost`) is linear in the mixing weights, so it can join the "
+       "architecture loss: ProxylessNAS adds `lambda * E[cost]`, Single-Path NAS `lambda * log E[cost]`, "
+       "FBNet multiplies `CE * a * log(cost)^b`. Sweeping `lambda` traces the trade-off."),
+    code(INSTALL),
+    code('''import jax, jax.numpy as jnp, numpy as np, optax
+import matplotlib.pyplot as plt
+from diffnas_jax import relaxations, hypergrad, objectives, cost
+from diffnas_jax.data import load_dataset
+from diffnas_jax.spaces import mbconv
+from diffnas_jax.search import init_search_state, make_step
+ds = load_dataset("digits", seed=0)
+xtr, ytr, xva, yva = map(jnp.asarray, (ds.x_train, ds.y_train, ds.x_val, ds.y_val))
+# a small MBConv space for 8x8 digits (the default suits 32x32 CIFAR images)
+space = mbconv.search_space(num_classes=ds.num_classes, widths=(16, 16, 24, 24), strides=(1, 1, 2, 1),
+                            kernel_sizes=(3, 5), expansions=(3, 6), stem_width=8, first_width=16, head_width=64)
+table = cost.cost_table(space, input_shape=ds.image_shape, metric="flops")
+print(space.op_names, "layers:", space.num_layers, "| cost unit:", table.unit)'''),
+    md("## The three loss forms as functions of the expected cost"),
+    code('''c = jnp.linspace(1.5, 40, 200); ce = 1.0
+for name, f in [("FBNet CE*a*log(c)^b", objectives.fbnet_loss()), ("ProxylessNAS CE+l*c", objectives.proxyless_loss(0.02)),
+                ("Single-Path CE+l*log(c)", objectives.single_path_loss(0.2))]:
+    plt.plot(c, jax.vmap(lambda cc: f(ce, cc))(c), label=name)
+plt.xlabel("expected cost (MMAC)"); plt.ylabel("loss at CE = 1"); plt.legend(); plt.show()'''),
+    md("## A sweep of the ProxylessNAS penalty"),
+    code('''relax, est = relaxations.softmax(), hypergrad.first_order()
+w_opt, a_opt = optax.adam(3e-3), optax.adam(3e-2)
+SCALE_MMAC = 1e-6  # MACs -> MMACs
+
+# lambda is an argument of the compiled step, so the whole sweep compiles once
+@jax.jit
+def step(st, bt, bv, lam):
+    reg = lambda arch, mix, s: lam * SCALE_MMAC * cost.expected_cost(space, mix, table)
+    return make_step(space, relax, est, w_opt, a_opt, regularizer=reg)(st, bt, bv)
+
+def search(lam, steps=40 * SCALE, seed=0):
+    st = init_search_state(jax.random.PRNGKey(seed), space, xtr[:2], w_opt, a_opt, est)
+    rng = np.random.default_rng(seed)
+    for i in range(steps):
+        it, iv = rng.integers(0, len(ytr), 64), rng.integers(0, len(yva), 64)
+        st, m = step(st, (xtr[it], ytr[it]), (xva[iv], yva[iv]), jnp.float32(lam))
+    mix = relax(st.arch, jax.random.PRNGKey(0), steps)
+    return space.genotype(st.arch), float(m["val_acc"]), float(SCALE_MMAC * cost.expected_cost(space, mix, table))
+results = {lam: search(lam) for lam in (0.0, 0.05, 0.3, 1.0)}
+for lam, (g, acc, ec) in results.items(): print(f"lambda {lam:<5} val acc {acc:.3f}  E[cost] {ec:.2f} MMAC  {g}")'''),
+    code('''accs = [r[1] for r in results.values()]; costs = [r[2] for r in results.values()]
+plt.plot(costs, accs, "o-")
+for lam, x, y in zip(results, costs, accs): plt.annotate(f"lambda={lam}", (x, y))
+plt.xlabel("expected cost of the searched architecture (MMAC)"); plt.ylabel("supernet val accuracy")
+plt.title("accuracy-cost trade-off (ProxylessNAS additive form)"); plt.show()'''),
+]
+
+
+def main() -> None:
+    for name, cells in NOTEBOOKS.items():
+        nb = nbformat.v4.new_notebook()
+        nb.cells = cells
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nb.metadata["colab"] = {"provenance": []}
+        nbformat.write(nb, HERE / name)
+        print("wrote", HERE / name)
+
+
+if __name__ == "__main__":
+    main()
