@@ -21,6 +21,9 @@ _EXPORTS = {
     "soft_rank": "sorting",
     "isotonic_l2": "sorting",
     "isotonic_kl": "sorting",
+    # Cuturi, Teboul & Vert 2019 (entropic OT, implicit differentiation)
+    "sinkhorn_sort": "sinkhorn",
+    "sinkhorn_rank": "sinkhorn",
     # permutation relaxations
     "neural_sort": "permutations",
     "soft_permutation": "permutations",
