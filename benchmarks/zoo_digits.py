@@ -32,14 +32,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from diffnas_jax import cost, methods, select  # noqa: E402
+from diffnas_jax import cost, methods, objectives, select  # noqa: E402
 from diffnas_jax.data.batching import epoch_batches  # noqa: E402
 from diffnas_jax.data.digits import load_digits_splits  # noqa: E402
 from diffnas_jax.search import init_search_state, make_step  # noqa: E402
 from diffnas_jax.spaces import nb201  # noqa: E402
 
 DEFAULT_METHODS = ("darts", "darts_2nd", "gdas", "snas", "fbnet", "drnas", "fairdarts", "sparsemax", "small_temp",
-                   "maxw", "proxyless", "rarts", "darts_pt")
+                   "maxw", "proxyless", "rarts", "sddarts", "darts_implicit", "darts_pt")
 
 
 def _relaxation(m, total_steps, steps_per_epoch):
@@ -47,27 +47,14 @@ def _relaxation(m, total_steps, steps_per_epoch):
     return m.relaxation(total_steps=total_steps, steps_per_epoch=steps_per_epoch)
 
 
-def _regularizer(m, table):
-    kind = m.regularizer.name
-    if kind == "zero_one_loss":
-        z = m.regularizer()
-        return lambda arch, mix, step: z(arch)
-    if kind == "proxyless_loss":
-        lam = m.regularizer.defaults.get("lam", 0.1)
-        ref = float(cost.expected_cost_of_mix(jax.tree_util.tree_map(lambda t: jnp.full_like(t, 1.0 / t.shape[-1]),
-                                                                     table.per_choice), table))
-        return lambda arch, mix, step: lam * cost.expected_cost_of_mix(mix, table) / ref
-    if kind == "fbnet_loss":
-        # FBNet multiplies the cross-entropy: CE * a * log(cost)^b; make_step's regulariser is
-        # additive, so the benchmark uses a * log(cost / ref)^b added to the loss instead (noted in the table)
-        a, b = m.regularizer.defaults.get("alpha", 0.2), m.regularizer.defaults.get("beta", 0.6)
-        ref = float(table.constant)
-        eps = 1e-6
-        return lambda arch, mix, step: a * jnp.maximum(jnp.log(cost.expected_cost_of_mix(mix, table) / ref), eps) ** b
-    return None
+def _objective(m, space, input_shape):
+    """The method's loss as the search step's objective (FBNet multiplicative, ProxylessNAS
+    additive relative cost, FairDARTS zero-one, SD-DARTS teachers) with the space's FLOPs."""
+    term = m.regularizer() if m.regularizer.module else None
+    return objectives.as_objective(term, space=space, input_shape=input_shape)
 
 
-def run_method(name, data, args, space, table):
+def run_method(name, data, args, space):
     base = "darts" if name == "darts_pt" else name
     m = methods.get_method(base)
     steps_per_epoch = len(data.y_train) // args.batch
@@ -78,12 +65,10 @@ def run_method(name, data, args, space, table):
     warm = int(round(total * m.warmup_epochs / m.epochs))
     a_opt = optax.chain(m.arch_optimizer(), optax.scale(args.arch_lr_scale),
                         optax.scale_by_schedule(lambda s: (s >= warm).astype(jnp.float32)))
-    # a plain function: make_step reports `relaxation.temperature(step)`, which is None for
-    # relaxations without a temperature (FairDARTS, sparsemax, DrNAS, ProxylessNAS) and then fails
-    plain = lambda arch, key, step: relax(arch, key, step)  # noqa: E731
-    step = jax.jit(make_step(space, plain, est, w_opt, a_opt, regularizer=_regularizer(m, table)))
+    objective = _objective(m, space, data.x_train.shape[1:])
+    step = jax.jit(make_step(space, relax, est, w_opt, a_opt, objective=objective))
     x0 = jnp.asarray(data.x_train[: args.batch])
-    ss = init_search_state(jax.random.PRNGKey(args.seed), space, x0, w_opt, a_opt, est)
+    ss = init_search_state(jax.random.PRNGKey(args.seed), space, x0, w_opt, a_opt, est, objective)
     skip = space.op_names.index("skip_connect")
     skip_w = lambda a: float(jnp.mean(jax.nn.softmax(a["cell"], -1)[:, skip]))  # noqa: E731
     skip0 = skip_w(ss.arch)
@@ -158,7 +143,6 @@ def main():
         return
     data = load_digits_splits(args.seed)
     space = nb201.search_space(C=args.C, N=args.N, num_classes=10)
-    table = cost.cost_table(space, data.image_shape, "flops").scaled(1e-6)
     print(f"# NB201 C={args.C} N={args.N} on digits ({len(data.y_train)} train / {len(data.y_val)} val), "
           f"{args.epochs} epochs x {len(data.y_train) // args.batch} steps, batch {args.batch}, "
           f"arch lr x{args.arch_lr_scale}, seed {args.seed}, device {jax.devices()[0].platform}")
@@ -167,7 +151,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for name in args.methods.split(","):
         try:
-            r = run_method(name.strip(), data, args, space, table)
+            r = run_method(name.strip(), data, args, space)
         except Exception as e:  # noqa: BLE001 - report and go on with the other methods
             print(f"| {name} | failed: {type(e).__name__}: {str(e)[:120]} | | | | | |", flush=True)
             continue

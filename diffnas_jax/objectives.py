@@ -21,13 +21,14 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from diffnas_jax._checks import check_int_in_range, check_nonnegative, check_positive
 from diffnas_jax.spaces.base import ARCH_PASSTHROUGH_KEY
 
 __all__ = [
-    "cosine_power_annealing", "fbnet_loss", "proxyless_loss", "single_path_loss", "budget_penalty",
+    "CostLoss", "as_objective", "cosine_power_annealing", "fbnet_loss", "proxyless_loss", "single_path_loss", "budget_penalty",
     "project_to_budget", "zero_one_loss", "fairdarts_zero_one_loss", "self_distillation",
     "self_distillation_loss", "Snapshots", "SelfDistillation",
 ]
@@ -102,7 +103,23 @@ def _log_cost(cost):
     return jnp.log(jnp.maximum(cost, jnp.finfo(dtype).tiny))
 
 
-def fbnet_loss(alpha: float = 0.2, beta: float = 0.6) -> Callable[[jax.Array, jax.Array], jax.Array]:
+class CostLoss(NamedTuple):
+    """A resource-aware loss ``combine(ce, cost) -> scalar``, callable like the function it wraps.
+
+    ``relative``: :func:`as_objective` feeds the expected cost divided by the cost of the uniform
+    mix (scale-free, for the additive forms); otherwise in units where the uniform mix costs
+    :data:`ABSOLUTE_COST_AT_UNIFORM` (above 1, as FBNet's ``log(LAT)^beta`` needs). Tagging the
+    loss lets :func:`as_objective` build the search objective for it without inspecting closures.
+    """
+
+    combine: Callable[[jax.Array, jax.Array], jax.Array]
+    relative: bool
+
+    def __call__(self, ce: jax.Array, cost: jax.Array) -> jax.Array:
+        return self.combine(ce, cost)
+
+
+def fbnet_loss(alpha: float = 0.2, beta: float = 0.6) -> CostLoss:
     """FBNet multiplicative latency loss ``CE * alpha * log(LAT)^beta`` (Wu et al., CVPR 2019, Eq. 2).
 
     Returns ``loss(ce, cost)``: ``ce`` the cross-entropy (any shape), ``cost`` the expected
@@ -118,10 +135,10 @@ def fbnet_loss(alpha: float = 0.2, beta: float = 0.6) -> Callable[[jax.Array, ja
         lc = jnp.maximum(lc, jnp.finfo(lc.dtype).eps)
         return ce * alpha * lc ** beta
 
-    return loss
+    return CostLoss(loss, relative=False)
 
 
-def proxyless_loss(lam: float = 0.1, reference: float = 1.0) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def proxyless_loss(lam: float = 0.1, reference: float = 1.0) -> CostLoss:
     """ProxylessNAS additive latency loss ``CE + lam * E[LAT] / reference`` (Cai et al., ICLR 2019, Eq. 7).
 
     Returns ``loss(ce, cost)``; ``reference`` normalises the expected latency (the target device's
@@ -129,16 +146,17 @@ def proxyless_loss(lam: float = 0.1, reference: float = 1.0) -> Callable[[jax.Ar
     """
     check_nonnegative("lam", lam)
     check_positive("reference", reference)
-    return lambda ce, cost: ce + lam * jnp.asarray(cost) / reference
+    return CostLoss(lambda ce, cost: ce + lam * jnp.asarray(cost) / reference, relative=True)
 
 
-def single_path_loss(lam: float = 0.02) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def single_path_loss(lam: float = 0.02) -> CostLoss:
     """Single-Path NAS runtime loss ``CE + lam * log(R)`` (Stamoulis et al., ECML-PKDD 2019, Eq. 6).
 
     Returns ``loss(ce, runtime)``; ``runtime`` is the differentiable expected runtime.
     """
     check_nonnegative("lam", lam)
-    return lambda ce, runtime: ce + lam * _log_cost(runtime)
+    # relative=False: log R of a relative cost would be negative around the uniform mix
+    return CostLoss(lambda ce, runtime: ce + lam * _log_cost(runtime), relative=False)
 
 
 def budget_penalty(target: float, weight: float = 10.0, power: float = 2.0) -> Callable[[jax.Array], jax.Array]:
@@ -259,15 +277,20 @@ def _relaxations_zero_one():
     return getattr(mod, "fairdarts_zero_one_loss", None)
 
 
-def zero_one_loss(weight: float = 10.0) -> Callable[[PyTree], jax.Array]:
-    """``arch -> weight * L_01(arch)``, the FairDARTS zero-one loss (paper weight 10).
+def zero_one_loss(weight: float = 10.0) -> Callable[..., jax.Array]:
+    """``(arch, mix=None, step=None) -> weight * L_01(arch)``, the FairDARTS zero-one loss (paper
+    weight 10); the signature of a ``make_step`` regulariser.
 
     Uses ``diffnas_jax.relaxations.fairdarts_zero_one_loss`` when that module defines it (one
     definition for the whole library), otherwise :func:`fairdarts_zero_one_loss` here.
     """
     check_nonnegative("weight", weight)
     base = _relaxations_zero_one() or fairdarts_zero_one_loss
-    return lambda arch: weight * base(arch)
+
+    def regularizer(arch, mix=None, step=None):
+        return weight * base(arch)
+
+    return regularizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +357,7 @@ def self_distillation(num_teachers: int = 2, temperature: float = 4.0, weight: f
     - ``teacher_probs(apply_fn, snaps, mix, x) -> (B, C)``: ``apply_fn(weights, state, mix, x)``
       returning logits (e.g. ``lambda w, s, m, x: space.apply(w, s, m, x, False)[0]``), evaluated
       with ``vmap`` over the stored snapshots; empty slots get no vote (before the first push the
-      result is uniform, and the loss is then a constant).
+      result is uniform: skip the loss then, as ``search.objective.with_self_distillation`` does).
     - ``loss(student_logits, teacher_probs) -> scalar``: the weighted distillation term.
     """
     check_int_in_range("num_teachers", num_teachers, 1, 1024)
@@ -365,3 +388,50 @@ def self_distillation(num_teachers: int = 2, temperature: float = 4.0, weight: f
         return weight * self_distillation_loss(student_logits, teacher_p, temperature)
 
     return SelfDistillation(init, push, teacher_probs, loss, weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# From a method's regulariser to the search step's objective
+# ---------------------------------------------------------------------------------------------
+#: The unit of an absolute cost (FBNet's ``log(LAT)^beta``) is set so that the uniform mix costs this
+#: much: FBNet's alpha, beta were tuned on latencies of ~20-30 ms; the unit matters for that form only
+#: (Single-Path's ``log R`` shifts by a constant), and MFLOPs of a small supernet are below 1, where
+#: ``log`` is negative and FBNet's loss is clamped flat.
+ABSOLUTE_COST_AT_UNIFORM = 25.0
+
+
+def as_objective(term: Any, *, space: Any = None, input_shape: Any = None, metric: str = "flops") -> Any:
+    """The :class:`~diffnas_jax.search.objective.Objective` that puts ``term`` into a search step.
+
+    ``term`` is what a method's ``regularizer`` factory returns:
+
+    - ``None`` -> ``None`` (plain cross-entropy);
+    - an ``Objective`` -> itself;
+    - a :class:`SelfDistillation` -> SD-DARTS on the weight loss, teachers from the previous steps;
+    - a :class:`CostLoss` (FBNet, ProxylessNAS, Single-Path NAS) -> the resource-aware
+      architecture loss with the space's analytic cost (``metric`` "flops" or "params",
+      :func:`diffnas_jax.cost.cost_table` at ``input_shape``), relative to the uniform mix for
+      the additive forms (ProxylessNAS), and in units where the uniform mix costs
+      :data:`ABSOLUTE_COST_AT_UNIFORM` otherwise; needs ``space`` and ``input_shape`` (H, W, C);
+    - any other callable -> an additive regulariser ``term(arch, mix, step)`` on the arch loss.
+    """
+    from diffnas_jax.search import objective as so
+
+    if term is None or isinstance(term, so.Objective):
+        return term
+    if isinstance(term, SelfDistillation):
+        return so.with_self_distillation(term)
+    if isinstance(term, CostLoss):
+        if space is None or input_shape is None:
+            raise ValueError("a resource-aware loss needs `space` and `input_shape` to build its cost model")
+        from diffnas_jax import cost
+
+        table = cost.cost_table(space, tuple(input_shape), metric)
+        uniform = jax.tree_util.tree_map(lambda t: jnp.full(np.shape(t), 1.0 / np.shape(t)[-1]), table.per_choice)
+        scale = float(cost.expected_cost_of_mix(uniform, table))
+        if not term.relative:
+            scale /= ABSOLUTE_COST_AT_UNIFORM
+        return so.cost_aware(term, lambda mix: cost.expected_cost_of_mix(mix, table) / scale)
+    if callable(term):
+        return so.standard(regularizer=term)
+    raise TypeError(f"cannot turn a {type(term).__name__} into a search objective")

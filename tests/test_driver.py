@@ -189,3 +189,17 @@ def test_config_validation():
         SearchConfig(space="resnet")
     with pytest.raises(ValueError, match="seeds"):
         SearchConfig(seeds=(1, 1))
+
+
+@pytest.mark.parametrize("method", ["sddarts", "fairdarts"])
+def test_methods_with_objectives_run_end_to_end(tiny, tmp_path, method):
+    """SD-DARTS (stateful self-distillation objective) and FairDARTS (zero-one regulariser with
+    sigmoid mixing) through the driver, including the objective state in the checkpoints."""
+    ds, space = tiny
+    result = run_search(_cfg(tmp_path / method, method=method, epochs=1, checkpoint_every=1), dataset=ds,
+                        space=space)
+    assert result["config"]["method"] == method
+    final = result["seeds"][0]["final_metrics"]
+    assert final and all(np.isfinite(v) for v in final.values())
+    assert result["status"] == "complete" and result["genotype"]
+    assert list_checkpoints(tmp_path / method / "checkpoints")

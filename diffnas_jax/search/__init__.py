@@ -6,10 +6,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .objective import LossContext, Objective
 from .state import SearchState, init_search_state
 from .step import arch_entropy, cross_entropy, make_step
 
-__all__ = ["SearchState", "init_search_state", "make_step", "arch_entropy", "cross_entropy"]
+__all__ = ["SearchState", "init_search_state", "make_step", "arch_entropy", "cross_entropy", "Objective",
+           "LossContext"]
 
 
 def __getattr__(name: str) -> Any:

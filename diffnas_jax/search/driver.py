@@ -228,6 +228,7 @@ class SearchSetup:
     total_steps: int
     warmup_steps: int
     mesh: Any
+    objective: Any = None        # the step's Objective (its state is part of SearchState)
 
 
 def _resolve_with(factory, **context) -> Any:
@@ -277,16 +278,18 @@ def build_search(config: SearchConfig, dataset: Any = None, space: Any = None) -
     hfac = method.hypergrad_factory if config.hypergrad is None else Factory.of("hypergrad", config.hypergrad)
     hypergradient = _resolve_with(hfac, eta=schedule, weight_decay=method.weight_weight_decay,
                                   momentum=method.weight_momentum, **context)
-    regularizer = _resolve_with(method.regularizer, **context) if method.regularizer.module else None
+    from diffnas_jax.objectives import as_objective
+
+    term = _resolve_with(method.regularizer, **context) if method.regularizer.module else None
+    objective = as_objective(term, space=space, input_shape=dataset.image_shape)
     weight_opt = method.weight_optimizer(total)
     arch_opt = method.arch_optimizer()
-    step_kwargs = {"weight_grad_clip": None}  # the weight optimizer already clips (DARTS: 5)
-    if regularizer is not None:
-        step_kwargs["regularizer"] = regularizer
-    step_fn = make_step(space, relaxation, hypergradient, weight_opt, arch_opt, **step_kwargs)
+    # the weight optimizer already clips (DARTS: 5)
+    step_fn = make_step(space, relaxation, hypergradient, weight_opt, arch_opt, weight_grad_clip=None,
+                        objective=objective)
     mesh = make_mesh(config.devices) if config.devices > 1 else None
     return SearchSetup(config, dataset, method, space, relaxation, hypergradient, weight_opt, arch_opt,
-                       step_fn, steps_per_epoch, total, warmup, mesh)
+                       step_fn, steps_per_epoch, total, warmup, mesh, objective)
 
 
 def init_state(setup: SearchSetup) -> Any:
@@ -297,7 +300,8 @@ def init_state(setup: SearchSetup) -> Any:
     x = jnp.asarray(setup.dataset.x_train[: max(2, min(cfg.batch_size, 8))])
 
     def one(seed_key):
-        return init_search_state(seed_key, setup.space, x, setup.weight_opt, setup.arch_opt, setup.hypergradient)
+        return init_search_state(seed_key, setup.space, x, setup.weight_opt, setup.arch_opt, setup.hypergradient,
+                                 setup.objective)
 
     keys = jnp.stack([jax.random.fold_in(jax.random.key(s), 0) for s in cfg.seed_list])
     if cfg.vmapped:

@@ -32,6 +32,7 @@ class SearchState:
       hyper_state: the hypergradient estimator's state (RARTS' second weight copy; ``()``).
       step: int32 scalar, number of completed search steps.
       key: PRNG key used when the step is called without an explicit key.
+      objective_state: the search objective's state (SD-DARTS teacher snapshots; ``()``).
     """
 
     weights: PyTree
@@ -42,11 +43,12 @@ class SearchState:
     hyper_state: PyTree
     step: jax.Array
     key: jax.Array
+    objective_state: PyTree = ()
 
 
 def init_search_state(key: jax.Array, space: Any, x: jax.Array, weight_opt: optax.GradientTransformation,
                       arch_opt: optax.GradientTransformation,
-                      hypergradient: Hypergradient | None = None) -> SearchState:
+                      hypergradient: Hypergradient | None = None, objective: Any = None) -> SearchState:
     """Initialise weights, BN state and architecture of ``space`` and both optimizer states.
 
     Args:
@@ -55,6 +57,8 @@ def init_search_state(key: jax.Array, space: Any, x: jax.Array, weight_opt: opta
       x: an example input batch (NHWC for image spaces), used for shapes only.
       weight_opt, arch_opt: optax optimizers of the weights and the architecture.
       hypergradient: the estimator, for its state (``est.init(weights)``); ``None``: no state.
+      objective: the step's :class:`~diffnas_jax.search.objective.Objective`, for its state;
+        ``None``: no state.
     Returns:
       A :class:`SearchState` at step 0. Under ``jax.vmap`` over ``key`` it gives one state per seed.
     """
@@ -64,4 +68,5 @@ def init_search_state(key: jax.Array, space: Any, x: jax.Array, weight_opt: opta
     hyper_state = hypergradient.init(weights) if hypergradient is not None else ()
     return SearchState(weights=weights, model_state=model_state, arch=arch,
                        weight_opt_state=weight_opt.init(weights), arch_opt_state=arch_opt.init(arch),
-                       hyper_state=hyper_state, step=jnp.zeros((), jnp.int32), key=k_run)
+                       hyper_state=hyper_state, step=jnp.zeros((), jnp.int32), key=k_run,
+                       objective_state=objective.init(weights, model_state) if objective is not None else ())

@@ -27,6 +27,7 @@ from .._checks import check_positive
 from ..hypergrad import Hypergradient
 from ..hypergrad._core import grad_w
 from ..spaces.base import ARCH_PASSTHROUGH_KEY
+from .objective import LossContext, Objective, cross_entropy, standard
 from .state import SearchState
 
 PyTree = Any
@@ -38,11 +39,6 @@ __all__ = ["make_step", "cross_entropy", "arch_entropy"]
 class _LossAux(NamedTuple):
     model_state: PyTree
     accuracy: jax.Array
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy with integer labels: logits (B, K), labels (B,)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def arch_entropy(arch: PyTree) -> jax.Array:
@@ -77,8 +73,13 @@ def _temperature(relaxation: Any, step: jax.Array) -> jax.Array | None:
     return None if t is None else jnp.asarray(t)
 
 
+def _global_norm(g: PyTree) -> jax.Array:
+    # optax.global_norm is deprecated from optax 0.2.5 on; older releases lack optax.tree.norm
+    return optax.tree.norm(g) if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm(g)
+
+
 def _clip_by_global_norm(g: PyTree, max_norm: float | None) -> tuple[PyTree, jax.Array]:
-    norm = optax.tree.norm(g) if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm(g)
+    norm = _global_norm(g)
     if max_norm is None:
         return g, norm
     # torch.nn.utils.clip_grad_norm_ semantics, as the DARTS reference uses (max_norm 5).
@@ -92,6 +93,7 @@ def make_step(space: Any, relaxation: Callable[[PyTree, jax.Array, Any], PyTree]
               loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
               weight_grad_clip: float | None = 5.0, reuse_train_grad: bool = True,
               regularizer: Callable[[PyTree, PyTree, Any], jax.Array] | None = None,
+              objective: Objective | None = None,
               ) -> Callable[..., tuple[SearchState, dict[str, jax.Array]]]:
     """Build the pure search step for one combination of the four axes.
 
@@ -108,6 +110,10 @@ def make_step(space: Any, relaxation: Callable[[PyTree, jax.Array, Any], PyTree]
         module docstring).
       regularizer: optional ``regularizer(arch, mix, step) -> scalar`` added to the validation
         (architecture) loss, e.g. a cost model or an arch regulariser.
+      objective: a :class:`~diffnas_jax.search.objective.Objective` for losses that are not
+        ``loss_fn`` plus an additive regulariser (FBNet's multiplicative latency loss, SD-DARTS
+        self-distillation, ...); its state lives in ``SearchState.objective_state`` (give the same
+        objective to ``init_search_state``). Exclusive with ``loss_fn`` / ``regularizer``.
     Returns:
       ``step(search_state, batch_train, batch_val, key=None) -> (search_state, metrics)``;
       batches are ``(x, labels)`` tuples; ``key=None`` uses and advances ``search_state.key``.
@@ -127,6 +133,13 @@ def make_step(space: Any, relaxation: Callable[[PyTree, jax.Array, Any], PyTree]
         raise TypeError(f"`relaxation` must be callable (arch, key, step) -> mix, got {type(relaxation).__name__}")
     if weight_grad_clip is not None:
         check_positive("weight_grad_clip", weight_grad_clip)
+    if objective is None:
+        objective = standard(loss_fn, regularizer)
+    elif loss_fn is not cross_entropy or regularizer is not None:
+        raise ValueError("give either `objective` or `loss_fn` / `regularizer`, not both "
+                         "(build the objective from them: diffnas_jax.search.objective.standard)")
+    elif not isinstance(objective, Objective):
+        raise TypeError(f"`objective` must be a diffnas_jax.search.objective.Objective, got {type(objective).__name__}")
 
     def step(ss: SearchState, batch_train: Batch, batch_val: Batch,
              key: jax.Array | None = None) -> tuple[SearchState, dict[str, jax.Array]]:
@@ -136,20 +149,27 @@ def make_step(space: Any, relaxation: Callable[[PyTree, jax.Array, Any], PyTree]
             next_key = ss.key
         k_relax_t, k_net_t, k_relax_v, k_net_v = jax.random.split(key, 4)
 
-        def make_loss(k_relax, k_net, with_reg):
+        expected = jax.tree_util.tree_structure(jax.eval_shape(objective.init, ss.weights, ss.model_state))
+        if jax.tree_util.tree_structure(ss.objective_state) != expected:
+            raise ValueError("`search_state.objective_state` does not match the step's objective: pass the "
+                             "same `objective=` to init_search_state")
+
+        def make_loss(k_relax, k_net, split):
+            def forward(w, s, mix, x):
+                return space.apply(w, s, mix, x, False, rng=k_net)[0]
+
             def loss(w, a, batch):
                 x, labels = batch
                 mix = relaxation(a, k_relax, ss.step)
                 logits, new_state = space.apply(w, ss.model_state, mix, x, True, rng=k_net)
-                value = loss_fn(logits, labels)
-                if with_reg and regularizer is not None:
-                    value = value + regularizer(a, mix, ss.step)
+                value = objective.loss(LossContext(logits, labels, x, a, mix, ss.step, ss.objective_state,
+                                                   split, forward))
                 acc = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
                 return value, _LossAux(new_state, acc)
             return loss
 
-        loss_train = make_loss(k_relax_t, k_net_t, False)
-        loss_val = make_loss(k_relax_v, k_net_v, True)
+        loss_train = make_loss(k_relax_t, k_net_t, "train")
+        loss_val = make_loss(k_relax_v, k_net_v, "val")
 
         # Architecture step.
         res = hypergradient.compute(loss_train, loss_val, ss.weights, ss.arch, batch_train, batch_val,
@@ -176,16 +196,18 @@ def make_step(space: Any, relaxation: Callable[[PyTree, jax.Array, Any], PyTree]
             "train_loss": t_loss, "train_acc": t_aux.accuracy,
             "val_loss": v_loss, "val_acc": v_aux.accuracy,
             "arch_entropy": arch_entropy(arch),
-            "arch_grad_norm": optax.global_norm(res.d_arch),
+            "arch_grad_norm": _global_norm(res.d_arch),
             "weight_grad_norm": g_norm,
         }
         temperature = _temperature(relaxation, ss.step)
         if temperature is not None:
             metrics["temperature"] = temperature
 
+        objective_state = objective.update(ss.objective_state, weights, t_aux.model_state, ss.step)
         new_ss = SearchState(weights=weights, model_state=t_aux.model_state, arch=arch,
                              weight_opt_state=weight_opt_state, arch_opt_state=arch_opt_state,
-                             hyper_state=res.state, step=ss.step + 1, key=next_key)
+                             hyper_state=res.state, step=ss.step + 1, key=next_key,
+                             objective_state=objective_state)
         return new_ss, metrics
 
     return step
