@@ -29,6 +29,13 @@ _EXPORTS = {
     "soft_permutation": "permutations",
     # Petersen et al. 2021, 2022
     "sorting_network": "sorting_networks",
+    # top-k: sparse (Sander et al. 2023) and entropic OT (Xie et al. 2020)
+    "soft_topk_mask": "topk",
+    "hard_topk_mask": "topk",
+    # perturbed optimizers (Berthet et al. 2020)
+    "perturbed": "perturbed",
+    "perturbed_argmax": "perturbed",
+    "perturbed_topk": "perturbed",
     # sparse simplex maps
     "sparsemax": "sparse",
     "entmax15": "sparse",

@@ -26,7 +26,8 @@ complement of the Hessian of the dual), solved by conjugate gradient through
 right-hand side is orthogonal to it (the outputs are gauge invariant), so a rank-one term on the
 constant direction fixes the gauge without changing the solution.
 
-The same core serves :func:`diffnas_jax.relax.soft_topk_mask` (method "ot", Xie et al. 2020).
+(:func:`diffnas_jax.relax.soft_topk_mask` with method "ot", Xie et al. 2020, is the two-target
+case of the same problem, solved there in closed form up to a 1-D root.)
 """
 from __future__ import annotations
 
