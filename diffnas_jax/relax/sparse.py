@@ -10,8 +10,8 @@ Both are O(n log n) (one sort) and carry a ``jax.custom_jvp`` with the closed-fo
 entmax15), which is symmetric, so reverse mode is its transpose and no sort is differentiated.
 
 Numerics: the input is shifted by its max (both maps are shift invariant) and clamped from below
-at -1 (in the map's own scale). The max entry's probability is at most 1, so the threshold is
->= -1 and any entry below -1 has probability 0: clamping changes no output but keeps the cumulative
+at -1 (sparsemax) or -2 (entmax15), in the map's own scale. The max entry's probability is at most
+1, so the threshold is >= -1 and any entry below -1 has probability 0: clamping changes no output but keeps the cumulative
 sums (and, for entmax, sums of squares) finite and exact for inputs of +-1e30. Half-precision inputs
 are computed in float32 and cast back.
 """
@@ -67,7 +67,9 @@ def _sparsemax_jvp(primals, tangents):
 @jax.custom_jvp
 def _entmax15_last(x: jax.Array) -> jax.Array:
     n = x.shape[-1]
-    z = jnp.maximum((x - jnp.max(x, axis=-1, keepdims=True)) / 2.0, -1.0)
+    # -2, not -1: an entry clamped exactly onto tau's lower bound -1 would count as in the
+    # support up to rounding and get a probability of ~1e-32 instead of 0
+    z = jnp.maximum((x - jnp.max(x, axis=-1, keepdims=True)) / 2.0, -2.0)
     zs = _sorted_desc(z)
     ks = jnp.arange(1, n + 1, dtype=z.dtype)
     mean = jnp.cumsum(zs, axis=-1) / ks
