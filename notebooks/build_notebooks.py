@@ -13,10 +13,16 @@ import nbformat
 HERE = pathlib.Path(__file__).parent
 
 INSTALL = '''# Install (Colab: runs pip; locally, with diffnas_jax installed, does nothing) and detect the device.
+# REPO: the git URL of your copy of diffnas_jax (a fork or the published repository).
+REPO = "https://github.com/diffnas-jax/diffnas_jax.git"
 try:
     import diffnas_jax
 except ImportError:
-    %pip install -q "diffnas-jax @ git+https://github.com/diffnas-jax/diffnas_jax.git"
+    import os
+    if os.path.exists("../pyproject.toml"):  # opened from a checkout: install that checkout
+        %pip install -q -e ..
+    else:
+        %pip install -q "diffnas-jax @ git+{REPO}"
 import jax
 BACKEND = jax.default_backend()
 print("JAX", jax.__version__, "backend:", BACKEND, jax.devices())
@@ -38,7 +44,8 @@ NOTEBOOKS["01_relaxed_operators.ipynb"] = [
     md("# A tour of `diffnas_jax.relax`\n\nRelaxed discrete operators as pure JAX functions: soft "
        "sort and rank (Blondel et al. 2020), differentiable sorting networks (Petersen et al. "
        "2021/2022), NeuralSort (Grover et al. 2019), SoftSort (Prillo & Eisenschlos 2020), Sinkhorn "
-       "Gumbel-softmax / top-k (Jang et al. 2017; Xie & Ermon 2019) and straight-through "
+       "sort/rank (Cuturi et al. 2019), soft top-k (Sander et al. 2023; Xie et al. 2020), perturbed "
+       "optimizers (Berthet et al. 2020), Gumbel-softmax / top-k (Jang et al. 2017; Xie & Ermon 2019) and straight-through "
        "estimators. Every operator works on the last axis, "
        "batches, and composes with `jit`, `vmap` and `grad`."),
     code(INSTALL),
@@ -94,6 +101,27 @@ for t in (0.1, 0.5, 2.0):
     ax[2].plot(np.asarray(relax.gumbel_topk(key, v, 3, temperature=t)), "o-", label=f"gumbel_topk T={t}")
 ax[2].legend(); ax[2].set_title("top-3 masks (sum to 3)")
 plt.show()'''),
+    md("## Sinkhorn sort and rank, soft top-k masks, perturbed optimizers\n\nEntropic optimal transport "
+       "(Cuturi et al. 2019) gives soft ranks with implicit gradients; `soft_topk_mask` is the sparse "
+       "top-k of Sander et al. 2023 (exact zeros and ones) or the OT top-k of Xie et al. 2020; "
+       "`perturbed_argmax` / `perturbed_topk` are the Monte-Carlo perturbed optimizers of Berthet et "
+       "al. 2020 (with Gumbel noise the perturbed argmax is `softmax(x / sigma)` in expectation)."),
+    code('''eps = jnp.logspace(-3, 0.5, 40)
+sk_ranks = jax.vmap(lambda e: relax.sinkhorn_rank(x, e))(eps)
+strengths = jnp.logspace(-2, 1, 40)
+sparse_masks = jax.vmap(lambda s: relax.soft_topk_mask(x, 3, regularization_strength=s))(strengths)
+ot_masks = jax.vmap(lambda e: relax.soft_topk_mask(x, 3, "ot", epsilon=e))(eps)
+fig, ax = plt.subplots(1, 4, figsize=(18, 3.5))
+ax[0].semilogx(eps, sk_ranks); ax[0].set_title("sinkhorn_rank(x) vs epsilon")
+ax[1].semilogx(strengths, sparse_masks); ax[1].set_title("soft_topk_mask sparse, k=3")
+ax[2].semilogx(eps, ot_masks); ax[2].set_title("soft_topk_mask ot, k=3")
+sig = jnp.array([0.1, 0.3, 1.0, 3.0])
+pa = jnp.stack([relax.perturbed_argmax(jax.random.PRNGKey(2), x, num_samples=500 * SCALE, sigma=float(s)) for s in sig])
+for s, row in zip(sig, pa): ax[3].plot(np.asarray(row), "o-", label=f"sigma={float(s)}")
+ax[3].plot(np.asarray(jax.nn.softmax(x / 0.3)), "k--", label="softmax(x/0.3)"); ax[3].legend(); ax[3].set_title("perturbed_argmax")
+plt.show()
+print("sparse top-3 mask:", np.round(relax.soft_topk_mask(x, 3, regularization_strength=0.5), 3))
+print("its gradient (d mask . w / dx):", np.round(jax.grad(lambda v: relax.soft_topk_mask(v, 3, regularization_strength=0.5) @ jnp.arange(6.0))(x), 3))'''),
     md("## Straight-through estimators"),
     code('''xs = jnp.linspace(-2, 2, 9)
 print("ste_round  :", relax.ste_round(xs), " grad:", jax.grad(lambda v: relax.ste_round(v).sum())(xs))
