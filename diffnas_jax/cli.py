@@ -74,6 +74,9 @@ def _add_search(sub) -> None:
     p.add_argument("--arch-lr", type=float, default=None, help="override the method's architecture lr")
     p.add_argument("--weight-lr", type=float, default=None, help="override the method's weight lr")
     p.add_argument("--augment", action="store_true", help="random crop (+flip) on search batches")
+    p.add_argument("--cost", default="flops",
+                   help="cost of the resource-aware methods (fbnet, proxyless, ...): flops | params | a latency "
+                        "table JSON written by `diffnas profile` (default flops)")
     p.add_argument("--evaluate", action="store_true",
                    help="afterwards train each found genotype from scratch (as `diffnas evaluate`)")
     p.add_argument("--eval-epochs", type=_positive, default=None, help="epochs of --evaluate (default 30)")
@@ -212,7 +215,7 @@ def cmd_search(args) -> int:
               dataset=args.dataset, data_dir=args.data_dir, seed=args.seed, seeds=args.seeds,
               devices=args.devices, out=args.out, resume=args.resume, channels=args.channels,
               layers=args.layers, arch_lr=args.arch_lr, weight_lr=args.weight_lr, augment=args.augment,
-              progress=not args.no_progress, plots=not args.no_plots)
+              cost=args.cost, progress=not args.no_progress, plots=not args.no_plots)
     for k in ("epochs", "batch_size", "checkpoint_every", "data_seed"):
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)

@@ -400,7 +400,8 @@ def self_distillation(num_teachers: int = 2, temperature: float = 4.0, weight: f
 ABSOLUTE_COST_AT_UNIFORM = 25.0
 
 
-def as_objective(term: Any, *, space: Any = None, input_shape: Any = None, metric: str = "flops") -> Any:
+def as_objective(term: Any, *, space: Any = None, input_shape: Any = None, metric: str = "flops",
+                 table: Any = None) -> Any:
     """The :class:`~diffnas_jax.search.objective.Objective` that puts ``term`` into a search step.
 
     ``term`` is what a method's ``regularizer`` factory returns:
@@ -412,7 +413,9 @@ def as_objective(term: Any, *, space: Any = None, input_shape: Any = None, metri
       architecture loss with the space's analytic cost (``metric`` "flops" or "params",
       :func:`diffnas_jax.cost.cost_table` at ``input_shape``), relative to the uniform mix for
       the additive forms (ProxylessNAS), and in units where the uniform mix costs
-      :data:`ABSOLUTE_COST_AT_UNIFORM` otherwise; needs ``space`` and ``input_shape`` (H, W, C);
+      :data:`ABSOLUTE_COST_AT_UNIFORM` otherwise; needs ``space`` and ``input_shape`` (H, W, C),
+      or a ready ``table`` (a :class:`~diffnas_jax.cost.CostTable`, e.g. a latency table from
+      :func:`diffnas_jax.cost.profile_latency` / ``diffnas profile``);
     - any other callable -> an additive regulariser ``term(arch, mix, step)`` on the arch loss.
     """
     from diffnas_jax.search import objective as so
@@ -422,11 +425,12 @@ def as_objective(term: Any, *, space: Any = None, input_shape: Any = None, metri
     if isinstance(term, SelfDistillation):
         return so.with_self_distillation(term)
     if isinstance(term, CostLoss):
-        if space is None or input_shape is None:
-            raise ValueError("a resource-aware loss needs `space` and `input_shape` to build its cost model")
         from diffnas_jax import cost
 
-        table = cost.cost_table(space, tuple(input_shape), metric)
+        if table is None:
+            if space is None or input_shape is None:
+                raise ValueError("a resource-aware loss needs `space` and `input_shape` (or a cost `table`)")
+            table = cost.cost_table(space, tuple(input_shape), metric)
         uniform = jax.tree_util.tree_map(lambda t: jnp.full(np.shape(t), 1.0 / np.shape(t)[-1]), table.per_choice)
         scale = float(cost.expected_cost_of_mix(uniform, table))
         if not term.relative:

@@ -126,3 +126,26 @@ def test_self_distillation_state_holds_the_previous_weights_and_changes_the_loss
     assert abs(float(m2["train_loss"]) - float(p2["train_loss"])) > 1e-6
     leaves = zip(jax.tree_util.tree_leaves(ss2.weights), jax.tree_util.tree_leaves(plain.weights))
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in leaves) > 0
+
+
+def test_a_saved_latency_table_drives_the_cost_objective(tmp_path):
+    """`diffnas search --cost table.json`: a table from `diffnas profile` (here written by hand)
+    replaces the analytic FLOPs; FBNet's loss then uses its latencies."""
+    table = cost.CostTable({"a": jnp.array([[1.0, 10.0, 100.0], [1.0, 10.0, 100.0]])}, 5.0, "latency", "ms")
+    path = tmp_path / "lat.json"
+    cost.save_table(table, path)
+    obj = objectives.as_objective(objectives.fbnet_loss(0.2, 0.6), table=cost.load_table(path))
+    ctx = _ctx("val")
+    ce = float(so.cross_entropy(ctx.logits, ctx.labels))
+    uniform = 2 * 111 / 3 + 5.0
+    mix_cost = 25.0  # the uniform mix in the objective's unit (ABSOLUTE_COST_AT_UNIFORM)
+    np.testing.assert_allclose(float(obj.loss(ctx)), ce * 0.2 * np.log(mix_cost) ** 0.6, rtol=1e-6)
+    cheap = {"a": jnp.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])}
+    np.testing.assert_allclose(float(obj.loss(ctx._replace(mix=cheap))),
+                               ce * 0.2 * max(np.log(25.0 * 7.0 / uniform), np.finfo(np.float64).eps) ** 0.6,
+                               rtol=1e-6)
+    from diffnas_jax.search.driver import SearchConfig
+
+    assert SearchConfig(cost=str(path)).cost == str(path)
+    with pytest.raises(ValueError, match="cost"):
+        SearchConfig(cost="latency.json")  # no such file

@@ -103,6 +103,7 @@ class SearchConfig:
     arch_lr: float | None = None
     weight_lr: float | None = None
     augment: bool = False
+    cost: str = "flops"
     progress: bool = True
     tensorboard: bool = True
     plots: bool = True
@@ -113,6 +114,9 @@ class SearchConfig:
 
         check_choice("space", self.space, tuple(SPACE_PRESETS))
         check_choice("select", self.select, ("argmax", "perturbation"))
+        if self.cost not in ("flops", "params") and not (self.cost.endswith(".json") and os.path.isfile(self.cost)):
+            raise ValueError(f"`cost` must be 'flops', 'params' or an existing latency table .json "
+                             f"(from `diffnas profile`), got {self.cost!r}")
         for name in ("epochs", "batch_size", "devices"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -281,7 +285,12 @@ def build_search(config: SearchConfig, dataset: Any = None, space: Any = None) -
     from diffnas_jax.objectives import as_objective
 
     term = _resolve_with(method.regularizer, **context) if method.regularizer.module else None
-    objective = as_objective(term, space=space, input_shape=dataset.image_shape)
+    if config.cost in ("flops", "params"):
+        objective = as_objective(term, space=space, input_shape=dataset.image_shape, metric=config.cost)
+    else:
+        from diffnas_jax.cost import load_table
+
+        objective = as_objective(term, space=space, table=load_table(config.cost))
     weight_opt = method.weight_optimizer(total)
     arch_opt = method.arch_optimizer()
     # the weight optimizer already clips (DARTS: 5)
