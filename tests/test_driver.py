@@ -203,3 +203,17 @@ def test_methods_with_objectives_run_end_to_end(tiny, tmp_path, method):
     assert final and all(np.isfinite(v) for v in final.values())
     assert result["status"] == "complete" and result["genotype"]
     assert list_checkpoints(tmp_path / method / "checkpoints")
+
+
+@pytest.mark.parametrize("hypergrad,select", [("implicit", "perturbation"), ("unrolled", "argmax")])
+def test_estimator_and_selector_overrides_run_end_to_end(tiny, tmp_path, hypergrad, select):
+    """`--hypergrad implicit|unrolled` and `--select perturbation` through the driver."""
+    ds, space = tiny
+    out = tmp_path / f"{hypergrad}_{select}"
+    result = run_search(_cfg(out, hypergrad=hypergrad, select=select, epochs=1), dataset=ds, space=space)
+    assert result["status"] == "complete" and hypergrad in result["hypergradient"]
+    sel = result["seeds"][0]["selection"]
+    assert sel["selector"] == select
+    if select == "perturbation":
+        assert 0.0 <= sel["base_accuracy"] <= 1.0
+    assert result["genotype"]
