@@ -214,3 +214,35 @@ def score_all(apply_fn: ApplyFn, weights: Any, batch: tuple[jax.Array, jax.Array
               names: Sequence[str] = tuple(PROXIES)) -> dict[str, float]:
     """Every proxy in ``names`` as Python floats."""
     return {n: float(get_proxy(n)(apply_fn, weights, batch)) for n in names}
+
+
+def score_population(name: str, apply_fn: Callable[[Any, jax.Array, Any], jax.Array], weights: Any,
+                     batch: tuple[jax.Array, jax.Array], archs: Any, *, weights_axis: int | None = None) -> jax.Array:
+    """One proxy for many architectures in one ``jax.vmap`` (one compilation for all of them).
+
+    Architectures must share weight shapes, as the candidates of a supernet do: ``apply_fn(weights,
+    x, arch)`` runs the network selected by ``arch`` (e.g. a space's ``apply`` with a one-hot mix,
+    which computes the discrete network's function), and ``archs`` stacks the architectures on a
+    leading axis. Abdelfattah et al., "Zero-Cost Proxies for Lightweight NAS", ICLR 2021.
+
+    Args:
+      name: a proxy of :data:`PROXIES`.
+      apply_fn: ``(weights, x, arch) -> logits``.
+      weights: one weights pytree shared by all architectures, or (``weights_axis=0``) one per
+        architecture stacked on a leading axis (e.g. independent initialisations).
+      batch: ``(x, y)``.
+      archs: pytree whose leaves have a leading axis ``P`` (the population).
+    Returns:
+      ``(P,)`` scores, equal to calling the proxy on each architecture in turn.
+    """
+    proxy = get_proxy(name)
+    if weights_axis not in (None, 0):
+        raise ValueError(f"`weights_axis` must be None or 0, got {weights_axis!r}")
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree_util.tree_leaves(archs)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError("`archs` must stack the architectures on a leading axis shared by every leaf")
+
+    def one(w, arch):
+        return proxy(lambda w_, x: apply_fn(w_, x, arch), w, batch)
+
+    return jax.vmap(one, in_axes=(weights_axis, 0))(weights, archs)
