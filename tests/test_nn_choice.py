@@ -166,6 +166,9 @@ def test_errors_name_the_choice(space):
             jax.random.PRNGKey(0), X)
     with pytest.raises(ValueError, match="unknown choice"):
         space.fix({"Nope_0": "x"})
+    with pytest.raises(ValueError, match="does not have.*Extra_0"):  # without a space: found when init traces
+        fix(SmallNet(), {"Choice_0": "conv3", "InputChoice_0": ("conv",), "WidthChoice_0": 8, "Extra_0": "x"}).init(
+            jax.random.PRNGKey(0), X)
     with pytest.raises(ValueError, match="no Choice"):
         from_module(nn.Dense(3), jnp.ones((2, 5)))
 

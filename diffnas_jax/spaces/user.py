@@ -157,6 +157,18 @@ class UserSpace:
         return fix(self.module, genotype, _space=self)
 
 
+class _ReadTracking(dict):
+    """A genotype dict that records which choice paths the traced module looked up."""
+
+    def __init__(self, genotype: Mapping[str, Any]):
+        super().__init__(genotype)
+        self.read: set[str] = set()
+
+    def __getitem__(self, path: str) -> Any:
+        self.read.add(path)
+        return super().__getitem__(path)
+
+
 @dataclasses.dataclass(frozen=True)
 class FixedModel:
     """The discrete model of a genotype: ``init(key, x) -> (weights, state)`` and
@@ -171,8 +183,12 @@ class FixedModel:
         return {"train": train} if self.train_kwarg else {}
 
     def init(self, key: jax.Array, x: jax.Array) -> tuple[Any, Any]:
-        with choice_mode(FIXED, genotype=self.genotype):
+        seen = _ReadTracking(self.genotype)
+        with choice_mode(FIXED, genotype=seen):
             variables = self.module.init({"params": key, "dropout": key}, x, **self._kwargs(False))
+        unknown = sorted(set(self.genotype) - seen.read)
+        if unknown:
+            raise ValueError(f"genotype names choices the module does not have: {unknown}")
         return variables.get("params", {}), {k: v for k, v in variables.items() if k not in _RESERVED}
 
     def apply(self, weights: Any, state: Any, x: jax.Array, train: bool = False, *,
