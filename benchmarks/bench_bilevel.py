@@ -35,6 +35,15 @@ from diffnas_jax.search import init_search_state, make_step
 from diffnas_jax.spaces import darts
 
 
+#: the original PyTorch DARTS code's full search step in weight-step units (../shared/BENCHMARKS.md:
+#: weight step 7.8 s, first-order arch step 7.5 s, second-order arch step 37.2 s)
+REFERENCE_RATIOS = {
+    "first_order": "(PyTorch DARTS: 1.96x)",
+    "unrolled_fd": "(PyTorch DARTS second order: 5.7x)",
+    "unrolled_exact": "(goal <= 3.5x; PyTorch DARTS second order: 5.7x)",
+}
+
+
 def _median_time(fn, args, repeats):
     out = fn(*args)
     jax.block_until_ready(out)  # warm-up (after compilation)
@@ -121,8 +130,8 @@ def main(argv=None):
         key = jax.random.key(4)
         compiled, c_s = _compile(step, state, bt, bv, key)
         t = _median_time(compiled, (state, bt, bv, key), args.repeats)
-        print(f"{name:20s}  compile {c_s:7.1f} s   step {t:8.3f} s   ratio {t / unit:5.2f}  "
-              f"(PyTorch DARTS reference: second-order step 5.7x)", flush=True)
+        ref = REFERENCE_RATIOS.get(name.split("_cg")[0], "")
+        print(f"{name:20s}  compile {c_s:7.1f} s   step {t:8.3f} s   ratio {t / unit:5.2f}  {ref}", flush=True)
 
     ks = [int(k) for k in args.ks.split(",") if k]
     if not ks:
