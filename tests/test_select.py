@@ -265,3 +265,58 @@ def test_sample_and_threshold_on_nb201_and_darts():
         for i in range(4):
             assert len({j for _, j in g.normal[2 * i:2 * i + 2]}) == 2
     assert len(select.threshold(d, arch, 0.5).genotype.reduce) == 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyNodes(ToySpace):
+    """ToySpace whose groups are declared as nodes keeping one input each."""
+
+    def topology_groups(self):
+        return {"cell": [(g, 1) for g in self.groups]}
+
+
+def test_perturbation_prunes_node_by_node_with_finetuning():
+    space = ToyNodes(n_edges=4, groups=((0, 1), (2, 3)))
+    arch = {"cell": jnp.array([[0.0, 1.0, 0.0], [0.0, 3.0, 0.0], [0.0, 3.0, 0.0], [0.0, 1.0, 0.0]])}
+    batches = _data([3.0, 0.05, 0.05, 3.0])
+    calls = []
+
+    def finetune(w, s, mix, key):
+        calls.append(np.asarray(mix["cell"]))
+        return w, s
+
+    weights, state = space.init(None, None)
+    res = select.perturbation(space, weights, state, arch, None, batches, edge_order="sequential",
+                              finetune=finetune)
+    assert res.genotype == (("identity", 0), ("identity", 3))
+    assert [(j, r) for j, r, c in res.order if c is None] == [(0, 1), (0, 2)]
+    assert len(calls) == 4 + 2  # after each op decision and after each prune
+    np.testing.assert_array_equal(calls[-1][[1, 2]], 0.0)  # pruned edges stay masked
+
+
+def test_perturbation_node_pruning_with_the_darts_space_groups():
+    darts = pytest.importorskip("diffnas_jax.spaces.darts")
+    space = darts.search_space(C=4, layers=5)
+    assert space.topology_groups()["normal"][3] == ((9, 10, 11, 12, 13), 2)
+
+    class CheapDartsNodes(CheapDarts):
+        def topology_groups(self):
+            return self.space.topology_groups()
+
+    t = [1.0, 1.0, 2.0, 0.01, 2.0, 0.01, 2.0, 0.01, 2.0, 2.0, 0.01, 0.01, 0.01, 2.0]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 14, 6))
+    y = np.argmax(np.einsum("e,bec->bc", np.asarray(t), x), -1)
+    arch = {"normal": jnp.tile(jnp.array([[0.0, 0, 0, 2.0, 1.0, 0, 0, 0]]), (14, 1)), "reduce": jnp.zeros((14, 8))}
+    res = select.perturbation(CheapDartsNodes(space, tuple(t)), {}, {}, arch, None, [(jnp.asarray(x), jnp.asarray(y))],
+                              edge_order="sequential")
+    g = res.genotype
+    assert all(op == "sep_conv_3x3" for op, _ in g.normal)
+    assert [sorted(j for _, j in g.normal[2 * i:2 * i + 2]) for i in range(4)] == [[0, 1], [0, 2], [1, 3], [0, 4]]
+    assert sum(c is None for _, _, c in res.order) == 2 * (14 - 8)  # 6 prunes per cell type
+    with pytest.raises(ValueError, match="topology_groups"):
+        class Bad(ToySpace):
+            def topology_groups(self):
+                return {"cell": [((0, 7), 1)]}
+        select.perturbation(Bad(n_edges=3), {"scale": jnp.ones(3)}, {}, {"cell": jnp.zeros((3, 3))}, None,
+                            _data([1.0, 1.0, 1.0]))

@@ -6,7 +6,10 @@ the operation (skip connections get large weights yet contribute little). DARTS-
 on a decision (an edge), each candidate is masked in turn and the supernet's validation
 accuracy is measured; the candidate whose removal hurts most is selected and the edge is
 discretised, the supernet is optionally fine-tuned, and the next edge follows. The topology
-(which incoming edges a node keeps) is then chosen the same way, by masking whole edges.
+(which incoming edges a node keeps) is then chosen the same way, by masking whole edges: where
+the space declares its nodes (``space.topology_groups()``, e.g. the DARTS cell), node by node,
+pruning the edge whose removal hurts least and fine-tuning after each prune until the node keeps
+its number of inputs (the paper's procedure); otherwise every edge is scored once and ranked.
 
 Here all masked variants of one decision are evaluated in ONE ``jax.vmap`` over masks, so a
 decision costs one batched forward per validation batch instead of one per candidate.
@@ -39,7 +42,8 @@ class PerturbationResult(NamedTuple):
       edge_accuracy: per choice leaf, ``(rows,)`` metric with the whole decision masked, measured
         after every decision was made (``None`` when ``select_topology=False``).
       base_accuracy: metric of the supernet before any decision.
-      order: ``[(leaf index, row, candidate), ...]`` in the order decisions were made.
+      order: ``[(leaf index, row, candidate), ...]`` in the order decisions were made; topology
+        prunes appear as ``(leaf index, row, None)``.
       weights, state: the supernet after fine-tuning (unchanged without ``finetune``).
     """
 
@@ -51,6 +55,23 @@ class PerturbationResult(NamedTuple):
     order: list
     weights: PyTree
     state: PyTree
+
+
+def _topology_groups(space: Any, layout: ArchLayout) -> list:
+    """Per choice leaf, the space's ``[(rows, keep), ...]`` node groups, or ``None``."""
+    declared = space.topology_groups() if hasattr(space, "topology_groups") else {}
+    out = []
+    for j, i in enumerate(layout.choice):
+        groups = None
+        for name, g in declared.items():
+            if layout.paths[i] == jax.tree_util.keystr((jax.tree_util.DictKey(name),)):
+                groups = [(tuple(int(r) for r in rows), int(keep)) for rows, keep in g]
+                for rows, keep in groups:
+                    if not 1 <= keep <= len(rows) or max(rows) >= layout.num_rows(j):
+                        raise ValueError(f"space.topology_groups(): group {rows} keep {keep} does not fit "
+                                         f"arch leaf {layout.paths[i]} with {layout.num_rows(j)} rows")
+        out.append(groups)
+    return out
 
 
 def _default_metric(logits: jax.Array, y: jax.Array) -> jax.Array:
@@ -96,8 +117,12 @@ def perturbation(space: Any, weights: PyTree, state: PyTree, arch: PyTree,
       edge_order: ``"largest_effect"`` (decide first the decision whose most important candidate
         causes the largest drop, re-measured after every decision), ``"random"`` (the paper's
         default) or ``"sequential"``.
-      select_topology: also score whole decisions by masking them and rank them in the
-        returned logits, so the space's topology rule keeps the most important inputs.
+      select_topology: also choose the topology by masking whole decisions. If the space has
+        ``topology_groups() -> {arch key: [(rows, keep), ...]}``, each group (a node's incoming
+        edges) is pruned one edge at a time — the edge whose removal lowers the metric least,
+        re-measured after each prune, with ``finetune`` in between — until ``keep`` remain;
+        otherwise all decisions are scored once and ranked. Either way the returned logits rank
+        the kept inputs first, so the space's topology rule keeps them.
       train: pass ``train=True`` to ``space.apply`` (BatchNorm with batch statistics, as in a
         supernet without running statistics); the state update is discarded.
       metric: ``(logits, y) -> scalar`` summed over batches, higher is better (default: number of
@@ -120,12 +145,13 @@ def perturbation(space: Any, weights: PyTree, state: PyTree, arch: PyTree,
     n_leaves = len(base_rows)
     decided = [np.zeros(r.shape[0], bool) for r in base_rows]
     onehot = [np.zeros(r.shape, np.float64) for r in base_rows]
+    pruned = [np.zeros(r.shape[0], bool) for r in base_rows]  # whole decisions masked by topology pruning
     total = float(sum(int(np.shape(y)[0]) for _, y in batches))
     evaluate = _make_evaluator(space, layout, train, metric)
 
     def current_rows():
-        return [jnp.where(jnp.asarray(d)[:, None], jnp.asarray(o, r.dtype), r)
-                for r, d, o in zip(base_rows, decided, onehot)]
+        return [jnp.where(jnp.asarray(p)[:, None], 0, jnp.where(jnp.asarray(d)[:, None], jnp.asarray(o, r.dtype), r))
+                for r, d, o, p in zip(base_rows, decided, onehot, pruned)]
 
     def score(weights, state, j, idx, masks):
         rows = current_rows()
@@ -175,13 +201,28 @@ def perturbation(space: Any, weights: PyTree, state: PyTree, arch: PyTree,
     strength = [np.full(r.shape[0], 4.0) for r in base_rows]
     if select_topology:
         edge_accuracy = []
+        groups = _topology_groups(space, layout)
         for j in range(n_leaves):
             n, k = base_rows[j].shape
             s = score(weights, state, j, np.arange(n), np.zeros((n, k)))
             edge_accuracy.append(s)
-            # rank-based strengths in [2, 6]: larger when masking the decision hurts more
-            ranks = np.argsort(np.argsort(-s, kind="stable"), kind="stable")
-            strength[j] = 2.0 + 4.0 * ranks / max(n - 1, 1)
+            if groups[j] is None:
+                # rank-based strengths in [2, 6]: larger when masking the decision hurts more
+                ranks = np.argsort(np.argsort(-s, kind="stable"), kind="stable")
+                strength[j] = 2.0 + 4.0 * ranks / max(n - 1, 1)
+                continue
+            for rows_g, keep in groups[j]:
+                remaining = list(rows_g)
+                while len(remaining) > keep:
+                    acc = score(weights, state, j, np.asarray(remaining), np.zeros((len(remaining), k)))
+                    drop = remaining.pop(int(np.argmax(acc)))  # its removal hurts least
+                    pruned[j][drop] = True
+                    order.append((j, drop, None))
+                    if finetune is not None:
+                        key, k_ft = jax.random.split(key)
+                        weights, state = finetune(weights, state, layout.rebuild(mix, current_rows()), k_ft)
+                # kept inputs strongest, in the order they were kept; pruned ones weakest
+                strength[j][list(rows_g)] = np.where(pruned[j][list(rows_g)], 2.0, 6.0)
 
     rows_out = []
     for j in range(n_leaves):

@@ -367,6 +367,14 @@ class DartsSearchSpace:
         return Genotype(normal=parse(arch["normal"], beta and beta["normal"]), normal_concat=concat,
                         reduce=parse(arch["reduce"], beta and beta["reduce"]), reduce_concat=concat)
 
+    def topology_groups(self) -> dict[str, list[tuple[tuple[int, ...], int]]]:
+        """Per cell type, each node's incoming edges (rows of the arch matrix) and how many the
+        discrete cell keeps (2): the groups DARTS-PT prunes edge by edge
+        (:func:`diffnas_jax.select.perturbation`)."""
+        off = edge_offsets(self.steps)
+        groups = [(tuple(range(off[i], off[i] + i + 2)), 2) for i in range(self.steps)]
+        return {"normal": list(groups), "reduce": list(groups)}
+
     # -- codec ---------------------------------------------------------------------------------
     def arch_from_genotype(self, genotype: Genotype | str, scale: float = 1.0) -> dict:
         """Logits that :meth:`genotype` decodes back to ``genotype`` (in its order): per node
