@@ -32,7 +32,9 @@ Run it from the side venv that has the references (torch is not a project depend
 ``-e .``, ``diffsort``, and ``torchsort`` with ``--no-build-isolation`` and any ``nvcc`` hidden
 from PATH, since its setup builds a CUDA extension whenever ``nvcc`` runs.)  Without torch,
 torchsort or diffsort the script says which reference is missing and prints our times only.
-The machine is shared and noisy: compare the ratios of one run, not times across runs.
+The machine is shared and noisy: compare the ratios of one run, not times across runs.  On a
+loaded 2-core machine two OpenMP threads make PyTorch's many small ops wait on each other
+(diffsort took ~3.6 s instead of ~14 ms per call), so there also run ``--torch-threads 1``.
 """
 from __future__ import annotations
 
