@@ -191,7 +191,11 @@ def _merge_round(a: jax.Array, b: jax.Array, kl: bool) -> jax.Array:
             if kl:  # a pooled pair whose ratio overflowed ends the window for that block
                 best = jnp.where((last > idx) & jnp.isnan(cand), jnp.inf, best)
             continue
-        better = cand >= best  # ties pool too, as the reference PAV does
+        # l2: ties pool too, as the reference PAV does. kl: strict, because a far block whose
+        # exp terms underflow leaves acc_a / acc_b unchanged, an exact "tie" that is no violation
+        # (pooling it was wrong by up to 1.9 in float64); true kl ties still pool through the
+        # adjacent test in a later round.
+        better = (cand > best) if kl else (cand >= best)
         best = jnp.where(better, cand, best)
         last = jnp.where(better, idx + t, last)
     reach = lax.cummax(last, axis=1)
