@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from diffnas_jax import _solvers
+from diffnas_jax.relax.sorting import _from_2d, _to_2d
 from diffnas_jax._checks import (as_float_array, check_axis, check_choice, check_int_in_range,
                                  check_positive)
 
@@ -60,17 +61,6 @@ def _compute_dtype(dtype) -> Any:
 
 def _default_tol(dtype) -> float:
     return 1e-10 if dtype == jnp.float64 else 1e-5
-
-
-def _to_2d(x: jax.Array, axis: int):
-    x = jnp.moveaxis(x, axis, -1)
-    lead = x.shape[:-1]
-    return x.reshape((math.prod(lead), x.shape[-1])), lead
-
-
-def _from_2d(y: jax.Array, lead, axis: int, ndim: int) -> jax.Array:
-    y = y.reshape(lead + (y.shape[-1],))
-    return jnp.moveaxis(y, -1, axis if axis >= 0 else ndim + axis)
 
 
 def squash(x: jax.Array, kind: str) -> jax.Array:
