@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from diffnas_jax._checks import as_float_array, check_axis, check_int_in_range, check_positive
 from diffnas_jax.relax.ste import straight_through
+from diffnas_jax.relax.topk import hard_topk_mask
 
 __all__ = ["gumbel_softmax", "gumbel_sigmoid", "gumbel_topk"]
 
@@ -195,7 +196,5 @@ def gumbel_topk(key: jax.Array, logits: jax.Array, k: int, temperature: Any = 1.
     r = logits.astype(cdt) + jax.random.gumbel(key, logits.shape, cdt)
     soft = relaxed_topk_mask(r, k, tau)
     if hard:
-        _, idx = jax.lax.top_k(r, k)
-        k_hot = jnp.sum(jax.nn.one_hot(idx, n, dtype=cdt), axis=-2)
-        soft = straight_through(k_hot, soft)
+        soft = straight_through(hard_topk_mask(r, k), soft)
     return soft.astype(dtype)

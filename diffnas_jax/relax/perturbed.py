@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from optax import perturbations as _optax_perturbations
 
 from diffnas_jax._checks import as_float_array, check_axis, check_choice, check_int_in_range, check_positive
+from diffnas_jax.relax.sinkhorn import _compute_dtype
+from diffnas_jax.relax.topk import hard_topk_mask
 
 __all__ = ["perturbed", "perturbed_argmax", "perturbed_topk"]
 
@@ -32,10 +34,6 @@ _NOISES = ("gumbel", "normal")
 def _noise(name: str) -> Any:
     check_choice("noise", name, _NOISES)
     return _optax_perturbations.Gumbel() if name == "gumbel" else _optax_perturbations.Normal()
-
-
-def _compute_dtype(dtype) -> Any:
-    return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
 def perturbed(solver: Callable[[jax.Array], jax.Array], num_samples: int = 1000, sigma: float = 0.1,
@@ -131,8 +129,4 @@ def perturbed_topk(key: jax.Array, values: jax.Array, k: int, num_samples: int =
     if n == 0:
         raise ValueError("`values` must have at least one entry along `axis` to select k >= 1 of them")
 
-    def k_hot(theta):
-        _, idx = jax.lax.top_k(theta, k)
-        return jnp.sum(jax.nn.one_hot(idx, n, dtype=theta.dtype), axis=0)
-
-    return perturbed(k_hot, num_samples, sigma, noise)(key, values, axis)
+    return perturbed(lambda theta: hard_topk_mask(theta, k), num_samples, sigma, noise)(key, values, axis)

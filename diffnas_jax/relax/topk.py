@@ -38,10 +38,6 @@ __all__ = ["soft_topk_mask", "hard_topk_mask"]
 _METHODS = ("sparse", "ot")
 
 
-def _compute_dtype(dtype) -> Any:
-    return jnp.float64 if dtype == jnp.float64 else jnp.float32
-
-
 # ----------------------------------------------------------------------------------------------
 # Sparse top-k: projection onto the capped simplex, rows of a (batch, n) array.
 
@@ -226,7 +222,7 @@ def soft_topk_mask(
     if n == 0:
         raise ValueError("`values` must have at least one entry along `axis` to select k >= 1 of them")
     k = check_int_in_range("k", k, 1, n)
-    dtype, cdt = values.dtype, _compute_dtype(values.dtype)
+    dtype, cdt = values.dtype, _sk._compute_dtype(values.dtype)
     if k == n:  # everything is selected; the OT target "drop" would have zero mass
         return jnp.ones_like(values)
     x, lead = _sk._to_2d(values.astype(cdt), axis)
