@@ -127,3 +127,19 @@ def test_reinforce_search_improves_its_distribution(cora):
         early.append(vals[:50].mean())
         late.append(vals[-50:].mean())
     assert np.mean(late) > np.mean(early)
+
+
+def test_nats_bench_adapter_says_what_is_missing(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    from diffnas_jax.tabular import nats_bench_topology
+
+    with pytest.raises(ValueError, match="dataset"):
+        nats_bench_topology(dataset="imagenet1k")
+    monkeypatch.setitem(sys.modules, "nats_bench", None)  # an absent package
+    with pytest.raises(ImportError, match="pip install nats_bench"):
+        nats_bench_topology(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "nats_bench", types.SimpleNamespace(create=lambda *a, **k: None))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        nats_bench_topology(str(tmp_path / "no-such-dir"))

@@ -125,3 +125,15 @@ def test_evaluate_errors_are_clear(tmp_path, capsys):
     assert main(["search", "--dataset", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "o"),
                  "--no-progress"]) == 2
     assert "missing.npz" in capsys.readouterr().err
+
+
+def test_profile_writes_a_table_and_compares(tmp_path, capsys):
+    out = tmp_path / "lat.json"
+    assert main(["profile", "--space", "nb201", "--input", "8,8,3", "--repeats", "2", "--warmup", "1",
+                 "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table and "nb201" in capsys.readouterr().out
+    assert main(["profile", "--space", "nb201", "--input", "8,8,3", "--repeats", "2", "--warmup", "1",
+                 "--out", str(tmp_path / "lat2.json"), "--compare", str(out)]) == 0
+    ratios = [float(line.split(":")[1].rstrip("x")) for line in capsys.readouterr().out.splitlines()[1:]]
+    assert ratios and all(np.isfinite(r) and r > 0 for r in ratios)
