@@ -1,13 +1,16 @@
 """Discrete strategies, codecs and tabular benchmarks."""
 from __future__ import annotations
 
+import sys
+import types
+
 import jax
 import numpy as np
 import pytest
 
 from diffnas_jax.baselines import (CategoricalCodec, bananas, darts_codec, get_strategy, layerwise_codec,
                                    local_search, nb201_codec, random_search, regularized_evolution)
-from diffnas_jax.tabular import nas_bench_graph, reinforce_search
+from diffnas_jax.tabular import nas_bench_graph, nats_bench_topology, reinforce_search
 
 STRATEGIES = [random_search, local_search, regularized_evolution, bananas]
 
@@ -130,11 +133,6 @@ def test_reinforce_search_improves_its_distribution(cora):
 
 
 def test_nats_bench_adapter_says_what_is_missing(monkeypatch, tmp_path):
-    import sys
-    import types
-
-    from diffnas_jax.tabular import nats_bench_topology
-
     with pytest.raises(ValueError, match="dataset"):
         nats_bench_topology(dataset="imagenet1k")
     monkeypatch.setitem(sys.modules, "nats_bench", None)  # an absent package
