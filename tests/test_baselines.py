@@ -141,3 +141,17 @@ def test_nats_bench_adapter_says_what_is_missing(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "nats_bench", types.SimpleNamespace(create=lambda *a, **k: None))
     with pytest.raises(FileNotFoundError, match="not found"):
         nats_bench_topology(str(tmp_path / "no-such-dir"))
+
+
+def test_bench_tabular_counts_a_hit_on_the_last_query_as_reached():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tabular.py"
+    spec = importlib.util.spec_from_file_location("bench_tabular", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    history = types.SimpleNamespace(best_so_far=lambda: np.array([0.1, 0.2, 0.9]))
+    assert mod.queries_to_target(history, 0.9, budget=3) == (3, True)
+    assert mod.queries_to_target(history, 0.95, budget=3) == (3, False)
+    assert mod.queries_to_target(history, 0.2, budget=3) == (2, True)
