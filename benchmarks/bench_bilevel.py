@@ -89,6 +89,7 @@ def main(argv=None):
     p.add_argument("--cg-iters", type=int, default=10)
     p.add_argument("--only", default="", help="comma-separated estimator names (default: all)")
     p.add_argument("--ks", default="1,5,20", help="unrolled_k depths for the memory table ('' skips it)")
+    p.add_argument("--memory-only", action="store_true", help="print only the memory table")
     p.add_argument("--quick", action="store_true", help="C=4, 3 layers, 16x16, batch 8, 1 repeat")
     args = p.parse_args(argv)
     if args.quick:
@@ -104,8 +105,17 @@ def main(argv=None):
     print(f"# DARTS supernet C={args.C}, {args.layers} layers, batch {args.batch}, {args.size}x{args.size}, "
           f"float32, device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
 
-    # the unit: one first-order weight step of the same supernet
     ss = init_search_state(jax.random.key(2), space, bt[0], w_opt, a_opt)
+    if not args.memory_only:
+        _timing_rows(args, space, relax, ss, bt, bv, w_opt, a_opt)
+    ks = [int(k) for k in args.ks.split(",") if k]
+    if ks:
+        _memory_table(args, space, relax, ss, bt, bv, ks)
+    return 0
+
+
+def _timing_rows(args, space, relax, ss, bt, bv, w_opt, a_opt):
+    # the unit: one first-order weight step of the same supernet
     mix = relax(ss.arch, jax.random.key(3), 0)
 
     def weight_step(w, s, opt_state, xb, yb):
@@ -132,24 +142,27 @@ def main(argv=None):
         t = _median_time(compiled, (state, bt, bv, key), args.repeats)
         ref = REFERENCE_RATIOS.get(name.split("_cg")[0], "")
         print(f"{name:20s}  compile {c_s:7.1f} s   step {t:8.3f} s   ratio {t / unit:5.2f}  {ref}", flush=True)
+        # the DARTS programs take GBs of host memory each once compiled; keeping them all made
+        # the memory table's compiles run out of memory on a 24 GB machine
+        del compiled
+        jax.clear_caches()
 
-    ks = [int(k) for k in args.ks.split(",") if k]
-    if not ks:
-        return 0
 
+def _memory_table(args, space, relax, ss, bt, bv, ks):
     # memory of the architecture hypergradient alone (no optimizer), compiled, not run
     def loss(w, a, batch):
         m = relax(a, jax.random.key(5), 0)
         logits, _ = space.apply(w, ss.model_state, m, batch[0], True)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
 
-    print("\n| estimator | compiled peak temporary memory (MiB) |\n|---|---|", flush=True)
+    print("\n| estimator | compiled peak temporary memory (MiB) | compile s |\n|---|---|---|", flush=True)
     rows = [(f"implicit cg{args.cg_iters}", hypergrad.implicit("cg", maxiter=args.cg_iters, damping=1e-2))]
     rows += [(f"unrolled_k k={k}", hypergrad.unrolled_k(k, optax.sgd(0.025, momentum=0.9))) for k in ks]
     for name, est in rows:
-        compiled, _ = _compile(lambda w, a, b1, b2, e=est: e(loss, loss, w, a, b1, b2), ss.weights, ss.arch, bt, bv)
-        print(f"| {name} | {_peak_bytes(compiled) / 2**20:.1f} |", flush=True)
-    return 0
+        compiled, c_s = _compile(lambda w, a, b1, b2, e=est: e(loss, loss, w, a, b1, b2), ss.weights, ss.arch, bt, bv)
+        print(f"| {name} | {_peak_bytes(compiled) / 2**20:.1f} | {c_s:.0f} |", flush=True)
+        del compiled
+        jax.clear_caches()
 
 
 if __name__ == "__main__":
