@@ -15,6 +15,7 @@ weight/optimizer carries.
     python benchmarks/bench_bilevel.py                      # the configuration (slow compiles)
     python benchmarks/bench_bilevel.py --C 8 --layers 5     # smaller supernet
     python benchmarks/bench_bilevel.py --quick              # C=4, 3 layers, 16x16, batch 8
+    python benchmarks/bench_bilevel.py --C 8 --layers 3 --batch 16 --size 16 --memory-only
 
 Prints one line per estimator: compile seconds, median step seconds and the ratio to the weight
 step, then the memory table.
