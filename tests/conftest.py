@@ -5,8 +5,10 @@ float32/bfloat16 inputs.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -33,6 +35,16 @@ def rel_err(ours, ref, floor: float = 0.0) -> float:
     ref = np.asarray(ref, dtype=np.float64)
     denom = max(float(np.max(np.abs(ref))) if ref.size else 0.0, floor, 1e-300)
     return float(np.max(np.abs(ours - ref))) / denom if ref.size else 0.0
+
+
+def load_script(path: pathlib.Path, name: str):
+    """Import a script that is not in a package (``examples/``, ``benchmarks/``) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses (Flax modules) resolve string annotations through sys.modules
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

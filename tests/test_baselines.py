@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import ROOT, load_script
 from diffnas_jax.baselines import (CategoricalCodec, bananas, darts_codec, get_strategy, layerwise_codec,
                                    local_search, nb201_codec, random_search, regularized_evolution)
 from diffnas_jax.tabular import nas_bench_graph, nats_bench_topology, reinforce_search
@@ -144,13 +145,7 @@ def test_nats_bench_adapter_says_what_is_missing(monkeypatch, tmp_path):
 
 
 def test_bench_tabular_counts_a_hit_on_the_last_query_as_reached():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tabular.py"
-    spec = importlib.util.spec_from_file_location("bench_tabular", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(ROOT / "benchmarks" / "bench_tabular.py", "bench_tabular")
     history = types.SimpleNamespace(best_so_far=lambda: np.array([0.1, 0.2, 0.9]))
     assert mod.queries_to_target(history, 0.9, budget=3) == (3, True)
     assert mod.queries_to_target(history, 0.95, budget=3) == (3, False)

@@ -1,22 +1,15 @@
 """Every example runs in its small setting and shows its key result."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+from conftest import ROOT, load_script
+
+EXAMPLES = ROOT / "examples"
 
 
 def run_example(name: str, **kwargs):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses (Flax modules) resolve string annotations through sys.modules
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.main(**kwargs)
+    return load_script(EXAMPLES / f"{name}.py", f"example_{name}").main(**kwargs)
 
 
 def test_learning_to_rank_reaches_high_spearman():
