@@ -16,7 +16,6 @@ Loss constructors follow optax's style: ``fbnet_loss(alpha, beta)`` returns a pu
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -25,7 +24,7 @@ import numpy as np
 import optax
 
 from diffnas_jax._checks import check_int_in_range, check_nonnegative, check_positive
-from diffnas_jax.spaces.base import ARCH_PASSTHROUGH_KEY
+from diffnas_jax.spaces.base import choice_leaves, replace_choice_leaves
 
 __all__ = [
     "CostLoss", "as_objective", "cosine_power_annealing", "fbnet_loss", "proxyless_loss", "single_path_loss", "budget_penalty",
@@ -34,13 +33,6 @@ __all__ = [
 ]
 
 PyTree = Any
-
-
-def _choice_leaves(tree: PyTree) -> list:
-    """Leaves of an arch/mix pytree without the passthrough ``"beta"`` subtree."""
-    if isinstance(tree, dict):
-        return [leaf for k in sorted(tree) if k != ARCH_PASSTHROUGH_KEY for leaf in _choice_leaves(tree[k])]
-    return jax.tree_util.tree_leaves(tree)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,12 +193,12 @@ def project_to_budget(mix: PyTree, table: Any, target: float, num_iters: int = 6
     """
     check_positive("target", target)
     check_int_in_range("num_iters", num_iters, 1, 10_000)
-    mix_leaves = _choice_leaves(mix)
-    cost_leaves = _choice_leaves(table.per_choice)
+    mix_leaves = choice_leaves(mix)
+    cost_leaves = choice_leaves(table.per_choice)
     if len(mix_leaves) != len(cost_leaves):
         raise ValueError(f"`mix` has {len(mix_leaves)} choice leaves but `table` has {len(cost_leaves)}")
     new_leaves = _project(mix_leaves, cost_leaves, table.constant, target, num_iters)
-    return _replace_choice_leaves(mix, new_leaves)
+    return replacechoice_leaves(mix, new_leaves)
 
 
 @functools.partial(jax.jit, static_argnums=(4,))
@@ -240,18 +232,6 @@ def _project(mix_leaves, cost_leaves, constant, target, num_iters):
     return [jnp.where(binds, q, p) for p, q in zip(mix_leaves, tilt(log_lam))]
 
 
-def _replace_choice_leaves(tree: PyTree, new_leaves: list) -> PyTree:
-    it = iter(new_leaves)
-
-    def rebuild(t):
-        if isinstance(t, dict):
-            return {k: (t[k] if k == ARCH_PASSTHROUGH_KEY else rebuild(t[k])) for k in sorted(t)}
-        leaves, treedef = jax.tree_util.tree_flatten(t)
-        return jax.tree_util.tree_unflatten(treedef, [next(it) for _ in leaves])
-
-    return rebuild(tree)
-
-
 # ---------------------------------------------------------------------------------------------
 # FairDARTS zero-one loss
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +241,7 @@ def fairdarts_zero_one_loss(arch: PyTree) -> jax.Array:
 
     ``"beta"`` logits are not included. Returns a scalar in the arch dtype.
     """
-    leaves = _choice_leaves(arch)
+    leaves = choice_leaves(arch)
     if not leaves:
         raise ValueError("`arch` has no architecture logits")
     total = sum(jnp.sum((jax.nn.sigmoid(a) - 0.5) ** 2) for a in leaves)
@@ -269,26 +249,14 @@ def fairdarts_zero_one_loss(arch: PyTree) -> jax.Array:
     return -total / count
 
 
-def _relaxations_zero_one():
-    try:
-        mod = importlib.import_module("diffnas_jax.relaxations")
-    except ImportError:
-        return None
-    return getattr(mod, "fairdarts_zero_one_loss", None)
-
-
 def zero_one_loss(weight: float = 10.0) -> Callable[..., jax.Array]:
     """``(arch, mix=None, step=None) -> weight * L_01(arch)``, the FairDARTS zero-one loss (paper
     weight 10); the signature of a ``make_step`` regulariser.
 
-    Uses ``diffnas_jax.relaxations.fairdarts_zero_one_loss`` when that module defines it (one
-    definition for the whole library), otherwise :func:`fairdarts_zero_one_loss` here.
     """
     check_nonnegative("weight", weight)
-    base = _relaxations_zero_one() or fairdarts_zero_one_loss
-
     def regularizer(arch, mix=None, step=None):
-        return weight * base(arch)
+        return weight * fairdarts_zero_one_loss(arch)
 
     return regularizer
 

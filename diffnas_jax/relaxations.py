@@ -24,7 +24,8 @@ Members and papers:
 ``fbnet``              soft Gumbel, tau0 * decay^epoch (Wu et al., CVPR 2019)
 ``drnas``              reparameterised Dirichlet sample, concentration elu(a)+1 or softplus(a)
                        (Chen et al., ICLR 2021)
-``fairdarts``          independent sigmoids (Chu et al., ECCV 2020); see ``fairdarts_zero_one_loss``
+``fairdarts``          independent sigmoids (Chu et al., ECCV 2020); pair with
+                       ``diffnas_jax.objectives.zero_one_loss``
 ``maxw``               sharpDARTS Max-W reweighting (Hundt et al., 2019)
 ``proxyless``          binarised paths, one or two sampled, with ProxylessNAS's gradient estimator
                        for the logits (Cai et al., ICLR 2019)
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 from diffnas_jax._checks import check_choice, check_int_in_range, check_nonnegative, check_positive
 from diffnas_jax.relax.gumbel import gumbel_softmax
 from diffnas_jax.relax.sparse import sparsemax as _sparsemax
-from diffnas_jax.spaces.base import ARCH_PASSTHROUGH_KEY
+from diffnas_jax.spaces.base import map_choices
 
 PyTree = Any
 LeafFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (logits, key, step) -> weights
@@ -67,17 +68,7 @@ class Relaxation:
         if key is None:
             key = jax.random.PRNGKey(0)
         step = jnp.asarray(step)
-
-        def relax_tree(tree, key):
-            if isinstance(tree, dict):
-                keys = jax.random.split(key, max(len(tree), 1))
-                return {k: (v if k == ARCH_PASSTHROUGH_KEY else relax_tree(v, kk))
-                        for (k, v), kk in zip(tree.items(), keys)}
-            leaves, treedef = jax.tree_util.tree_flatten(tree)
-            keys = jax.random.split(key, max(len(leaves), 1))
-            return jax.tree_util.tree_unflatten(treedef, [self._leaf(l, k, step) for l, k in zip(leaves, keys)])
-
-        return relax_tree(arch, key)
+        return map_choices(lambda logits, k: self._leaf(logits, k, step), arch, key)
 
     def _leaf(self, logits: jax.Array, key: jax.Array, step: jax.Array) -> jax.Array:
         logits = jnp.asarray(logits)
@@ -195,16 +186,6 @@ def fairdarts() -> Relaxation:
     return Relaxation("fairdarts", lambda a, k, s: jax.nn.sigmoid(a))
 
 
-def fairdarts_zero_one_loss(arch: PyTree) -> jax.Array:
-    """FairDARTS' zero-one loss ``-mean((sigmoid(a) - 0.5)^2)`` over all op logits (the ``"beta"``
-    subtree excluded): minimising it pushes every sigmoid towards 0 or 1."""
-    leaves = [l for p, l in jax.tree_util.tree_leaves_with_path(arch)
-              if not any(getattr(q, "key", None) == ARCH_PASSTHROUGH_KEY for q in p)]
-    total = sum(jnp.sum((jax.nn.sigmoid(l) - 0.5) ** 2) for l in leaves)
-    count = sum(l.size for l in leaves)
-    return -total / max(count, 1)
-
-
 def maxw(temperature: float = 1.0) -> Relaxation:
     """sharpDARTS Max-W reweighting: ``w = p + (1 - max(p))`` with ``p = softmax(a / T)``, so the
     strongest op always has weight 1 and the others are lifted by the same margin; weak ops keep
@@ -280,3 +261,15 @@ def get_relaxation(name: str, **kwargs: Any) -> Relaxation:
     """A relaxation by name with keyword options (``ValueError`` naming unknown names)."""
     check_choice("relaxation", name, tuple(RELAXATIONS))
     return RELAXATIONS[name](**kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "fairdarts_zero_one_loss":  # one definition, in objectives (regularisers live there)
+        import warnings
+
+        warnings.warn("diffnas_jax.relaxations.fairdarts_zero_one_loss moved to "
+                      "diffnas_jax.objectives.fairdarts_zero_one_loss", DeprecationWarning, stacklevel=2)
+        from diffnas_jax.objectives import fairdarts_zero_one_loss
+
+        return fairdarts_zero_one_loss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

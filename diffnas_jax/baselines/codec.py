@@ -193,15 +193,5 @@ def user_codec(space) -> CategoricalCodec:
 
 
 def codec_for(space) -> CategoricalCodec:
-    """The codec of a built-in or user space (uses ``space.codec()`` when the space defines one)."""
-    if hasattr(space, "codec"):
-        return space.codec()
-    if hasattr(space, "choices") and hasattr(space, "arch_shapes"):
-        return user_codec(space)
-    module = type(space).__module__
-    if module.endswith("nb201"):
-        return nb201_codec(getattr(space, "op_names", NB201_OPS))
-    if module.endswith("darts"):
-        return darts_codec(space.primitives, getattr(space, "steps", 4))
-    raise TypeError(f"no discrete codec known for space of type {type(space).__name__}; "
-                    "give the space a `codec()` method returning a CategoricalCodec")
+    """The codec of a search space: ``space.codec()`` (every space of the protocol has one)."""
+    return space.codec()

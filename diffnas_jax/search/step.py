@@ -21,12 +21,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.tree_util import DictKey
 
 from .._checks import check_positive
 from ..hypergrad import Hypergradient
 from ..hypergrad._core import grad_w
-from ..spaces.base import ARCH_PASSTHROUGH_KEY
+from ..spaces.base import SearchSpace, choice_leaves
 from .objective import LossContext, Objective, cross_entropy, standard
 from .state import SearchState
 
@@ -47,9 +46,7 @@ def arch_entropy(arch: PyTree) -> jax.Array:
     The ``"beta"`` subtree (edge-normalisation logits) is not a categorical choice and is skipped.
     """
     ents = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(arch):
-        if any(isinstance(p, DictKey) and p.key == ARCH_PASSTHROUGH_KEY for p in path):
-            continue
+    for leaf in choice_leaves(arch):
         logp = jax.nn.log_softmax(leaf, axis=-1)
         ents.append(-jnp.sum(jnp.exp(logp) * logp, axis=-1).reshape(-1))
     if not ents:
@@ -87,7 +84,7 @@ def _clip_by_global_norm(g: PyTree, max_norm: float | None) -> tuple[PyTree, jax
     return jax.tree.map(lambda x: (x * coef).astype(x.dtype), g), norm
 
 
-def make_step(space: Any, relaxation: Callable[[PyTree, jax.Array, Any], PyTree],
+def make_step(space: SearchSpace, relaxation: Callable[[PyTree, jax.Array, Any], PyTree],
               hypergradient: Hypergradient, weight_opt: optax.GradientTransformation,
               arch_opt: optax.GradientTransformation, *,
               loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,

@@ -59,7 +59,7 @@ class PerturbationResult(NamedTuple):
 
 def _topology_groups(space: Any, layout: ArchLayout) -> list:
     """Per choice leaf, the space's ``[(rows, keep), ...]`` node groups, or ``None``."""
-    declared = space.topology_groups() if hasattr(space, "topology_groups") else {}
+    declared = space.topology_groups()
     out = []
     for j, i in enumerate(layout.choice):
         groups = None

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .base import ARCH_PASSTHROUGH_KEY, check_mix_matches
+from .base import (ARCH_PASSTHROUGH_KEY, SpaceDefaults, check_mix_matches, check_size_kwargs, leaf_candidates,
+                   leaf_key)
 from .darts_ops import (FactorizedReduce, ReLUConvBN, flax_to_torch_leaf, is_identity, make_op,
                         torch_to_flax_leaf)
 from .genotypes import (EVAL_OPS, GENOTYPES, PRIMITIVES, Genotype, format_genotype, get_genotype,
@@ -274,7 +275,7 @@ def _split_variables(variables) -> tuple[PyTree, PyTree]:
 # The search space object
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class DartsSearchSpace:
+class DartsSearchSpace(SpaceDefaults):
     """DARTS cell search space (see :func:`search_space`); methods are pure functions."""
     C: int = 16
     num_classes: int = 10
@@ -438,9 +439,45 @@ class DartsSearchSpace:
 
         return darts_codec(self.primitives, self.steps)
 
-    def eval_network(self, genotype: Genotype | str, **kwargs) -> "DartsEvalNetwork":
-        """The evaluation network of ``genotype`` (see :func:`eval_network`)."""
-        return eval_network(genotype, **kwargs)
+    def candidate_names(self, leaf: str) -> tuple[str, ...]:
+        """The primitives of the ``"normal"`` and ``"reduce"`` leaves (keystr paths)."""
+        return leaf_candidates("darts.candidate_names", leaf,
+                               {leaf_key("normal"): self.primitives, leaf_key("reduce"): self.primitives})
+
+    def eval_network(self, genotype: Genotype | str, **size: Any) -> "DartsEvalNetwork":
+        """The evaluation network (``NetworkCIFAR``) of ``genotype`` (see :func:`eval_network`:
+        the paper's C=36, 20 layers unless ``size`` gives ``C``, ``layers``, ``num_classes``
+        (default: this space's), ``auxiliary``, ``drop_path_prob``)."""
+        check_size_kwargs("darts.eval_network", size, _EVAL_SIZE)
+        return eval_network(genotype, **{"num_classes": self.num_classes, **size})
+
+    # -- cost ----------------------------------------------------------------------------------
+    def _cost_size(self, input_shape, size, where) -> dict:
+        check_size_kwargs(where, size, ("C", "layers", "num_classes", "stem_multiplier", "auxiliary"))
+        return {"C": self.C, "layers": self.layers, "num_classes": self.num_classes,
+                "stem_multiplier": self.stem_multiplier, **size,
+                "input_shape": tuple(input_shape) if input_shape is not None else (32, 32, 3)}
+
+    def cost_table(self, input_shape: Sequence[int] | None = None, metric: str = "flops", **size: Any):
+        """:class:`~diffnas_jax.cost.CostTable` ``{"normal": (E, O), "reduce": (E, O)}``: every
+        supernet edge's candidate costs summed over the normal (reduction) cells (analytic; the
+        space's ``C``/``layers`` unless ``size`` overrides them)."""
+        from diffnas_jax.cost.analytic import darts_cost_table
+        from diffnas_jax.cost.table import analytic_table, check_static_metric
+
+        check_static_metric(metric)
+        cfg = self._cost_size(input_shape, size, "darts.cost_table")
+        per, const = darts_cost_table(metric=metric, steps=self.steps, multiplier=self.multiplier,
+                                      primitives=self.primitives, **cfg)
+        return analytic_table(per, const, metric)
+
+    def network_cost(self, genotype: Genotype | str, input_shape: Sequence[int] | None = None, **size: Any):
+        """:class:`~diffnas_jax.cost.Cost` of the evaluation network of ``genotype`` at this
+        space's ``C``/``layers`` unless ``size`` overrides them (``auxiliary`` head excluded by
+        default, as the papers count)."""
+        from diffnas_jax.cost.analytic import darts_network_cost
+
+        return darts_network_cost(get_genotype(genotype), **self._cost_size(input_shape, size, "darts.network_cost"))
 
     # -- reference interop ---------------------------------------------------------------------
     def to_reference(self, weights: PyTree, state: PyTree) -> dict[str, np.ndarray]:
@@ -451,6 +488,9 @@ class DartsSearchSpace:
         """``(weights, state)`` from a reference ``state_dict`` (dict of arrays); exact inverse of
         :meth:`to_reference`; ``ValueError`` on missing, unexpected or mis-shaped entries."""
         return _from_reference(_search_template(self), state_dict, self.steps, "darts search space")
+
+
+_EVAL_SIZE = ("C", "num_classes", "layers", "auxiliary", "drop_path_prob")
 
 
 def _parse_weights(W: np.ndarray, primitives: Sequence[str], steps: int) -> list[tuple[str, int]]:
@@ -528,9 +568,12 @@ def search_space(C: int = 16, num_classes: int = 10, layers: int = 8, steps: int
             raise ValueError(f"unknown op name {p!r} in `primitives`; expected names from {EVAL_OPS}")
     if len(set(primitives)) != len(primitives) or not [p for p in primitives if p != "none"]:
         raise ValueError(f"`primitives` must be distinct and hold a non-'none' op, got {primitives}")
-    if C % partial_channels or (C // partial_channels) % 2 and "skip_connect" in primitives:
-        raise ValueError(f"`C`={C} must be divisible by `partial_channels`={partial_channels} into an even "
-                         "number of channels (FactorizedReduce halves them)")
+    # Partial channels split every cell's channels into K groups (channel_shuffle needs C % K == 0
+    # in the normal cells); the FactorizedReduce of skip_connect only runs in reduction cells, on
+    # 2C/K and 4C/K channels, which are even whenever C % K == 0 (as in the authors' code).
+    if C % partial_channels:
+        raise ValueError(f"`C`={C} must be divisible by `partial_channels`={partial_channels} "
+                         "(the mixed ops see C / partial_channels of the channels)")
     return DartsSearchSpace(int(C), int(num_classes), int(layers), int(steps), int(multiplier),
                             int(stem_multiplier), primitives, int(partial_channels), bool(edge_normalization))
 

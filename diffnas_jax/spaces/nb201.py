@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffnas_jax._checks import check_int_in_range
-from diffnas_jax.spaces.base import check_mix_matches
+from diffnas_jax.spaces.base import SpaceDefaults, check_mix_matches, check_size_kwargs, leaf_candidates, leaf_key
 from diffnas_jax.spaces.layers import (BatchNorm2d, Conv2d, Linear, PointwiseConv2d, avg_pool, global_avg_pool,
                                      max_pool, pointwise_conv, torch_uniform_init)
 
@@ -599,7 +599,7 @@ class _NetworkBase:
 
 
 @dataclasses.dataclass(frozen=True)
-class NB201Space(_NetworkBase):
+class NB201Space(SpaceDefaults, _NetworkBase):
     """The NAS-Bench-201 supernet (``TinyNetworkDarts``) as pure functions; see :func:`search_space`."""
 
     C: int = 16
@@ -698,9 +698,41 @@ class NB201Space(_NetworkBase):
                                 lambda s: tuple(self.op_names.index(o) for o in self.parse_arch_string(s)),
                                 name="nb201")
 
-    def eval_network(self, arch_string: str) -> "NB201EvalNetwork":
-        """The discrete ``TinyNetwork`` of ``arch_string`` with this space's C, N and classes."""
-        return eval_network(arch_string, self.C, self.N, self.num_classes)
+    def candidate_names(self, leaf: str) -> tuple[str, ...]:
+        """The op names of the ``"cell"`` leaf (``leaf`` is its keystr, ``"['cell']"``)."""
+        return leaf_candidates("nb201.candidate_names", leaf, {leaf_key("cell"): self.op_names})
+
+    def eval_network(self, genotype: str, **size: Any) -> "NB201EvalNetwork":
+        """The discrete ``TinyNetwork`` of ``genotype`` (an arch string) with this space's ``C``,
+        ``N`` and classes unless ``size`` overrides them (``C``, ``N``, ``num_classes``)."""
+        check_size_kwargs("nb201.eval_network", size, ("C", "N", "num_classes"))
+        kw = {"C": self.C, "N": self.N, "num_classes": self.num_classes, **size}
+        return eval_network(str(genotype), **kw)
+
+    # -- cost ----------------------------------------------------------------------------------
+    def _cost_size(self, input_shape, size, where):
+        check_size_kwargs(where, size, ("C", "N", "num_classes"))
+        return {"C": self.C, "N": self.N, "num_classes": self.num_classes, **size,
+                "input_shape": tuple(input_shape) if input_shape is not None else (32, 32, 3)}
+
+    def cost_table(self, input_shape: Sequence[int] | None = None, metric: str = "flops", **size: Any):
+        """:class:`~diffnas_jax.cost.CostTable` ``{"cell": (num_edges, num_ops)}``: each op's cost
+        on one edge summed over every cell of the network (analytic; ``input_shape`` (H, W, C_in),
+        default 32x32x3)."""
+        from diffnas_jax.cost.analytic import nb201_cost_table
+        from diffnas_jax.cost.table import analytic_table, check_static_metric
+
+        check_static_metric(metric)
+        cfg = self._cost_size(input_shape, size, "nb201.cost_table")
+        per, const = nb201_cost_table(self.op_names, self.num_edges, metric=metric, **cfg)
+        return analytic_table(per, const, metric)
+
+    def network_cost(self, genotype: str, input_shape: Sequence[int] | None = None, **size: Any):
+        """:class:`~diffnas_jax.cost.Cost` (MACs per example, parameters) of ``eval_network(genotype)``."""
+        from diffnas_jax.cost.analytic import nb201_network_cost
+
+        cfg = self._cost_size(input_shape, size, "nb201.network_cost")
+        return nb201_network_cost(parse_structure(genotype), **cfg)
 
     # -- reference interop ---------------------------------------------------------------------
     def to_reference(self, weights: PyTree, state: PyTree) -> dict[str, np.ndarray]:
