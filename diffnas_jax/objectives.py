@@ -198,7 +198,7 @@ def project_to_budget(mix: PyTree, table: Any, target: float, num_iters: int = 6
     if len(mix_leaves) != len(cost_leaves):
         raise ValueError(f"`mix` has {len(mix_leaves)} choice leaves but `table` has {len(cost_leaves)}")
     new_leaves = _project(mix_leaves, cost_leaves, table.constant, target, num_iters)
-    return replacechoice_leaves(mix, new_leaves)
+    return replace_choice_leaves(mix, new_leaves)
 
 
 @functools.partial(jax.jit, static_argnums=(4,))
