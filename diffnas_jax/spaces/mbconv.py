@@ -44,10 +44,10 @@ import numpy as np
 
 from diffnas_jax._checks import check_int_in_range
 from diffnas_jax.spaces.base import SpaceDefaults, check_mix_matches, check_size_kwargs, leaf_candidates, leaf_key
-from diffnas_jax.spaces.layers import (BatchNorm2d, Conv2d, DepthwiseConv2d, Linear, PointwiseConv2d,
+from diffnas_jax.spaces.layers import (BatchNorm2d, Conv2d, DepthwiseConv2d, Linear, PointwiseConv2d, batch_norm,
                                        conv_out_size, depthwise_conv, global_avg_pool, pointwise_conv,
                                        torch_uniform_init)
-from diffnas_jax.spaces.nb201 import torch_default_init
+from diffnas_jax.spaces import scaffold
 
 __all__ = ["MBConvSpace", "MBConvEvalNetwork", "search_space", "eval_network", "op_name", "parse_op",
            "MASKED_LOGIT", "DEFAULT_WIDTHS", "DEFAULT_STRIDES"]
@@ -81,25 +81,6 @@ def parse_op(name: str) -> tuple[int, int] | None:
 
 def _relu6(x):
     return jnp.clip(x, 0, 6)
-
-
-def _bn(y, scale, bias, mean_ra, var_ra, train: bool, momentum=0.1, eps=1e-5):
-    """Functional ``BatchNorm2d``; returns the output and the new running statistics (or
-    ``None`` in eval mode)."""
-    sdt = jnp.promote_types(y.dtype, jnp.float32)
-    new = None
-    if train:
-        yf = y.astype(sdt)
-        mean = jnp.mean(yf, (0, 1, 2))
-        var = jnp.mean(jnp.square(yf - mean), (0, 1, 2))
-        n = y.shape[0] * y.shape[1] * y.shape[2]
-        new = ((1 - momentum) * mean_ra + momentum * jax.lax.stop_gradient(mean),
-               (1 - momentum) * var_ra + momentum * jax.lax.stop_gradient(var) * (n / max(n - 1, 1)))
-    else:
-        mean, var = mean_ra, var_ra
-    mul = jax.lax.rsqrt(var + eps) * scale.astype(sdt)
-    add = bias.astype(sdt) - mean * mul
-    return (y * mul.astype(y.dtype) + add.astype(y.dtype)).astype(y.dtype), new
 
 
 _STAGES = ("expand", "dw", "project")
@@ -157,10 +138,10 @@ class MixedMBConvLayer(nn.Module):
             def bn_stage(y, stage, sizes):
                 names = [n for n, _, _ in cands]
                 cat = lambda f: jnp.concatenate([f(n) for n in names])  # noqa: E731
-                y, new = _bn(y, cat(lambda n: params[n][f"{stage}_bn"]["scale"]),
-                             cat(lambda n: params[n][f"{stage}_bn"]["bias"]),
-                             cat(lambda n: stats[n].value[f"{stage}_bn"]["mean"]),
-                             cat(lambda n: stats[n].value[f"{stage}_bn"]["var"]), train, self.momentum, self.eps)
+                y, new = batch_norm(y, cat(lambda n: stats[n].value[f"{stage}_bn"]["mean"]),
+                                    cat(lambda n: stats[n].value[f"{stage}_bn"]["var"]),
+                                    cat(lambda n: params[n][f"{stage}_bn"]["scale"]),
+                                    cat(lambda n: params[n][f"{stage}_bn"]["bias"]), train, self.momentum, self.eps)
                 if update:
                     off = 0
                     for n, size in zip(names, sizes):
@@ -271,23 +252,12 @@ class MBConvNetwork(nn.Module):
 
 
 def _check_input(x: Any, cfg: _Config, where: str) -> jax.Array:
-    if not hasattr(x, "shape") or len(x.shape) != 4:
-        raise ValueError(f"{where}: `x` must be an NHWC batch (B, H, W, C), got shape {getattr(x, 'shape', None)}")
-    h, w = int(x.shape[1]), int(x.shape[2])
-    if min(h, w) < cfg.total_stride:
-        raise ValueError(f"{where}: input spatial size {(h, w)} is smaller than the network's total stride "
-                         f"{cfg.total_stride} (stem_stride x strides); use larger inputs or smaller strides")
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
-    return x
+    return scaffold.check_nhwc(x, where, min_size=cfg.total_stride,
+                               why=f"the network's total stride {cfg.total_stride} (stem_stride x strides)")
 
 
 class _Base:
     config: _Config
-
-    def _variables_shape(self, x):
-        return jax.eval_shape(lambda k: self.module.init(k, x, self._dummy_mix(x.dtype), False), jax.random.key(0))
 
     def _dummy_mix(self, dtype):
         return None
@@ -296,15 +266,10 @@ class _Base:
         """Weights (``params``) and BatchNorm state (``batch_stats``) for NHWC inputs like ``x``
         (PyTorch default initialisation)."""
         x = _check_input(x, self.config, f"{self._where}.init")
-        v = torch_default_init(key, self._variables_shape(x))
-        return v["params"], v["batch_stats"]
+        return scaffold.flax_init(lambda k: self.module.init(k, x, self._dummy_mix(x.dtype), False), key)
 
     def _run(self, weights, state, mix, x, train):
-        variables = {"params": weights, "batch_stats": state}
-        if train:
-            out, upd = self.module.apply(variables, x, mix, True, mutable=["batch_stats"])
-            return out, upd["batch_stats"]
-        return self.module.apply(variables, x, mix, False), state
+        return scaffold.flax_apply(self.module, weights, state, x, mix, bool(train), train=bool(train))
 
     def num_params(self, weights: PyTree) -> int:
         return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(weights)))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffnas_jax.nn.choice import COLLECT, FIXED, HARD, MIXED, ChoiceInfo, choice_mode
+from diffnas_jax.spaces.scaffold import flax_apply
 from diffnas_jax.spaces.base import SpaceDefaults, check_mix_matches, check_size_kwargs, leaf_candidates, leaf_key
 
 _RESERVED = ("params", "arch", "mix")
@@ -96,15 +97,9 @@ class UserSpace(SpaceDefaults):
     def apply(self, weights: Any, state: Any, mix: Any, x: jax.Array, train: bool, *,
               rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
         check_mix_matches(self.arch_shapes, mix)
-        variables = {"params": weights, "mix": mix, **state}
-        rngs = {"dropout": rng} if rng is not None else {}
-        mode = HARD if self.hard else MIXED
-        with choice_mode(mode):
-            if train and state:
-                out, new_state = self.module.apply(variables, x, rngs=rngs, mutable=list(state), **self._kwargs(True))
-                return out, dict(new_state)
-            out = self.module.apply(variables, x, rngs=rngs, **self._kwargs(train))
-        return out, state
+        with choice_mode(HARD if self.hard else MIXED):
+            return flax_apply(self.module, weights, state, x, train=bool(train), collections=True, extra={"mix": mix},
+                              rngs={"dropout": rng} if rng is not None else {}, **self._kwargs(bool(train)))
 
     def genotype(self, arch: Any) -> dict[str, Any]:
         """``{choice path: chosen}``: a candidate name (``Choice``), a width (``WidthChoice``, int)
@@ -307,13 +302,9 @@ class FixedModel:
 
     def apply(self, weights: Any, state: Any, x: jax.Array, train: bool = False, *,
               rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
-        variables = {"params": weights, **state}
-        rngs = {"dropout": rng} if rng is not None else {}
         with choice_mode(FIXED, genotype=self.genotype):
-            if train and state:
-                out, new_state = self.module.apply(variables, x, rngs=rngs, mutable=list(state), **self._kwargs(True))
-                return out, dict(new_state)
-            return self.module.apply(variables, x, rngs=rngs, **self._kwargs(train)), state
+            return flax_apply(self.module, weights, state, x, train=bool(train), collections=True,
+                              rngs={"dropout": rng} if rng is not None else {}, **self._kwargs(bool(train)))
 
 
 def from_module(module: nn.Module, example_input: Any, *, hard: bool = False) -> UserSpace:
