@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from diffnas_jax._checks import check_int_in_range, check_nonnegative, check_positive
-from diffnas_jax.spaces.base import choice_leaves, replace_choice_leaves
+from diffnas_jax.spaces.base import SearchSpace, choice_leaves, replace_choice_leaves
 
 __all__ = [
     "CostLoss", "as_objective", "cosine_power_annealing", "fbnet_loss", "proxyless_loss", "single_path_loss", "budget_penalty",
@@ -370,7 +370,7 @@ def self_distillation(num_teachers: int = 2, temperature: float = 4.0, weight: f
 ABSOLUTE_COST_AT_UNIFORM = 25.0
 
 
-def as_objective(term: Any, *, space: Any = None, input_shape: Any = None, metric: str = "flops",
+def as_objective(term: Any, *, space: SearchSpace | None = None, input_shape: Any = None, metric: str = "flops",
                  table: Any = None) -> Any:
     """The :class:`~diffnas_jax.search.objective.Objective` that puts ``term`` into a search step.
 

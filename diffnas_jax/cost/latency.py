@@ -20,6 +20,7 @@ import numpy as np
 
 from diffnas_jax._checks import check_int_in_range
 from .table import CostTable
+from diffnas_jax.spaces.base import SearchSpace
 
 PyTree = Any
 
@@ -124,7 +125,7 @@ def register_latency_profiler(kind: str, profiler: Callable[..., Any]) -> None:
     _PROFILERS[kind] = profiler
 
 
-def profile_latency(space: Any, input_shape: Sequence[int], repeats: int = 20, *, warmup: int = 3,
+def profile_latency(space: SearchSpace, input_shape: Sequence[int], repeats: int = 20, *, warmup: int = 3,
                     batch_size: int = 1, dtype=jnp.float32) -> CostTable:
     """Measure a latency look-up table for ``space`` on the current default device.
 

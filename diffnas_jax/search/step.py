@@ -88,7 +88,6 @@ def _clip_by_global_norm(g: PyTree, max_norm: float | None) -> tuple[PyTree, jax
 def make_step(space: SearchSpace, relaxation: Callable[[PyTree, jax.Array, Any], PyTree],
               hypergradient: Hypergradient, weight_opt: optax.GradientTransformation,
               arch_opt: optax.GradientTransformation, *,
-              loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
               objective: Objective | None = None,
               weight_grad_clip: float | None = 5.0, reuse_train_grad: bool = True,
               loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
