@@ -4,7 +4,8 @@ Submodules (imported lazily so ``import diffnas_jax`` stays light):
 
 - ``diffnas_jax.relax``: relaxed discrete operators (Gumbel, soft sort/rank, sorting networks, ...)
 - ``diffnas_jax.spaces``: search spaces (DARTS, NAS-Bench-201, MobileNet MBConv, user-defined)
-- ``diffnas_jax.relaxations``: architecture logits -> mixing weights (DARTS, GDAS, SNAS, DrNAS, ...)
+- ``diffnas_jax.mixing``: architecture logits -> mixing weights (DARTS, GDAS, SNAS, DrNAS, ...)
+- ``diffnas_jax.regularizers``: regularisers, cost losses and schedules of NAS methods
 - ``diffnas_jax.hypergrad``: hypergradient estimators (first-order, unrolled, implicit, ...)
 - ``diffnas_jax.select``: turning a supernet into a genotype
 - ``diffnas_jax.search``: the jit-compiled bilevel search step and driver
@@ -17,8 +18,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "relax", "spaces", "relaxations", "hypergrad", "select", "search", "cost", "baselines",
-    "data", "viz", "methods", "nn", "proxies", "tabular", "objectives",
+    "relax", "spaces", "mixing", "hypergrad", "select", "search", "cost", "baselines",
+    "data", "viz", "methods", "nn", "proxies", "tabular", "regularizers",
+    "relaxations", "objectives",  # deprecated aliases of mixing and regularizers
 )
 
 

@@ -37,7 +37,7 @@ class Factory:
     ``Factory(None, None)`` (``NONE``) stands for "no component" and calling it returns ``None``.
 
     Attributes:
-      module: sub-module of ``diffnas_jax`` (e.g. ``"relaxations"``, ``"hypergrad"``).
+      module: sub-module of ``diffnas_jax`` (e.g. ``"mixing"``, ``"hypergrad"``).
       name: constructor name in that module.
       kwargs: default keyword arguments (a tuple of pairs so the dataclass stays hashable).
     """
@@ -95,7 +95,7 @@ class Method:
 
     Attributes:
       name: registry key.
-      relaxation_factory: ``Factory`` of ``diffnas_jax.relaxations``; calling it gives
+      relaxation_factory: ``Factory`` of ``diffnas_jax.mixing``; calling it gives
         ``relax(arch, key, step) -> mix``.
       hypergrad_factory: ``Factory`` of ``diffnas_jax.hypergrad``; calling it gives the estimator.
       space_kwargs: keyword arguments for the space constructor (e.g. PC-DARTS
@@ -108,10 +108,10 @@ class Method:
       grad_clip: SGD on the supernet weights with a cosine schedule from ``weight_lr`` to
         ``weight_lr_min``, coupled weight decay and global-norm clipping.
       weight_schedule_power: 1 for cosine annealing; > 1 for sharpDARTS's Cosine Power
-        Annealing with that power (:func:`diffnas_jax.objectives.cosine_power_annealing`).
+        Annealing with that power (:func:`diffnas_jax.regularizers.cosine_power_annealing`).
       epochs, batch_size, warmup_epochs: search length, batch size and the number of initial
         epochs with frozen architecture (PC-DARTS 15, FBNet 10, ProxylessNAS 40).
-      regularizer: ``Factory`` of ``diffnas_jax.objectives`` (or ``NONE``): a term added to the
+      regularizer: ``Factory`` of ``diffnas_jax.regularizers`` (or ``NONE``): a term added to the
         architecture objective.
       selector: ``Factory`` of ``diffnas_jax.select`` (e.g. ``argmax``, ``threshold``); a
         function, not a constructor: ``m.selector.bind()(space, arch)``.
@@ -198,7 +198,7 @@ class Method:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"`total_steps` must be a positive int, got {total_steps!r}")
         if self.weight_schedule_power > 1:
-            from diffnas_jax.objectives import cosine_power_annealing
+            from diffnas_jax.regularizers import cosine_power_annealing
 
             return cosine_power_annealing(self.weight_lr, self.weight_lr_min, total_steps,
                                           power=self.weight_schedule_power)
@@ -229,9 +229,9 @@ class Method:
         }
 
 
-R = lambda name, **kw: Factory.of("relaxations", name, **kw)  # noqa: E731
+R = lambda name, **kw: Factory.of("mixing", name, **kw)  # noqa: E731
 H = lambda name, **kw: Factory.of("hypergrad", name, **kw)  # noqa: E731
-O = lambda name, **kw: Factory.of("objectives", name, **kw)  # noqa: E731
+O = lambda name, **kw: Factory.of("regularizers", name, **kw)  # noqa: E731
 S = lambda name, **kw: Factory.of("select", name, **kw)  # noqa: E731
 
 _DARTS = "Liu, Simonyan & Yang, DARTS: Differentiable Architecture Search, ICLR 2019"

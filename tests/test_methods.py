@@ -64,7 +64,7 @@ def test_paper_defaults():
 def test_factories_build_their_components():
     """Every factory names a constructor that exists and accepts the paper defaults (modules still
     being written by other parts of the project are skipped)."""
-    from diffnas_jax import objectives, select
+    from diffnas_jax import regularizers, select
 
     for n in list_methods():
         m = get_method(n)
@@ -78,7 +78,7 @@ def test_factories_build_their_components():
                 continue
             if f.module == "select":
                 assert callable(f.bind()), (n, f)
-            elif f.module == "relaxations":
+            elif f.module == "mixing":
                 relax = m.relaxation(total_steps=100, steps_per_epoch=10)
                 mix = relax({"cell": jnp.zeros((6, 5))}, jax.random.PRNGKey(0), 3)
                 assert np.all(np.isfinite(np.asarray(mix["cell"]))), n
@@ -87,16 +87,16 @@ def test_factories_build_their_components():
                 assert isinstance(f(), Hypergradient), (n, f)
             else:
                 assert f() is not None, (n, f)
-    assert objectives is not None and select is not None
+    assert regularizers is not None and select is not None
 
 
 def test_factory_resolution_and_errors():
-    f = Factory.of("objectives", "fbnet_loss", alpha=0.2, beta=0.6)
+    f = Factory.of("regularizers", "fbnet_loss", alpha=0.2, beta=0.6)
     loss = f()
     assert np.isfinite(float(loss(jnp.asarray(2.0), jnp.asarray(10.0))))
     with pytest.raises(ValueError, match="nope"):
-        Factory.of("objectives", "nope")()
-    assert repr(f) == "objectives.fbnet_loss(alpha=0.2, beta=0.6)"
+        Factory.of("regularizers", "nope")()
+    assert repr(f) == "regularizers.fbnet_loss(alpha=0.2, beta=0.6)"
 
 
 def test_optimisers_are_optax_and_follow_the_defaults():
@@ -123,12 +123,12 @@ def test_optimisers_are_optax_and_follow_the_defaults():
 
 
 def test_register_and_describe():
-    m = Method("tmp_method_for_test", Factory.of("relaxations", "softmax"), Factory.of("hypergrad", "first_order"))
+    m = Method("tmp_method_for_test", Factory.of("mixing", "softmax"), Factory.of("hypergrad", "first_order"))
     methods.register_method(m)
     try:
         assert "tmp_method_for_test" in list_methods()
         with pytest.raises(ValueError, match="already"):
             methods.register_method(m)
-        assert get_method("tmp_method_for_test").describe()["relaxation"] == "relaxations.softmax()"
+        assert get_method("tmp_method_for_test").describe()["relaxation"] == "mixing.softmax()"
     finally:
         methods._REGISTRY.pop("tmp_method_for_test")

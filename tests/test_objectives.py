@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from diffnas_jax import objectives as obj
+from diffnas_jax import regularizers as obj
 from diffnas_jax.cost import CostTable, expected_cost_of_mix
 
 

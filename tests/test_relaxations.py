@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffnas_jax import relaxations as R
+from diffnas_jax import mixing as R
 
 ARCH = {"normal": 0.5 * jax.random.normal(jax.random.PRNGKey(0), (14, 8)),
         "reduce": 0.5 * jax.random.normal(jax.random.PRNGKey(1), (14, 8)),
@@ -105,9 +105,13 @@ def test_proxyless_gradient_estimator():
     assert int(jnp.sum(g2 != 0)) == 2
 
 
-def test_fairdarts_zero_one_loss():
-    assert float(R.fairdarts_zero_one_loss({"c": jnp.zeros((3, 4))})) == 0.0
-    far = float(R.fairdarts_zero_one_loss({"c": jnp.full((3, 4), 20.0), "beta": {"c": jnp.zeros(3)}}))
+def test_fairdarts_zero_one_loss_is_defined_once():
+    from diffnas_jax import regularizers
+
+    with pytest.warns(DeprecationWarning, match="regularizers"):
+        old = R.fairdarts_zero_one_loss
+    assert old is regularizers.fairdarts_zero_one_loss
+    far = float(old({"c": jnp.full((3, 4), 20.0), "beta": {"c": jnp.zeros(3)}}))
     assert far == pytest.approx(-0.25, rel=1e-6)
 
 
@@ -124,3 +128,14 @@ def test_bad_arguments_name_the_argument():
         R.get_relaxation("enas")
     with pytest.raises(ValueError, match="choice"):
         R.softmax()({"c": jnp.float32(1.0)}, jax.random.PRNGKey(0), 0)
+
+
+def test_deprecated_module_names_forward_with_a_warning():
+    from diffnas_jax import mixing, regularizers
+
+    with pytest.warns(DeprecationWarning, match="diffnas_jax.mixing"):
+        from diffnas_jax import relaxations
+        assert relaxations.softmax is mixing.softmax
+    with pytest.warns(DeprecationWarning, match="diffnas_jax.regularizers"):
+        from diffnas_jax import objectives
+        assert objectives.zero_one_loss is regularizers.zero_one_loss

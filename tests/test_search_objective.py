@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from diffnas_jax import cost, hypergrad, objectives, relaxations
+from diffnas_jax import cost, hypergrad, mixing, regularizers
 from diffnas_jax.search import LossContext, Objective, init_search_state, make_step
 from diffnas_jax.search import objective as so
 from diffnas_jax.spaces import nb201
@@ -32,7 +32,7 @@ def _ctx(split, logits=None, mix=None, state=()):
 
 def _run(objective=None, steps=1, space=SPACE, **kw):
     """States and metrics after each of ``steps`` steps."""
-    step = jax.jit(make_step(space, relaxations.softmax(), EST, W_OPT, A_OPT, objective=objective, **kw))
+    step = jax.jit(make_step(space, mixing.softmax(), EST, W_OPT, A_OPT, objective=objective, **kw))
     ss = init_search_state(jax.random.PRNGKey(0), space, X, W_OPT, A_OPT, EST, objective=objective)
     out = []
     for _ in range(steps):
@@ -53,7 +53,8 @@ def test_standard_objective_is_cross_entropy_plus_arch_regulariser():
 
 def test_explicit_standard_objective_equals_the_default_step():
     reg = lambda arch, mix, step: 0.1 * sum(jnp.sum(v ** 2) for v in jax.tree_util.tree_leaves(arch))
-    [(a, ma)] = _run(regularizer=reg)
+    with pytest.warns(DeprecationWarning, match="objective=diffnas_jax.search.objective.standard"):
+        [(a, ma)] = _run(regularizer=reg)
     [(b, mb)] = _run(objective=so.standard(regularizer=reg))
     np.testing.assert_array_equal(np.asarray(a.arch["cell"]), np.asarray(b.arch["cell"]))
     np.testing.assert_array_equal(float(ma["val_loss"]), float(mb["val_loss"]))
@@ -62,7 +63,7 @@ def test_explicit_standard_objective_equals_the_default_step():
 def test_cost_aware_fbnet_is_multiplicative_on_the_val_split_only():
     table = {"a": jnp.array([[1.0, 10.0, 100.0], [1.0, 10.0, 100.0]])}
     cost_fn = lambda mix: jnp.sum(mix["a"] * table["a"])
-    obj = so.cost_aware(objectives.fbnet_loss(0.2, 0.6), cost_fn)
+    obj = so.cost_aware(regularizers.fbnet_loss(0.2, 0.6), cost_fn)
     ctx = _ctx("val")
     ce = float(so.cross_entropy(ctx.logits, ctx.labels))
     np.testing.assert_allclose(float(obj.loss(ctx)), ce * 0.2 * np.log(2 * 111 / 3) ** 0.6, rtol=1e-6)
@@ -73,36 +74,36 @@ def test_cost_aware_fbnet_is_multiplicative_on_the_val_split_only():
 
 
 def test_as_objective_dispatch_and_errors():
-    assert objectives.as_objective(None) is None
+    assert regularizers.as_objective(None) is None
     o = so.standard()
-    assert objectives.as_objective(o) is o
-    assert isinstance(objectives.as_objective(objectives.zero_one_loss()), Objective)
-    assert isinstance(objectives.as_objective(objectives.self_distillation(2)), Objective)
+    assert regularizers.as_objective(o) is o
+    assert isinstance(regularizers.as_objective(regularizers.zero_one_loss()), Objective)
+    assert isinstance(regularizers.as_objective(regularizers.self_distillation(2)), Objective)
     with pytest.raises(ValueError, match="space"):
-        objectives.as_objective(objectives.fbnet_loss())
+        regularizers.as_objective(regularizers.fbnet_loss())
     with pytest.raises(TypeError, match="search objective"):
-        objectives.as_objective(3.0)
+        regularizers.as_objective(3.0)
     with pytest.raises(TypeError, match="combine"):
         so.cost_aware(None, lambda m: 0.0)
     with pytest.raises(ValueError, match="splits"):
-        so.with_self_distillation(objectives.self_distillation(2), splits=("test",))
+        so.with_self_distillation(regularizers.self_distillation(2), splits=("test",))
 
 
 def test_objective_state_must_match_and_objective_excludes_regulariser():
-    sd = objectives.as_objective(objectives.self_distillation(2))
-    step = make_step(SPACE, relaxations.softmax(), EST, W_OPT, A_OPT, objective=sd)
+    sd = regularizers.as_objective(regularizers.self_distillation(2))
+    step = make_step(SPACE, mixing.softmax(), EST, W_OPT, A_OPT, objective=sd)
     ss = init_search_state(jax.random.PRNGKey(0), SPACE, X, W_OPT, A_OPT, EST)  # no objective state
     with pytest.raises(ValueError, match="objective"):
         step(ss, BT, BV)
     with pytest.raises(ValueError, match="objective"):
-        make_step(SPACE, relaxations.softmax(), EST, W_OPT, A_OPT, objective=sd,
+        make_step(SPACE, mixing.softmax(), EST, W_OPT, A_OPT, objective=sd,
                   regularizer=lambda a, m, s: 0.0)
 
 
 def test_proxyless_cost_objective_moves_the_arch_towards_cheap_ops():
     """With a heavy cost weight the expected FLOPs of the mix must fall step after step."""
     space = nb201.search_space(C=4, N=1, num_classes=10)
-    obj = objectives.as_objective(objectives.proxyless_loss(lam=50.0), space=space, input_shape=(8, 8, 3))
+    obj = regularizers.as_objective(regularizers.proxyless_loss(lam=50.0), space=space, input_shape=(8, 8, 3))
     table = cost.cost_table(space, (8, 8, 3), "flops")
     ss0 = init_search_state(jax.random.PRNGKey(0), space, X, W_OPT, A_OPT, EST, objective=obj)
     ss, _ = _run(objective=obj, steps=3, space=space)[-1]
@@ -113,7 +114,7 @@ def test_proxyless_cost_objective_moves_the_arch_towards_cheap_ops():
 
 
 def test_self_distillation_state_holds_the_previous_weights_and_changes_the_loss():
-    obj = objectives.as_objective(objectives.self_distillation(num_teachers=2, temperature=2.0, weight=5.0))
+    obj = regularizers.as_objective(regularizers.self_distillation(num_teachers=2, temperature=2.0, weight=5.0))
     (ss1, m1), (ss2, m2) = _run(objective=obj, steps=2)
     (_, p1), (plain, p2) = _run(steps=2)
     snaps = ss1.objective_state["snapshots"]
@@ -134,7 +135,7 @@ def test_a_saved_latency_table_drives_the_cost_objective(tmp_path):
     table = cost.CostTable({"a": jnp.array([[1.0, 10.0, 100.0], [1.0, 10.0, 100.0]])}, 5.0, "latency", "ms")
     path = tmp_path / "lat.json"
     cost.save_table(table, path)
-    obj = objectives.as_objective(objectives.fbnet_loss(0.2, 0.6), table=cost.load_table(path))
+    obj = regularizers.as_objective(regularizers.fbnet_loss(0.2, 0.6), table=cost.load_table(path))
     ctx = _ctx("val")
     ce = float(so.cross_entropy(ctx.logits, ctx.labels))
     uniform = 2 * 111 / 3 + 5.0

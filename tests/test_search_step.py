@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from diffnas_jax import hypergrad, relaxations
+from diffnas_jax import hypergrad, mixing
 from diffnas_jax.search import SearchState, init_search_state, make_step
 from diffnas_jax.spaces import nb201
 
@@ -33,7 +33,7 @@ ESTIMATORS = {
                                   for n in ESTIMATORS])
 def test_every_estimator_steps_under_jit(name):
     est = ESTIMATORS[name]
-    relax = relaxations.gdas(total_steps=10) if name == "first_order" else relaxations.softmax()
+    relax = mixing.gdas(total_steps=10) if name == "first_order" else mixing.softmax()
     step = jax.jit(make_step(SPACE, relax, est, W_OPT, A_OPT))
     state = init_search_state(jax.random.PRNGKey(0), SPACE, X, W_OPT, A_OPT, est)
     assert isinstance(state, SearchState)
@@ -50,7 +50,7 @@ def test_every_estimator_steps_under_jit(name):
 @pytest.mark.slow  # the default run covers this in tests/test_driver.py::test_vmapped_seeds_match_separate_runs
 def test_vmapped_seeds_equal_separate_runs():
     est = hypergrad.first_order()
-    step = make_step(SPACE, relaxations.softmax(), est, W_OPT, A_OPT)
+    step = make_step(SPACE, mixing.softmax(), est, W_OPT, A_OPT)
     keys = jax.random.split(jax.random.PRNGKey(1), 4)
     states = jax.vmap(lambda k: init_search_state(k, SPACE, X, W_OPT, A_OPT, est))(keys)
     vstep = jax.jit(jax.vmap(step, in_axes=(0, None, None)))
@@ -66,6 +66,6 @@ def test_vmapped_seeds_equal_separate_runs():
 
 def test_bad_arguments():
     with pytest.raises(TypeError, match="hypergradient"):
-        make_step(SPACE, relaxations.softmax(), lambda *a: None, W_OPT, A_OPT)
+        make_step(SPACE, mixing.softmax(), lambda *a: None, W_OPT, A_OPT)
     with pytest.raises(TypeError, match="weight_opt"):
-        make_step(SPACE, relaxations.softmax(), hypergrad.first_order(), object(), A_OPT)
+        make_step(SPACE, mixing.softmax(), hypergrad.first_order(), object(), A_OPT)

@@ -29,6 +29,12 @@ class ToySpace:
     def init(self, key, x):
         return {"scale": jnp.ones((self.n_edges,))}, {}
 
+    def candidate_names(self, leaf):
+        return self.op_names
+
+    def topology_groups(self):
+        return {}
+
     def init_arch(self, key):
         return {"cell": 1e-3 * jax.random.normal(key, (self.n_edges, 3))}
 
@@ -214,6 +220,12 @@ class CheapDarts:
 
     space: object
     t: tuple
+
+    def candidate_names(self, leaf):
+        return self.space.candidate_names(leaf)
+
+    def topology_groups(self):
+        return {}
 
     def apply(self, weights, state, mix, x, train, *, rng=None):
         coef = mix["normal"][:, 4] * jnp.asarray(self.t)

@@ -131,7 +131,7 @@ def test_cost_metadata_matches_network_and_hand_count(small):
     assert specs[2]["out_shape"] == (4, 4, 16) and specs[2]["stride"] == 2
     c = specs[0]["candidates"][3]
     assert (c["op"], c["kernel"], c["expansion"], c["allowed"]) == ("mbconv_k5_e3", 5, 3, True)
-    table = space.cost_table((8, 8, 3))
+    table = space.layer_cost_arrays((8, 8, 3))
     onehot = np.asarray(jax.nn.one_hot(jnp.array([space.op_names.index(o) for o in g]), 5))
     assert table["base_flops"] + np.sum(onehot * table["flops"]) == hand
     assert table["base_params"] + np.sum(onehot * table["params"]) == cost["params"]

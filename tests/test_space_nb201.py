@@ -70,10 +70,10 @@ def test_fixture_genotype(ref):
 def test_train_mode_updates_running_statistics_like_torch(ref):
     """Stem BN: running_mean <- 0.9 rm + 0.1 mean, running_var <- 0.9 rv + 0.1 unbiased var."""
     w, x = ref["weights"], ref["x"]
-    h = jax.lax.conv_general_dilated(x, w["stem_conv"]["kernel"], (1, 1), ((1, 1), (1, 1)),
+    h = jax.lax.conv_general_dilated(x, w["stem.0"]["kernel"], (1, 1), ((1, 1), (1, 1)),
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     h = np.asarray(h).reshape(-1, h.shape[-1])
-    old, new = ref["state"]["stem_bn"], ref["new_state"]["stem_bn"]
+    old, new = ref["state"]["stem.1"], ref["new_state"]["stem.1"]
     np.testing.assert_allclose(new["mean"], 0.9 * old["mean"] + 0.1 * h.mean(0), rtol=1e-12)
     np.testing.assert_allclose(new["var"], 0.9 * old["var"] + 0.1 * h.var(0, ddof=1), rtol=1e-12)
     counts = [v for p, v in jax.tree_util.tree_leaves_with_path(ref["new_state"]) if "num_batches_tracked" in str(p)]
@@ -125,11 +125,11 @@ def test_init_arch_and_init_shapes_vmap(tiny):
     assert space.edge_keys == ("1<-0", "2<-0", "2<-1", "3<-0", "3<-1", "3<-2")
     keys = jax.random.split(jax.random.key(2), 3)
     w, s = jax.jit(jax.vmap(space.init, in_axes=(0, None)))(keys, x)
-    kern = w["cells_0"]["1<-0.3"]["conv"]["kernel"]
+    kern = w["cells.0"]["edges.1<-0.3"]["op.1"]["kernel"]
     assert kern.shape == (3, 3, 3, 2, 2)  # stacked over keys, HWIO
     assert not np.allclose(kern[0], kern[1])
-    assert "bn" not in w["cells_0"]["1<-0.3"]  # affine=False inside the edge ops
-    assert s["cells_0"]["1<-0.3"]["bn"]["mean"].shape == (3, 2)
+    assert "op.2" not in w["cells.0"]["edges.1<-0.3"]  # affine=False inside the edge ops
+    assert s["cells.0"]["edges.1<-0.3"]["op.2"]["mean"].shape == (3, 2)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -29,6 +29,12 @@ class ToyCellSpace:
     def init_arch(self, key):
         return {"cell": 1e-3 * jax.random.normal(key, (6, 5))}
 
+    def candidate_names(self, leaf):
+        return self.op_names
+
+    def topology_groups(self):
+        return {}
+
     def apply(self, weights, state, mix, x, train, *, rng=None):
         m = mix["cell"].astype(x.dtype)
         nodes = [x.reshape(x.shape[0], -1) @ weights["stem"]]

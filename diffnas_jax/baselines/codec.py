@@ -96,26 +96,12 @@ class CategoricalCodec:
 
 # --- codecs for the built-in spaces ----------------------------------------------------------
 
-NB201_OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
-
-
-def nb201_codec(op_names: Sequence[str] = NB201_OPS) -> CategoricalCodec:
+def nb201_codec(op_names: Sequence[str] | None = None) -> CategoricalCodec:
     """NAS-Bench-201 cells (Dong & Yang, ICLR 2020): 6 edges x 5 ops, arch strings
-    ``|op~0|+|op~0|op~1|+|op~0|op~1|op~2|`` with edges in the order 1<-0, 2<-0, 2<-1, 3<-0, ..."""
-    ops = tuple(op_names)
+    ``|op~0|+|op~0|op~1|+|op~0|op~1|op~2|`` (the codec of :func:`diffnas_jax.spaces.nb201.search_space`)."""
+    from diffnas_jax.spaces import nb201
 
-    def decode(p: Point) -> str:
-        names = [ops[i] for i in p]
-        return "|{}~0|+|{}~0|{}~1|+|{}~0|{}~1|{}~2|".format(*names)
-
-    def encode(s: str) -> Point:
-        nodes = [n.strip("|").split("|") for n in s.strip().split("+")]
-        flat = [tok.split("~")[0] for node in nodes for tok in node]
-        if len(flat) != 6 or any(o not in ops for o in flat):
-            raise ValueError(f"malformed NB201 arch string {s!r}")
-        return tuple(ops.index(o) for o in flat)
-
-    return CategoricalCodec((len(ops),) * 6, decode, encode, name="nb201")
+    return nb201.search_space(op_names=nb201.NB201_OPS if op_names is None else op_names).codec()
 
 
 def darts_codec(primitives: Sequence[str], steps: int = 4) -> CategoricalCodec:
@@ -193,15 +179,5 @@ def user_codec(space) -> CategoricalCodec:
 
 
 def codec_for(space) -> CategoricalCodec:
-    """The codec of a built-in or user space (uses ``space.codec()`` when the space defines one)."""
-    if hasattr(space, "codec"):
-        return space.codec()
-    if hasattr(space, "choices") and hasattr(space, "arch_shapes"):
-        return user_codec(space)
-    module = type(space).__module__
-    if module.endswith("nb201"):
-        return nb201_codec(getattr(space, "op_names", NB201_OPS))
-    if module.endswith("darts"):
-        return darts_codec(space.primitives, getattr(space, "steps", 4))
-    raise TypeError(f"no discrete codec known for space of type {type(space).__name__}; "
-                    "give the space a `codec()` method returning a CategoricalCodec")
+    """The codec of a search space: ``space.codec()`` (every space of the protocol has one)."""
+    return space.codec()

@@ -20,6 +20,7 @@ import numpy as np
 
 from diffnas_jax._checks import check_int_in_range
 from .table import CostTable
+from diffnas_jax.spaces.base import SearchSpace
 
 PyTree = Any
 
@@ -119,12 +120,12 @@ _PROFILERS = {"nb201": _nb201_profile, "mbconv": _mbconv_profile}
 
 
 def register_latency_profiler(kind: str, profiler: Callable[..., Any]) -> None:
-    """Add a profiler for a space kind: ``profiler(space, input_shape, batch_size, repeats, warmup,
+    """Add a profiler for a registered space name (:mod:`diffnas_jax.spaces.registry`): ``profiler(space, input_shape, batch_size, repeats, warmup,
     dtype) -> (per_choice, constant_ms, entries)``."""
     _PROFILERS[kind] = profiler
 
 
-def profile_latency(space: Any, input_shape: Sequence[int], repeats: int = 20, *, warmup: int = 3,
+def profile_latency(space: SearchSpace, input_shape: Sequence[int], repeats: int = 20, *, warmup: int = 3,
                     batch_size: int = 1, dtype=jnp.float32) -> CostTable:
     """Measure a latency look-up table for ``space`` on the current default device.
 
@@ -146,14 +147,18 @@ def profile_latency(space: Any, input_shape: Sequence[int], repeats: int = 20, *
       A :class:`CostTable` with ``metric="latency"``, ``unit="ms"`` and ``meta`` holding the device,
       shapes and the raw per-op entries; save it with :func:`diffnas_jax.cost.save_table`.
     """
-    from . import space_kind
+    from diffnas_jax.spaces.registry import name_of
 
     check_int_in_range("batch_size", batch_size, 1, 1 << 20)
     if len(tuple(input_shape)) != 3:
         raise ValueError(f"`input_shape` must be (H, W, C_in), got {tuple(input_shape)}")
-    kind = space_kind(space)
+    try:
+        kind = name_of(space)
+    except ValueError:
+        kind = type(space).__name__
     if kind not in _PROFILERS:
-        raise ValueError(f"no latency profiler for {kind!r} spaces; available: {sorted(_PROFILERS)}")
+        raise ValueError(f"no latency profiler for {kind!r} spaces; available: {sorted(_PROFILERS)} "
+                         "(register_latency_profiler adds one for a registered space name)")
     per_choice, const, entries = _PROFILERS[kind](space, tuple(int(v) for v in input_shape), batch_size,
                                                   repeats, warmup, dtype)
     meta = {"device": _device(), "jax": jax.__version__, "space": kind, "input_shape": list(input_shape),

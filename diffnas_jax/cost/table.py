@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffnas_jax.spaces.base import ARCH_PASSTHROUGH_KEY
+from diffnas_jax.spaces.base import SearchSpace, strip_passthrough
 
 PyTree = Any
 FORMAT = "diffnas_jax.cost_table/1"
@@ -53,11 +53,20 @@ class CostTable:
                          self.metric, self.unit, self.meta_json)
 
 
-def strip_passthrough(tree: PyTree) -> PyTree:
-    """``tree`` without any ``"beta"`` subtree (the PC-DARTS edge-normalisation logits)."""
-    if isinstance(tree, dict):
-        return {k: strip_passthrough(v) for k, v in tree.items() if k != ARCH_PASSTHROUGH_KEY}
-    return tree
+STATIC_METRICS = ("flops", "params")
+
+
+def analytic_table(per_choice: PyTree, constant: float, metric: str) -> CostTable:
+    """A :class:`CostTable` of an analytic model (``metric`` ``"flops"`` in MAC or ``"params"``);
+    ``ValueError`` naming ``metric`` otherwise (latency tables come from ``profile_latency``)."""
+    check_static_metric(metric)
+    return CostTable(jax.tree_util.tree_map(jnp.asarray, per_choice), float(constant), metric,
+                     "MAC" if metric == "flops" else "count")
+
+
+def check_static_metric(metric: str) -> None:
+    if metric not in STATIC_METRICS:
+        raise ValueError(f"unknown `metric` {metric!r}; expected 'flops' or 'params' (latency: profile_latency)")
 
 
 def expected_cost_of_mix(mix: PyTree, table: CostTable) -> jax.Array:
@@ -82,7 +91,7 @@ def expected_cost_of_mix(mix: PyTree, table: CostTable) -> jax.Array:
     return total + jnp.asarray(table.constant, total.dtype)
 
 
-def expected_cost(space: Any, mix: PyTree, table: CostTable) -> jax.Array:
+def expected_cost(space: SearchSpace, mix: PyTree, table: CostTable) -> jax.Array:
     """Expected FLOPs / parameters / latency of the relaxed architecture ``mix`` on ``space``.
 
     Linear in the mixing weights (so ``jax.grad`` gives each candidate's cost); for a one-hot
@@ -91,16 +100,14 @@ def expected_cost(space: Any, mix: PyTree, table: CostTable) -> jax.Array:
     two inputs per node), the usual supernet-level surrogate.
 
     Args:
-      space: the search space (checked against ``mix`` when it has ``arch_shapes``).
+      space: the search space (``mix`` is checked against its ``arch_shapes``).
       mix: mixing weights (a relaxation's output).
       table: the space's :class:`CostTable` (:func:`diffnas_jax.cost.cost_table` or
         :func:`diffnas_jax.cost.profile_latency`).
     """
-    shapes = getattr(space, "arch_shapes", None)
-    if shapes is not None:
-        from diffnas_jax.spaces.base import check_mix_matches
+    from diffnas_jax.spaces.base import check_mix_matches
 
-        check_mix_matches(strip_passthrough(shapes), strip_passthrough(mix))
+    check_mix_matches(strip_passthrough(space.arch_shapes), strip_passthrough(mix))
     return expected_cost_of_mix(mix, table)
 
 

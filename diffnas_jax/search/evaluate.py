@@ -18,29 +18,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["EvalConfig", "EVAL_PRESETS", "make_eval_network", "train_and_evaluate", "count_flops",
+from diffnas_jax.spaces import registry
+from diffnas_jax.spaces.base import EvalNetwork
+
+__all__ = ["EvalConfig", "make_eval_network", "train_and_evaluate", "count_flops",
            "random_genotypes"]
-
-EVAL_PRESETS: dict[str, dict[str, Any]] = {
-    "nb201": {"C": 8, "N": 1},
-    "darts": {"C": 8, "layers": 3},
-    "mbconv": {"widths": (8, 8, 16, 16, 32, 32), "stem_width": 8, "first_width": 8, "head_width": 64},
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """The from-scratch training protocol.
 
     Attributes:
-      space: ``nb201`` | ``darts`` | ``mbconv`` (how to read the genotype).
+      space: a name of :func:`diffnas_jax.spaces.registry.list_spaces` (how to read the genotype).
       dataset, data_dir, data_seed: the data (same split as the search).
       epochs, batch_size, lr, momentum, weight_decay, grad_clip: SGD with a cosine schedule.
       seed: initialisation and data-order seed.
-      channels, layers: network size (``None``: :data:`EVAL_PRESETS`).
+      channels, layers: network size (``None``: the space's evaluation preset in
+        :mod:`diffnas_jax.spaces.registry`).
       augment: random crop (+ flip when the dataset allows).
       cutout: cutout square side (0: off; ``None``: 16 for 32x32 images, else 0).
-      drop_path_prob: DARTS networks only, increased linearly over training.
+      drop_path_prob: increased linearly over training; only for networks that take it (DARTS):
+        a positive value for another space is a ``ValueError``.
     """
 
     space: str = "nb201"
@@ -70,40 +68,15 @@ class EvalConfig:
 
 
 def make_eval_network(space: str, genotype: Any, num_classes: int, *, channels: int | None = None,
-                      layers: int | None = None, drop_path_prob: float = 0.0) -> Any:
-    """The discrete network of ``genotype`` (``nb201.eval_network`` / ``darts.eval_network``)."""
-    kw = dict(EVAL_PRESETS.get(space, {}))
-    if channels is not None:
-        kw["C"] = channels
-    if space == "nb201":
-        from diffnas_jax.spaces import nb201
-
-        if layers is not None:
-            kw["N"] = layers
-        return nb201.eval_network(str(genotype), num_classes=num_classes, **kw)
-    if space == "darts":
-        from diffnas_jax.spaces import darts
-
-        if layers is not None:
-            kw["layers"] = layers
-        return darts.eval_network(genotype, num_classes=num_classes, auxiliary=False,
-                                  drop_path_prob=drop_path_prob, **kw)
-    import importlib
-
-    mod = importlib.import_module(f"diffnas_jax.spaces.{space}")
-    if not hasattr(mod, "eval_network"):
-        raise ValueError(f"space {space!r} has no eval_network: cannot train its genotypes from scratch")
-    if isinstance(genotype, str):  # a layer-wise genotype as written in result.json: "['op', ...]"
-        import ast
-
-        try:
-            genotype = list(ast.literal_eval(genotype))
-        except (ValueError, SyntaxError):
-            raise ValueError(f"`genotype` {genotype!r} is not a list of op names of space {space!r}") from None
-    return mod.eval_network(genotype, num_classes=num_classes, **kw)
+                      layers: int | None = None, drop_path_prob: float = 0.0) -> EvalNetwork:
+    """The discrete network of ``genotype`` in the registered space ``space``
+    (:func:`diffnas_jax.spaces.registry.make_eval_network`); ``drop_path_prob`` is passed only
+    when positive, so a space without drop-path rejects it instead of ignoring it."""
+    size = {"drop_path_prob": drop_path_prob} if drop_path_prob > 0 else {}
+    return registry.make_eval_network(space, genotype, num_classes, channels=channels, layers=layers, **size)
 
 
-def count_flops(net: Any, weights: Any, state: Any, image_shape: tuple[int, ...]) -> float:
+def count_flops(net: EvalNetwork, weights: Any, state: Any, image_shape: tuple[int, ...]) -> float:
     """Floating-point operations of one image's forward pass, from XLA's cost analysis of the
     lowered (not compiled) program; a multiply-add counts as 2."""
     x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
@@ -116,9 +89,7 @@ def count_flops(net: Any, weights: Any, state: Any, image_shape: tuple[int, ...]
 
 def random_genotypes(space: str, num: int, seed: int, num_classes: int = 10, **space_kwargs: Any) -> list[Any]:
     """``num`` uniformly random genotypes of ``space`` (distinct when the space allows)."""
-    from .driver import make_space
-
-    sp = make_space(space, num_classes, **space_kwargs)
+    sp = registry.make_space(space, num_classes, **space_kwargs)
     key = jax.random.key(seed)
     out, seen = [], set()
     tries = 0
@@ -175,7 +146,7 @@ def train_and_evaluate(genotype: Any, config: EvalConfig, dataset: Any = None, *
     h = dataset.image_shape[0]
     pad = max(1, h // 8)
     cut = (16 if h == 32 else 0) if config.cutout is None else config.cutout
-    use_dp = config.space == "darts" and config.drop_path_prob > 0
+    use_dp = config.drop_path_prob > 0  # make_eval_network refused it where the network has no drop-path
 
     def loss_fn(w, s, x, y, k, progress_frac):
         kw = {"drop_path_prob": config.drop_path_prob * progress_frac} if use_dp else {}
@@ -253,3 +224,13 @@ def _format(genotype: Any) -> str:
         return format_genotype(genotype)
     except Exception:  # a foreign Genotype-like object
         return str(genotype)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EVAL_PRESETS":
+        import warnings
+
+        warnings.warn("diffnas_jax.search.evaluate.EVAL_PRESETS is deprecated: use "
+                      "diffnas_jax.spaces.registry.eval_preset(name)", DeprecationWarning, stacklevel=2)
+        return {n: registry.eval_preset(n) for n in registry.list_spaces()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

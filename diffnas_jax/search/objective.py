@@ -1,7 +1,7 @@
 """Search objectives: what the two losses of a search step are, as a pair of pure functions.
 
 Most methods only change the validation (architecture) loss additively, which
-``make_step(regularizer=...)`` covers. Some do not: FBNet multiplies the cross-entropy by a
+``standard(loss_fn, regularizer)`` covers. Some do not: FBNet multiplies the cross-entropy by a
 latency term, ProxylessNAS / Single-Path NAS combine the cross-entropy with an expected cost of
 the mixing weights, and SD-DARTS distils the supernet from its own earlier snapshots, which needs
 state carried from step to step and a forward pass of other weights on the same batch. An
@@ -107,9 +107,9 @@ def cost_aware(combine: Callable[[jax.Array, jax.Array], jax.Array], cost_fn: Ca
                loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy) -> Objective:
     """Resource-aware architecture loss ``combine(ce, cost_fn(mix))`` on the validation split.
 
-    ``combine`` is one of :func:`diffnas_jax.objectives.fbnet_loss` (``CE * a * log(LAT)^b``, Wu
-    et al., CVPR 2019), :func:`~diffnas_jax.objectives.proxyless_loss` (``CE + lambda E[LAT]``, Cai
-    et al., ICLR 2019) or :func:`~diffnas_jax.objectives.single_path_loss` (``CE + lambda log R``,
+    ``combine`` is one of :func:`diffnas_jax.regularizers.fbnet_loss` (``CE * a * log(LAT)^b``, Wu
+    et al., CVPR 2019), :func:`~diffnas_jax.regularizers.proxyless_loss` (``CE + lambda E[LAT]``, Cai
+    et al., ICLR 2019) or :func:`~diffnas_jax.regularizers.single_path_loss` (``CE + lambda log R``,
     Stamoulis et al., 2019); ``cost_fn(mix)`` a differentiable expected cost, e.g.
     ``lambda mix: diffnas_jax.cost.expected_cost_of_mix(mix, table)``. The weight loss stays the
     plain cross-entropy, as in those papers.
@@ -134,7 +134,7 @@ def with_self_distillation(distillation: Any, base: Objective | None = None, *, 
     via Self-Distillation", Neural Networks 2023) to ``base`` (default :func:`standard`).
 
     The state is a ring buffer of the supernet's last ``K`` snapshots (``distillation`` from
-    :func:`diffnas_jax.objectives.self_distillation`), pushed after every ``every``-th weight step
+    :func:`diffnas_jax.regularizers.self_distillation`), pushed after every ``every``-th weight step
     (1: the previous K steps, the paper's "previous steps of the supernet"). On the chosen
     ``splits`` the loss gains ``weight * T^2 KL(voted teachers || student)``, the teachers
     evaluated in eval mode on the same batch and under the same mixing weights, with ``vmap``
@@ -142,7 +142,7 @@ def with_self_distillation(distillation: Any, base: Objective | None = None, *, 
     """
     for name in ("init", "push", "teacher_probs", "loss"):
         if not hasattr(distillation, name):
-            raise TypeError("`distillation` must come from diffnas_jax.objectives.self_distillation, "
+            raise TypeError("`distillation` must come from diffnas_jax.regularizers.self_distillation, "
                             f"got {type(distillation).__name__}")
     check_int_in_range("every", every, 1, 10**9)
     splits = tuple(splits)

@@ -16,17 +16,17 @@ it at the updated architecture exactly as the DARTS reference code does.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.tree_util import DictKey
 
 from .._checks import check_positive
 from ..hypergrad import Hypergradient
 from ..hypergrad._core import grad_w
-from ..spaces.base import ARCH_PASSTHROUGH_KEY
+from ..spaces.base import SearchSpace, choice_leaves
 from .objective import LossContext, Objective, cross_entropy, standard
 from .state import SearchState
 
@@ -47,9 +47,7 @@ def arch_entropy(arch: PyTree) -> jax.Array:
     The ``"beta"`` subtree (edge-normalisation logits) is not a categorical choice and is skipped.
     """
     ents = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(arch):
-        if any(isinstance(p, DictKey) and p.key == ARCH_PASSTHROUGH_KEY for p in path):
-            continue
+    for leaf in choice_leaves(arch):
         logp = jax.nn.log_softmax(leaf, axis=-1)
         ents.append(-jnp.sum(jnp.exp(logp) * logp, axis=-1).reshape(-1))
     if not ents:
@@ -87,13 +85,13 @@ def _clip_by_global_norm(g: PyTree, max_norm: float | None) -> tuple[PyTree, jax
     return jax.tree.map(lambda x: (x * coef).astype(x.dtype), g), norm
 
 
-def make_step(space: Any, relaxation: Callable[[PyTree, jax.Array, Any], PyTree],
+def make_step(space: SearchSpace, relaxation: Callable[[PyTree, jax.Array, Any], PyTree],
               hypergradient: Hypergradient, weight_opt: optax.GradientTransformation,
               arch_opt: optax.GradientTransformation, *,
-              loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
-              weight_grad_clip: float | None = 5.0, reuse_train_grad: bool = True,
-              regularizer: Callable[[PyTree, PyTree, Any], jax.Array] | None = None,
               objective: Objective | None = None,
+              weight_grad_clip: float | None = 5.0, reuse_train_grad: bool = True,
+              loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+              regularizer: Callable[[PyTree, PyTree, Any], jax.Array] | None = None,
               ) -> Callable[..., tuple[SearchState, dict[str, jax.Array]]]:
     """Build the pure search step for one combination of the four axes.
 
@@ -104,16 +102,15 @@ def make_step(space: Any, relaxation: Callable[[PyTree, jax.Array, Any], PyTree]
       hypergradient: an estimator from :mod:`diffnas_jax.hypergrad`.
       weight_opt, arch_opt: optax optimizers (DARTS: SGD momentum 0.9 + weight decay 3e-4 with a
         cosine schedule; Adam 3e-4, betas (0.5, 0.999), weight decay 1e-3).
-      loss_fn: ``loss_fn(logits, labels) -> scalar`` (default mean cross-entropy).
       weight_grad_clip: global-norm clip of the weight gradient (DARTS: 5); ``None`` disables.
       reuse_train_grad: reuse the estimator's training gradient for the weight step (see the
         module docstring).
-      regularizer: optional ``regularizer(arch, mix, step) -> scalar`` added to the validation
-        (architecture) loss, e.g. a cost model or an arch regulariser.
-      objective: a :class:`~diffnas_jax.search.objective.Objective` for losses that are not
-        ``loss_fn`` plus an additive regulariser (FBNet's multiplicative latency loss, SD-DARTS
-        self-distillation, ...); its state lives in ``SearchState.objective_state`` (give the same
-        objective to ``init_search_state``). Exclusive with ``loss_fn`` / ``regularizer``.
+      objective: the two losses, a :class:`~diffnas_jax.search.objective.Objective` (default
+        :func:`~diffnas_jax.search.objective.standard`: mean cross-entropy; ``standard(loss_fn,
+        regularizer)`` adds a regulariser to the architecture loss; FBNet's multiplicative
+        latency loss, SD-DARTS self-distillation, ... are objectives too); its state lives in
+        ``SearchState.objective_state`` (give the same objective to ``init_search_state``).
+      loss_fn, regularizer: deprecated (one release): ``objective=standard(loss_fn, regularizer)``.
     Returns:
       ``step(search_state, batch_train, batch_val, key=None) -> (search_state, metrics)``;
       batches are ``(x, labels)`` tuples; ``key=None`` uses and advances ``search_state.key``.
@@ -133,11 +130,16 @@ def make_step(space: Any, relaxation: Callable[[PyTree, jax.Array, Any], PyTree]
         raise TypeError(f"`relaxation` must be callable (arch, key, step) -> mix, got {type(relaxation).__name__}")
     if weight_grad_clip is not None:
         check_positive("weight_grad_clip", weight_grad_clip)
-    if objective is None:
-        objective = standard(loss_fn, regularizer)
-    elif loss_fn is not cross_entropy or regularizer is not None:
-        raise ValueError("give either `objective` or `loss_fn` / `regularizer`, not both "
-                         "(build the objective from them: diffnas_jax.search.objective.standard)")
+    if loss_fn is not None or regularizer is not None:
+        if objective is not None:
+            raise ValueError("give either `objective` or `loss_fn` / `regularizer`, not both "
+                             "(build the objective from them: diffnas_jax.search.objective.standard)")
+        warnings.warn("make_step(loss_fn=..., regularizer=...) is deprecated: pass "
+                      "objective=diffnas_jax.search.objective.standard(loss_fn, regularizer)",
+                      DeprecationWarning, stacklevel=2)
+        objective = standard(loss_fn or cross_entropy, regularizer)
+    elif objective is None:
+        objective = standard(cross_entropy)
     elif not isinstance(objective, Objective):
         raise TypeError(f"`objective` must be a diffnas_jax.search.objective.Objective, got {type(objective).__name__}")
 

@@ -7,13 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffnas_jax.spaces.base import ARCH_PASSTHROUGH_KEY
+from diffnas_jax.spaces.base import SearchSpace, is_passthrough_path, map_choices
 
 PyTree = Any
-
-
-def _is_passthrough(path) -> bool:
-    return any(isinstance(p, jax.tree_util.DictKey) and p.key == ARCH_PASSTHROUGH_KEY for p in path)
 
 
 class ArchLayout:
@@ -28,7 +24,7 @@ class ArchLayout:
         if not flat:
             raise ValueError("`arch` has no leaves")
         self.paths = [jax.tree_util.keystr(p) for p, _ in flat]
-        self.passthrough = [_is_passthrough(p) for p, _ in flat]
+        self.passthrough = [is_passthrough_path(p) for p, _ in flat]
         self.shapes = [tuple(jnp.shape(v)) for _, v in flat]
         self.choice = [i for i, pt in enumerate(self.passthrough) if not pt]
         if not self.choice:
@@ -71,46 +67,18 @@ class ArchLayout:
 
 def default_relaxation(arch: PyTree, key: jax.Array | None = None, step: Any = 0) -> PyTree:
     """DARTS softmax over the last axis of every categorical leaf; ``"beta"`` copied unchanged."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(arch)
-    return jax.tree_util.tree_unflatten(
-        treedef, [v if _is_passthrough(p) else jax.nn.softmax(v, axis=-1) for p, v in flat])
+    return map_choices(lambda v: jax.nn.softmax(v, axis=-1), arch)
 
 
-_OP_NAME_ATTRS = ("op_names", "primitives", "candidates", "ops")
-
-
-def candidate_names(space: Any, layout: ArchLayout, j: int) -> tuple[str, ...] | None:
-    """The names of the candidates of choice leaf ``j`` when the space publishes them.
-
-    Looks for ``space.candidate_names(path)`` (a method), or a sequence / mapping of names under
-    one of ``op_names``, ``primitives``, ``candidates``, ``ops`` whose length matches the leaf.
-    """
+def candidate_names(space: SearchSpace, layout: ArchLayout, j: int) -> tuple[str, ...]:
+    """The names of the candidates of choice leaf ``j`` (``space.candidate_names(path)``);
+    ``ValueError`` when the space gives a different number of names than the leaf has."""
     k = layout.shapes[layout.choice[j]][-1]
     path = layout.paths[layout.choice[j]]
-    fn = getattr(space, "candidate_names", None)
-    if callable(fn):
-        try:
-            names = fn(path)
-            if names is not None and len(names) == k:
-                return tuple(str(n) for n in names)
-        except Exception:  # noqa: BLE001 - an optional hook; fall back to attributes
-            pass
-    for attr in _OP_NAME_ATTRS:
-        value = getattr(space, attr, None)
-        if value is None or callable(value):
-            continue
-        if isinstance(value, dict):
-            for key, names in value.items():
-                if str(key) in path and len(names) == k:
-                    return tuple(str(n) for n in names)
-            continue
-        try:
-            names = tuple(value)
-        except TypeError:
-            continue
-        if len(names) == k and all(isinstance(n, str) for n in names):
-            return names
-    return None
+    names = tuple(str(n) for n in space.candidate_names(path))
+    if len(names) != k:
+        raise ValueError(f"space.candidate_names({path!r}) gives {len(names)} names, the arch leaf has {k} candidates")
+    return names
 
 
 EMPTY_NAMES = ("none", "zero", "zeroize")

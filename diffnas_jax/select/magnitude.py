@@ -9,11 +9,12 @@ import numpy as np
 
 from diffnas_jax._checks import check_choice
 from ._tree import EMPTY_NAMES, ArchLayout, candidate_names
+from diffnas_jax.spaces.base import SearchSpace
 
 PyTree = Any
 
 
-def argmax(space: Any, arch: PyTree) -> Any:
+def argmax(space: SearchSpace, arch: PyTree) -> Any:
     """Magnitude selection: the candidate with the largest weight on every decision.
 
     The space applies its own rule (Liu et al., DARTS, ICLR 2019: per node the two incoming
@@ -49,7 +50,7 @@ _ACTIVATIONS = {
 }
 
 
-def threshold(space: Any, arch: PyTree, threshold: float = 0.85, activation: str = "sigmoid",
+def threshold(space: SearchSpace, arch: PyTree, threshold: float = 0.85, activation: str = "sigmoid",
               *, drop_logit: float = -1e4) -> ThresholdResult:
     """Threshold decoding: keep the candidates whose weight reaches ``threshold``.
 

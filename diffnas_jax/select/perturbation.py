@@ -24,6 +24,7 @@ import numpy as np
 
 from diffnas_jax._checks import check_choice
 from ._tree import ArchLayout, default_relaxation
+from diffnas_jax.spaces.base import SearchSpace
 
 PyTree = Any
 
@@ -57,9 +58,9 @@ class PerturbationResult(NamedTuple):
     state: PyTree
 
 
-def _topology_groups(space: Any, layout: ArchLayout) -> list:
+def _topology_groups(space: SearchSpace, layout: ArchLayout) -> list:
     """Per choice leaf, the space's ``[(rows, keep), ...]`` node groups, or ``None``."""
-    declared = space.topology_groups() if hasattr(space, "topology_groups") else {}
+    declared = space.topology_groups()
     out = []
     for j, i in enumerate(layout.choice):
         groups = None
@@ -95,7 +96,7 @@ def _make_evaluator(space, layout: ArchLayout, train: bool, metric: Callable):
     return jax.jit(evaluate, static_argnums=(4,))
 
 
-def perturbation(space: Any, weights: PyTree, state: PyTree, arch: PyTree,
+def perturbation(space: SearchSpace, weights: PyTree, state: PyTree, arch: PyTree,
                  relaxation: Callable[..., PyTree] | None, batches: Iterable[tuple[jax.Array, jax.Array]], *,
                  key: jax.Array | None = None, step: Any = 0,
                  finetune: Callable[[PyTree, PyTree, PyTree, jax.Array], tuple[PyTree, PyTree]] | None = None,

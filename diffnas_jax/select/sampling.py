@@ -9,11 +9,12 @@ import numpy as np
 
 from diffnas_jax._checks import check_int_in_range
 from ._tree import ArchLayout
+from diffnas_jax.spaces.base import SearchSpace
 
 PyTree = Any
 
 
-def sample(space: Any, arch: PyTree, key: jax.Array, num_samples: int, *,
+def sample(space: SearchSpace, arch: PyTree, key: jax.Array, num_samples: int, *,
            score_fn: Callable[[Any], float] | None = None, temperature: float = 1.0,
            log_probs: Callable[[PyTree], PyTree] | None = None, unique: bool = False) -> list:
     """Genotypes sampled from the categorical distributions the search learned.

@@ -1,16 +1,17 @@
 """Search spaces: DARTS cell, NAS-Bench-201 cell, MobileNetV2 MBConv layers, user-defined.
 
-Each space follows the protocol in :mod:`diffnas_jax.spaces.base`. Submodules are imported
-lazily: ``diffnas_jax.spaces.darts.search_space(...)``.
+Each space implements the whole :class:`~diffnas_jax.spaces.base.SearchSpace` protocol and is
+registered by name in :mod:`diffnas_jax.spaces.registry` (``make_space("darts", ...)``).
+Submodules are imported lazily: ``diffnas_jax.spaces.darts.search_space(...)``.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from .base import ARCH_PASSTHROUGH_KEY, SearchSpace, check_mix_matches
+from .base import ARCH_PASSTHROUGH_KEY, CATEGORICAL, PASSTHROUGH, EvalNetwork, SearchSpace, check_mix_matches
 
-_SUBMODULES = ("darts", "nb201", "mbconv", "layers", "user")
+_SUBMODULES = ("darts", "nb201", "mbconv", "layers", "user", "registry")
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +19,6 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f"{__name__}.{name}")
     if name in ("from_module", "fix"):
         return getattr(importlib.import_module(f"{__name__}.user"), name)
+    if name in ("make_space", "make_eval_network", "list_spaces", "register_space", "get_space"):
+        return getattr(importlib.import_module(f"{__name__}.registry"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .base import ARCH_PASSTHROUGH_KEY, check_mix_matches
-from .darts_ops import (FactorizedReduce, ReLUConvBN, flax_to_torch_leaf, is_identity, make_op,
-                        torch_to_flax_leaf)
+from .base import (ARCH_PASSTHROUGH_KEY, SpaceDefaults, check_mix_matches, check_size_kwargs, leaf_candidates,
+                   leaf_key)
+from . import scaffold
+from .darts_ops import FactorizedReduce, ReLUConvBN, is_identity, make_op
 from .genotypes import (EVAL_OPS, GENOTYPES, PRIMITIVES, Genotype, format_genotype, get_genotype,
                         parse_genotype, validate_genotype)
 from .layers import BatchNorm2d, Conv2d, Linear, avg_pool, channel_shuffle, global_avg_pool, max_pool
@@ -73,20 +74,11 @@ def _reductions(layers: int) -> list[int]:
     return [i for i in range(layers) if i in (layers // 3, 2 * layers // 3)]
 
 
-def _check_input(x: Any, layers: int, name: str = "x") -> Array:
-    x = jnp.asarray(x)
-    if x.ndim != 4:
-        raise ValueError(f"`{name}` must be an NHWC batch (4 dimensions), got shape {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"`{name}` must be a floating array, got dtype {x.dtype}")
+def _check_input(x: Any, layers: int, where: str) -> Array:
     r = len(set(_reductions(layers)))
-    h, w = x.shape[1], x.shape[2]
-    if r and (h % 2 ** r or w % 2 ** r or h < 2 ** r or w < 2 ** r):
-        raise ValueError(
-            f"`{name}` has spatial size {h}x{w}, which cannot be reduced {r} times by the network's "
-            f"reduction cells (layers {_reductions(layers)}): FactorizedReduce needs even sizes, so "
-            f"height and width must be positive multiples of {2 ** r}")
-    return x
+    return scaffold.check_nhwc(x, where, multiple=2 ** r,
+                               why=f"the {r} reduction cells (layers {_reductions(layers)}) halve it with "
+                                   "FactorizedReduce, which needs even sizes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,81 +192,25 @@ class SearchNetwork(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # state_dict conversion
 # ---------------------------------------------------------------------------------------------
-def _path_keys(path) -> tuple[str, ...]:
-    return tuple(getattr(p, "key", getattr(p, "name", str(p))) for p in path)
+def _reference_names(steps: int) -> scaffold.NameMap:
+    """PyTorch module paths of a Flax module path: a group ``edges_from_j`` (the edges leaving
+    state ``j``, stacked along a leading axis) unstacks to the reference ``_ops.E``."""
+    def names(keys: tuple[str, ...]) -> list[tuple[str, int | None]]:
+        for g, k in enumerate(keys):
+            if k.startswith("edges_from_"):
+                j = int(k[len("edges_from_"):])
+                prefix, rest = ".".join(keys[:g]), ".".join(keys[g + 1:])
+                return [(f"{prefix}._ops.{e}.{rest}", p) for p, e in enumerate(_group_edges(j, steps))]
+        return [(".".join(keys), None)]
 
-
-def _reference_entries(keys: tuple[str, ...], steps: int) -> list[tuple[str, int | None]]:
-    """Reference names of one Flax leaf: ``[(name, edge_position_or_None), ...]``."""
-    leaf = keys[-1]
-    if any(k.startswith("edges_from_") for k in keys):
-        g = next(n for n, k in enumerate(keys) if k.startswith("edges_from_"))
-        j = int(keys[g][len("edges_from_"):])
-        prefix = ".".join(keys[:g])
-        rest = ".".join(keys[g + 1:-1])
-        return [(f"{prefix}._ops.{e}.{rest}.{leaf}", p) for p, e in enumerate(_group_edges(j, steps))]
-    return [(".".join(keys[:-1]) + "." + leaf, None)]
-
-
-def _to_reference(weights: PyTree, state: PyTree, steps: int) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for tree in (weights, state):
-        for path, value in jax.tree_util.tree_leaves_with_path(tree):
-            keys = _path_keys(path)
-            value = np.asarray(value)
-            for name, pos in _reference_entries(keys, steps):
-                v = value if pos is None else value[pos]
-                tleaf, tv = flax_to_torch_leaf(keys[-1], v)
-                out[name.rsplit(".", 1)[0] + "." + tleaf] = tv
-    return out
-
-
-def _torch_leaf_name(flax_leaf: str) -> str:
-    return {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}.get(
-        flax_leaf, flax_leaf)
-
-
-def _from_reference(template: tuple[PyTree, PyTree], state_dict: dict, steps: int, where: str):
-    sd = {k: np.asarray(v) for k, v in dict(state_dict).items()}
-    used: set[str] = set()
-
-    def build(tree):
-        def one(path, leaf):
-            keys = _path_keys(path)
-            arrays = []
-            for name, pos in _reference_entries(keys, steps):
-                tname = name.rsplit(".", 1)[0] + "." + _torch_leaf_name(keys[-1])
-                if tname not in sd:
-                    raise ValueError(f"{where}.from_reference: state_dict lacks {tname!r}")
-                used.add(tname)
-                arr = torch_to_flax_leaf(keys[-1], sd[tname])
-                expect = leaf.shape if pos is None else leaf.shape[1:]
-                if tuple(arr.shape) != tuple(expect):
-                    raise ValueError(f"{where}.from_reference: {tname!r} has shape {sd[tname].shape}, which does not "
-                                     f"match this network (expected {expect} after layout conversion)")
-                arrays.append(arr)
-            stacked = _reference_entries(keys, steps)[0][1] is not None
-            return jnp.asarray(np.stack(arrays) if stacked else arrays[0])
-        return jax.tree_util.tree_map_with_path(one, tree)
-
-    weights, state = build(template[0]), build(template[1])
-    extra = sorted(set(sd) - used)
-    if extra:
-        raise ValueError(f"{where}.from_reference: unexpected state_dict entries {extra[:5]}"
-                         f"{' ...' if len(extra) > 5 else ''} (arch parameters are not part of the state_dict here)")
-    return weights, state
-
-
-def _split_variables(variables) -> tuple[PyTree, PyTree]:
-    variables = dict(variables)
-    return dict(variables.get("params", {})), dict(variables.get("batch_stats", {}))
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
 # The search space object
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class DartsSearchSpace:
+class DartsSearchSpace(SpaceDefaults):
     """DARTS cell search space (see :func:`search_space`); methods are pure functions."""
     C: int = 16
     num_classes: int = 10
@@ -313,7 +249,7 @@ class DartsSearchSpace:
         """Weights and BatchNorm state for NHWC example batch ``x`` (PyTorch default init:
         U(+-1/sqrt(fan_in)) convolutions and linear layers, BN scale 1, bias 0, mean 0, var 1).
         Jit-compiled; vmaps over ``key``."""
-        x = _check_input(x, self.layers)
+        x = _check_input(x, self.layers, "darts.init")
         return _init_search(self, key, x)
 
     def init_arch(self, key: Array) -> dict:
@@ -336,18 +272,13 @@ class DartsSearchSpace:
         BatchNorm state (updated running statistics when ``train``; unchanged otherwise).
         ``rng`` is unused (the supernet is deterministic)."""
         check_mix_matches(self.arch_shapes, mix, name="mix")
-        x = _check_input(x, self.layers)
+        x = _check_input(x, self.layers, "darts.apply")
         e_normal = e_reduce = None
         if self.edge_normalization:
             e_normal = edge_weights(mix[ARCH_PASSTHROUGH_KEY]["normal"], self.steps)
             e_reduce = edge_weights(mix[ARCH_PASSTHROUGH_KEY]["reduce"], self.steps)
-        variables = {"params": weights, "batch_stats": state}
-        model = self.module(bool(train))
-        if train:
-            logits, upd = model.apply(variables, x, mix["normal"], mix["reduce"], e_normal, e_reduce,
-                                      mutable=["batch_stats"])
-            return logits, upd["batch_stats"]
-        return model.apply(variables, x, mix["normal"], mix["reduce"], e_normal, e_reduce), state
+        return scaffold.flax_apply(self.module(bool(train)), weights, state, x, mix["normal"], mix["reduce"],
+                                   e_normal, e_reduce, train=bool(train))
 
     def genotype(self, arch: PyTree) -> Genotype:
         """The reference rule: per node the two incoming edges with the largest best non-``none``
@@ -438,19 +369,59 @@ class DartsSearchSpace:
 
         return darts_codec(self.primitives, self.steps)
 
-    def eval_network(self, genotype: Genotype | str, **kwargs) -> "DartsEvalNetwork":
-        """The evaluation network of ``genotype`` (see :func:`eval_network`)."""
-        return eval_network(genotype, **kwargs)
+    def candidate_names(self, leaf: str) -> tuple[str, ...]:
+        """The primitives of the ``"normal"`` and ``"reduce"`` leaves (keystr paths)."""
+        return leaf_candidates("darts.candidate_names", leaf,
+                               {leaf_key("normal"): self.primitives, leaf_key("reduce"): self.primitives})
+
+    def eval_network(self, genotype: Genotype | str, **size: Any) -> "DartsEvalNetwork":
+        """The evaluation network (``NetworkCIFAR``) of ``genotype`` (see :func:`eval_network`:
+        the paper's C=36, 20 layers unless ``size`` gives ``C``, ``layers``, ``num_classes``
+        (default: this space's), ``auxiliary``, ``drop_path_prob``)."""
+        check_size_kwargs("darts.eval_network", size, _EVAL_SIZE)
+        return eval_network(genotype, **{"num_classes": self.num_classes, **size})
+
+    # -- cost ----------------------------------------------------------------------------------
+    def _cost_size(self, input_shape, size, where) -> dict:
+        check_size_kwargs(where, size, ("C", "layers", "num_classes", "stem_multiplier", "auxiliary"))
+        return {"C": self.C, "layers": self.layers, "num_classes": self.num_classes,
+                "stem_multiplier": self.stem_multiplier, **size,
+                "input_shape": tuple(input_shape) if input_shape is not None else (32, 32, 3)}
+
+    def cost_table(self, input_shape: Sequence[int] | None = None, metric: str = "flops", **size: Any):
+        """:class:`~diffnas_jax.cost.CostTable` ``{"normal": (E, O), "reduce": (E, O)}``: every
+        supernet edge's candidate costs summed over the normal (reduction) cells (analytic; the
+        space's ``C``/``layers`` unless ``size`` overrides them)."""
+        from diffnas_jax.cost.analytic import darts_cost_table
+        from diffnas_jax.cost.table import analytic_table, check_static_metric
+
+        check_static_metric(metric)
+        cfg = self._cost_size(input_shape, size, "darts.cost_table")
+        per, const = darts_cost_table(metric=metric, steps=self.steps, multiplier=self.multiplier,
+                                      primitives=self.primitives, **cfg)
+        return analytic_table(per, const, metric)
+
+    def network_cost(self, genotype: Genotype | str, input_shape: Sequence[int] | None = None, **size: Any):
+        """:class:`~diffnas_jax.cost.Cost` of the evaluation network of ``genotype`` at this
+        space's ``C``/``layers`` unless ``size`` overrides them (``auxiliary`` head excluded by
+        default, as the papers count)."""
+        from diffnas_jax.cost.analytic import darts_network_cost
+
+        return darts_network_cost(get_genotype(genotype), **self._cost_size(input_shape, size, "darts.network_cost"))
 
     # -- reference interop ---------------------------------------------------------------------
     def to_reference(self, weights: PyTree, state: PyTree) -> dict[str, np.ndarray]:
         """The reference ``Network.state_dict()`` as numpy arrays (PyTorch names and layouts)."""
-        return _to_reference(weights, state, self.steps)
+        return scaffold.to_reference(weights, state, _reference_names(self.steps))
 
     def from_reference(self, state_dict: dict) -> tuple[PyTree, PyTree]:
         """``(weights, state)`` from a reference ``state_dict`` (dict of arrays); exact inverse of
         :meth:`to_reference`; ``ValueError`` on missing, unexpected or mis-shaped entries."""
-        return _from_reference(_search_template(self), state_dict, self.steps, "darts search space")
+        return scaffold.from_reference(state_dict, _search_template(self), "darts.from_reference",
+                                       _reference_names(self.steps), optional=())
+
+
+_EVAL_SIZE = ("C", "num_classes", "layers", "auxiliary", "drop_path_prob")
 
 
 def _parse_weights(W: np.ndarray, primitives: Sequence[str], steps: int) -> list[tuple[str, int]]:
@@ -487,7 +458,7 @@ def _init_search(space: DartsSearchSpace, key: Array, x: Array):
         {"params": key}, x, mix["normal"], mix["reduce"],
         None if beta is None else edge_weights(beta["normal"], space.steps),
         None if beta is None else edge_weights(beta["reduce"], space.steps))
-    return _split_variables(variables)
+    return scaffold.split_variables(variables)
 
 
 @functools.lru_cache(maxsize=16)
@@ -528,9 +499,12 @@ def search_space(C: int = 16, num_classes: int = 10, layers: int = 8, steps: int
             raise ValueError(f"unknown op name {p!r} in `primitives`; expected names from {EVAL_OPS}")
     if len(set(primitives)) != len(primitives) or not [p for p in primitives if p != "none"]:
         raise ValueError(f"`primitives` must be distinct and hold a non-'none' op, got {primitives}")
-    if C % partial_channels or (C // partial_channels) % 2 and "skip_connect" in primitives:
-        raise ValueError(f"`C`={C} must be divisible by `partial_channels`={partial_channels} into an even "
-                         "number of channels (FactorizedReduce halves them)")
+    # Partial channels split every cell's channels into K groups (channel_shuffle needs C % K == 0
+    # in the normal cells); the FactorizedReduce of skip_connect only runs in reduction cells, on
+    # 2C/K and 4C/K channels, which are even whenever C % K == 0 (as in the authors' code).
+    if C % partial_channels:
+        raise ValueError(f"`C`={C} must be divisible by `partial_channels`={partial_channels} "
+                         "(the mixed ops see C / partial_channels of the channels)")
     return DartsSearchSpace(int(C), int(num_classes), int(layers), int(steps), int(multiplier),
                             int(stem_multiplier), primitives, int(partial_channels), bool(edge_normalization))
 
@@ -648,7 +622,7 @@ class DartsEvalNetwork:
                                 use_drop_path)
 
     def _check(self, x):
-        x = _check_input(x, self.layers)
+        x = _check_input(x, self.layers, "darts.eval_network")
         if self.auxiliary and self.layers >= 3:
             h = x.shape[1] // 4 if len(set(_reductions(self.layers))) == 2 else x.shape[1]
             m = (h - 5) // 3 + 1 if h >= 5 else 0
@@ -678,16 +652,10 @@ class DartsEvalNetwork:
         use_dp = bool(train) and not (isinstance(p, (int, float)) and p == 0)
         if use_dp and rng is None:
             raise ValueError("`rng` is required in train mode with drop_path_prob > 0 (drop-path is random)")
-        variables = {"params": weights, "batch_stats": state}
-        model = self.module(bool(train), use_dp)
         rngs = {"drop_path": rng} if use_dp else {}
-        dp = jnp.asarray(p, x.dtype)
-        if train:
-            (logits, aux), upd = model.apply(variables, x, dp, rngs=rngs, mutable=["batch_stats"])
-            out = (logits, aux) if self.auxiliary and aux is not None else logits
-            return out, upd["batch_stats"]
-        logits, _ = model.apply(variables, x, dp)
-        return logits, state
+        (logits, aux), state = scaffold.flax_apply(self.module(bool(train), use_dp), weights, state, x,
+                                                   jnp.asarray(p, x.dtype), train=bool(train), rngs=rngs)
+        return ((logits, aux) if train and self.auxiliary and aux is not None else logits), state
 
     def num_params(self, weights: PyTree, auxiliary: bool = True) -> int:
         """Number of trainable parameters (optionally without the auxiliary head)."""
@@ -696,17 +664,18 @@ class DartsEvalNetwork:
 
     def to_reference(self, weights: PyTree, state: PyTree) -> dict[str, np.ndarray]:
         """The reference ``NetworkCIFAR.state_dict()`` as numpy arrays."""
-        return _to_reference(weights, state, 0)
+        return scaffold.to_reference(weights, state)
 
     def from_reference(self, state_dict: dict) -> tuple[PyTree, PyTree]:
         """``(weights, state)`` from a reference ``NetworkCIFAR.state_dict()``."""
-        return _from_reference(_eval_template(self), state_dict, 0, "darts eval network")
+        return scaffold.from_reference(state_dict, _eval_template(self), "darts.eval_network.from_reference",
+                                       optional=())
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init_eval(net: DartsEvalNetwork, key: Array, x: Array):
     variables = net.module(False, False).init({"params": key}, x, jnp.zeros((), x.dtype))
-    return _split_variables(variables)
+    return scaffold.split_variables(variables)
 
 
 @functools.lru_cache(maxsize=16)

@@ -2,37 +2,21 @@
 
 Submodule names reproduce the reference ``state_dict`` names (``op.1`` is the depthwise conv of
 a ``SepConv``, ``conv_1``/``conv_2``/``bn`` of a ``FactorizedReduce`` ...), so a parameter's
-Flax path joined with ``.`` is its PyTorch name; see :func:`flax_to_torch_leaf`.
+Flax path joined with ``.`` is its PyTorch name (the scheme of :mod:`diffnas_jax.spaces.scaffold`).
 """
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .genotypes import EVAL_OPS
-from .layers import BatchNorm2d, Conv2d, DepthwiseConv2d, PointwiseConv2d, avg_pool, max_pool
+from .layers import BatchNorm2d, Conv2d, DepthwiseConv2d, PointwiseConv2d, ReLUConvBN, avg_pool, max_pool
 
 Array = jax.Array
 
 __all__ = ["ReLUConvBN", "FactorizedReduce", "SepConv", "DilConv", "PoolBN", "Conv7x1_1x7", "make_op",
-           "is_identity", "has_params", "flax_to_torch_leaf", "torch_to_flax_leaf"]
-
-
-class ReLUConvBN(nn.Module):
-    """ReLU -> Conv2d(k, stride, padding, no bias) -> BatchNorm (names ``op.1``, ``op.2``)."""
-    features: int
-    kernel_size: int = 1
-    stride: int = 1
-    padding: int = 0
-    affine: bool = True
-
-    @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
-        x = jax.nn.relu(x)
-        x = Conv2d(self.features, self.kernel_size, self.stride, self.padding, name="op.1")(x)
-        return BatchNorm2d(self.affine, name="op.2")(x, train)
+           "is_identity", "has_params"]
 
 
 class FactorizedReduce(nn.Module):
@@ -156,31 +140,3 @@ def make_op(op_name: str, C: int, stride: int, affine: bool, name: str, pool_bn:
         k = int(op_name[-1])
         return DilConv(C, k, stride, k - 1, 2, affine, name=name)
     return Conv7x1_1x7(C, stride, affine, name=name)
-
-
-_LEAF_TO_TORCH = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var",
-                  "num_batches_tracked": "num_batches_tracked"}
-_LEAF_TO_FLAX = {"running_mean": "mean", "running_var": "var", "num_batches_tracked": "num_batches_tracked",
-                 "bias": "bias"}
-
-
-def flax_to_torch_leaf(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
-    """(Flax leaf name, array) -> (PyTorch leaf name, array in PyTorch layout)."""
-    value = np.asarray(value)
-    if leaf == "kernel":
-        if value.ndim == 4:
-            return "weight", np.ascontiguousarray(value.transpose(3, 2, 0, 1))
-        return "weight", np.ascontiguousarray(value.T)
-    if leaf == "num_batches_tracked":
-        return leaf, value.astype(np.int64)
-    return _LEAF_TO_TORCH[leaf], value
-
-
-def torch_to_flax_leaf(flax_leaf: str, value: np.ndarray) -> np.ndarray:
-    """Array in PyTorch layout -> the layout of Flax leaf ``flax_leaf``."""
-    value = np.asarray(value)
-    if flax_leaf == "kernel":
-        return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-    if flax_leaf == "num_batches_tracked":
-        return value.astype(np.int32)
-    return value

@@ -33,7 +33,7 @@ Array = jax.Array
 __all__ = [
     "torch_uniform_init", "Conv2d", "DepthwiseConv2d", "PointwiseConv2d", "Linear", "BatchNorm2d",
     "avg_pool", "max_pool", "channel_shuffle", "global_avg_pool", "depthwise_conv",
-    "pointwise_conv", "conv_out_size",
+    "pointwise_conv", "conv_out_size", "batch_norm", "ReLUConvBN",
 ]
 
 
@@ -174,13 +174,42 @@ class Linear(nn.Module):
         return y
 
 
-class BatchNorm2d(nn.Module):
-    """``torch.nn.BatchNorm2d`` over the last (channel) axis of an NHWC batch.
+def batch_norm(x: Array, running_mean: Array, running_var: Array, scale: Array | None, bias: Array | None,
+               train: bool, momentum: float = 0.1, eps: float = 1e-5) -> tuple[Array, tuple[Array, Array] | None]:
+    """Functional ``torch.nn.BatchNorm2d`` over the last (channel) axis, the one BatchNorm of every
+    space (the :class:`BatchNorm2d` module and the spaces' wide per-edge / per-candidate kernels).
 
-    ``train=True``: normalise with the batch mean and biased variance; update
-    ``mean <- (1-m) mean + m batch_mean``, ``var <- (1-m) var + m unbiased_batch_var``,
-    ``num_batches_tracked += 1`` (only when the ``batch_stats`` collection is mutable and not
-    during ``init``).  ``train=False``: normalise with the running statistics.
+    ``train=True`` normalises with the batch mean and biased variance and returns the new running
+    statistics ``((1-m) mean + m batch_mean, (1-m) var + m unbiased_batch_var)`` (no gradient
+    through them); ``train=False`` normalises with the running statistics and returns ``None``.
+    ``scale`` / ``bias`` (PyTorch ``weight`` / ``bias``) are ``None`` for a non-affine BN.
+    Statistics are computed in at least float32; the output keeps ``x``'s dtype.
+    """
+    sdt = jnp.promote_types(x.dtype, jnp.float32)
+    new = None
+    if train:
+        xf = x.astype(sdt)
+        axes = tuple(range(x.ndim - 1))
+        mean = jnp.mean(xf, axes)
+        var = jnp.mean(jnp.square(xf - mean), axes)
+        n = x.size // x.shape[-1]
+        unbiased = var * (n / max(n - 1, 1))
+        new = ((1 - momentum) * running_mean + momentum * lax.stop_gradient(mean),
+               (1 - momentum) * running_var + momentum * lax.stop_gradient(unbiased))
+    else:
+        mean, var = running_mean, running_var
+    mul = lax.rsqrt(var + eps)
+    if scale is not None:
+        mul = mul * scale.astype(sdt)
+    add = -mean * mul if bias is None else bias.astype(sdt) - mean * mul
+    return (x * mul.astype(x.dtype) + add.astype(x.dtype)).astype(x.dtype), new
+
+
+class BatchNorm2d(nn.Module):
+    """``torch.nn.BatchNorm2d`` over the last (channel) axis of an NHWC batch (:func:`batch_norm`).
+
+    Running statistics are updated (and ``num_batches_tracked`` counted) only in train mode when
+    the ``batch_stats`` collection is mutable and not during ``init``.
     ``affine``: learnable ``scale`` (PyTorch ``weight``) and ``bias``.
     """
     affine: bool = True
@@ -194,30 +223,33 @@ class BatchNorm2d(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), stat_dtype))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), stat_dtype))
         count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
-        if train:
-            xf = x.astype(stat_dtype)
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(xf, axes)
-            var = jnp.mean(jnp.square(xf - mean), axes)
-            if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
-                n = x.size // c
-                unbiased = var * (n / max(n - 1, 1))
-                m = self.momentum
-                ra_mean.value = (1 - m) * ra_mean.value + m * lax.stop_gradient(mean)
-                ra_var.value = (1 - m) * ra_var.value + m * lax.stop_gradient(unbiased)
-                count.value = count.value + 1
-        else:
-            mean, var = ra_mean.value, ra_var.value
-        inv = lax.rsqrt(var + self.eps)
+        scale = bias = None
         if self.affine:
             scale = self.param("scale", nn.initializers.ones, (c,), stat_dtype)
             bias = self.param("bias", nn.initializers.zeros, (c,), stat_dtype)
-            mul = inv * scale
-            add = bias - mean * mul
-        else:
-            mul = inv
-            add = -mean * mul
-        return (x * mul.astype(x.dtype) + add.astype(x.dtype)).astype(x.dtype)
+        y, new = batch_norm(x, ra_mean.value, ra_var.value, scale, bias, train, self.momentum, self.eps)
+        if new is not None and not self.is_initializing() and self.is_mutable_collection("batch_stats"):
+            ra_mean.value, ra_var.value = new
+            count.value = count.value + 1
+        return y
+
+
+class ReLUConvBN(nn.Module):
+    """ReLU -> Conv2d(k, stride, padding) -> BatchNorm, named as the reference ``ReLUConvBN``
+    (``op.1`` conv, ``op.2`` BN) of DARTS and NAS-Bench-201; ``use_bias`` for NB201's non-affine
+    edge ops (``bias=not affine`` in the reference)."""
+    features: int
+    kernel_size: int = 1
+    stride: int = 1
+    padding: int = 0
+    affine: bool = True
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        x = Conv2d(self.features, self.kernel_size, self.stride, self.padding, use_bias=self.use_bias,
+                   name="op.1")(jax.nn.relu(x))
+        return BatchNorm2d(self.affine, name="op.2")(x, train)
 
 
 def _window_slices(x: Array, k: int, stride: int, pad_value: float, padding: int):

@@ -43,11 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffnas_jax._checks import check_int_in_range
-from diffnas_jax.spaces.base import check_mix_matches
-from diffnas_jax.spaces.layers import (BatchNorm2d, Conv2d, DepthwiseConv2d, Linear, PointwiseConv2d,
+from diffnas_jax.spaces.base import SpaceDefaults, check_mix_matches, check_size_kwargs, leaf_candidates, leaf_key
+from diffnas_jax.spaces.layers import (BatchNorm2d, Conv2d, DepthwiseConv2d, Linear, PointwiseConv2d, batch_norm,
                                        conv_out_size, depthwise_conv, global_avg_pool, pointwise_conv,
                                        torch_uniform_init)
-from diffnas_jax.spaces.nb201 import torch_default_init
+from diffnas_jax.spaces import scaffold
 
 __all__ = ["MBConvSpace", "MBConvEvalNetwork", "search_space", "eval_network", "op_name", "parse_op",
            "MASKED_LOGIT", "DEFAULT_WIDTHS", "DEFAULT_STRIDES"]
@@ -81,25 +81,6 @@ def parse_op(name: str) -> tuple[int, int] | None:
 
 def _relu6(x):
     return jnp.clip(x, 0, 6)
-
-
-def _bn(y, scale, bias, mean_ra, var_ra, train: bool, momentum=0.1, eps=1e-5):
-    """Functional ``BatchNorm2d``; returns the output and the new running statistics (or
-    ``None`` in eval mode)."""
-    sdt = jnp.promote_types(y.dtype, jnp.float32)
-    new = None
-    if train:
-        yf = y.astype(sdt)
-        mean = jnp.mean(yf, (0, 1, 2))
-        var = jnp.mean(jnp.square(yf - mean), (0, 1, 2))
-        n = y.shape[0] * y.shape[1] * y.shape[2]
-        new = ((1 - momentum) * mean_ra + momentum * jax.lax.stop_gradient(mean),
-               (1 - momentum) * var_ra + momentum * jax.lax.stop_gradient(var) * (n / max(n - 1, 1)))
-    else:
-        mean, var = mean_ra, var_ra
-    mul = jax.lax.rsqrt(var + eps) * scale.astype(sdt)
-    add = bias.astype(sdt) - mean * mul
-    return (y * mul.astype(y.dtype) + add.astype(y.dtype)).astype(y.dtype), new
 
 
 _STAGES = ("expand", "dw", "project")
@@ -157,10 +138,10 @@ class MixedMBConvLayer(nn.Module):
             def bn_stage(y, stage, sizes):
                 names = [n for n, _, _ in cands]
                 cat = lambda f: jnp.concatenate([f(n) for n in names])  # noqa: E731
-                y, new = _bn(y, cat(lambda n: params[n][f"{stage}_bn"]["scale"]),
-                             cat(lambda n: params[n][f"{stage}_bn"]["bias"]),
-                             cat(lambda n: stats[n].value[f"{stage}_bn"]["mean"]),
-                             cat(lambda n: stats[n].value[f"{stage}_bn"]["var"]), train, self.momentum, self.eps)
+                y, new = batch_norm(y, cat(lambda n: stats[n].value[f"{stage}_bn"]["mean"]),
+                                    cat(lambda n: stats[n].value[f"{stage}_bn"]["var"]),
+                                    cat(lambda n: params[n][f"{stage}_bn"]["scale"]),
+                                    cat(lambda n: params[n][f"{stage}_bn"]["bias"]), train, self.momentum, self.eps)
                 if update:
                     off = 0
                     for n, size in zip(names, sizes):
@@ -271,23 +252,12 @@ class MBConvNetwork(nn.Module):
 
 
 def _check_input(x: Any, cfg: _Config, where: str) -> jax.Array:
-    if not hasattr(x, "shape") or len(x.shape) != 4:
-        raise ValueError(f"{where}: `x` must be an NHWC batch (B, H, W, C), got shape {getattr(x, 'shape', None)}")
-    h, w = int(x.shape[1]), int(x.shape[2])
-    if min(h, w) < cfg.total_stride:
-        raise ValueError(f"{where}: input spatial size {(h, w)} is smaller than the network's total stride "
-                         f"{cfg.total_stride} (stem_stride x strides); use larger inputs or smaller strides")
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
-    return x
+    return scaffold.check_nhwc(x, where, min_size=cfg.total_stride,
+                               why=f"the network's total stride {cfg.total_stride} (stem_stride x strides)")
 
 
 class _Base:
     config: _Config
-
-    def _variables_shape(self, x):
-        return jax.eval_shape(lambda k: self.module.init(k, x, self._dummy_mix(x.dtype), False), jax.random.key(0))
 
     def _dummy_mix(self, dtype):
         return None
@@ -296,15 +266,10 @@ class _Base:
         """Weights (``params``) and BatchNorm state (``batch_stats``) for NHWC inputs like ``x``
         (PyTorch default initialisation)."""
         x = _check_input(x, self.config, f"{self._where}.init")
-        v = torch_default_init(key, self._variables_shape(x))
-        return v["params"], v["batch_stats"]
+        return scaffold.flax_init(lambda k: self.module.init(k, x, self._dummy_mix(x.dtype), False), key)
 
     def _run(self, weights, state, mix, x, train):
-        variables = {"params": weights, "batch_stats": state}
-        if train:
-            out, upd = self.module.apply(variables, x, mix, True, mutable=["batch_stats"])
-            return out, upd["batch_stats"]
-        return self.module.apply(variables, x, mix, False), state
+        return scaffold.flax_apply(self.module, weights, state, x, mix, bool(train), train=bool(train))
 
     def num_params(self, weights: PyTree) -> int:
         return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(weights)))
@@ -317,7 +282,7 @@ class _Base:
         and ``params``), for FLOPs / parameter / latency look-up tables."""
         return _layer_specs(self.config, input_shape)
 
-    def cost_table(self, input_shape: Sequence[int] = (32, 32, 3)) -> dict[str, np.ndarray]:
+    def layer_cost_arrays(self, input_shape: Sequence[int] = (32, 32, 3)) -> dict[str, np.ndarray]:
         """``{"flops", "params"}`` arrays ``(num_layers, num_ops)`` (0 for skip and for masked
         candidates) and the fixed parts ``"base_flops"``, ``"base_params"`` (stem, first block,
         head, classifier): the expected cost of a relaxed architecture is
@@ -387,6 +352,21 @@ def _base_cost(cfg: _Config, input_shape, specs) -> tuple[float, float]:
     return float(flops), float(params)
 
 
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(_Config))
+
+
+def _genotype_from_text(genotype: Any) -> Any:
+    """A genotype as written in result.json (``"['op', ...]"``) -> the list of op names."""
+    if not isinstance(genotype, str):
+        return genotype
+    import ast
+
+    try:
+        return list(ast.literal_eval(genotype))
+    except (ValueError, SyntaxError):
+        raise ValueError(f"`genotype` {genotype!r} is not a list of MBConv op names") from None
+
+
 def _check_genotype(cfg: _Config, genotype: Sequence[str]) -> tuple[str, ...]:
     if isinstance(genotype, str) or not isinstance(genotype, Sequence):
         raise TypeError(f"`genotype` must be a sequence of op names (one per layer), got {type(genotype).__name__}")
@@ -403,7 +383,7 @@ def _check_genotype(cfg: _Config, genotype: Sequence[str]) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class MBConvSpace(_Base):
+class MBConvSpace(SpaceDefaults, _Base):
     """The layer-wise MBConv supernet; see :func:`search_space`."""
 
     config: _Config
@@ -483,10 +463,38 @@ class MBConvSpace(_Base):
         allowed = [tuple(np.flatnonzero(row).tolist()) for row in self.op_mask]
         return layerwise_codec(self.op_names, self.num_layers, allowed)
 
-    def eval_network(self, genotype: Sequence[str]) -> "MBConvEvalNetwork":
-        """The discrete network of ``genotype`` with this space's configuration; its weights are
-        the supernet's subtrees of the chosen candidates (see :meth:`inherit`)."""
-        return MBConvEvalNetwork(self.config, _check_genotype(self.config, genotype))
+    def candidate_names(self, leaf: str) -> tuple[str, ...]:
+        """The op names of the ``"layers"`` leaf (masked candidates included)."""
+        return leaf_candidates("mbconv.candidate_names", leaf, {leaf_key("layers"): self.op_names})
+
+    def eval_network(self, genotype: Sequence[str] | str, **size: Any) -> "MBConvEvalNetwork":
+        """The discrete network of ``genotype`` (op names, one per layer, or their text form
+        ``"['op', ...]"``) with this space's configuration, any field of which ``size`` may
+        override (e.g. ``num_classes``, ``widths``); its weights are the supernet's subtrees of
+        the chosen candidates (see :meth:`inherit`)."""
+        check_size_kwargs("mbconv.eval_network", size, _CONFIG_FIELDS)
+        space = search_space(**{**dataclasses.asdict(self.config), **size}) if size else self
+        return MBConvEvalNetwork(space.config, _check_genotype(space.config, _genotype_from_text(genotype)))
+
+    def cost_table(self, input_shape: Sequence[int] | None = None, metric: str = "flops", **size: Any):
+        """:class:`~diffnas_jax.cost.CostTable` ``{"layers": (num_layers, num_ops)}`` (0 for skip
+        and masked candidates) with the stem, first block, head and classifier as the constant:
+        the expected cost ``constant + sum(mix * table)`` of FBNet / ProxylessNAS."""
+        from diffnas_jax.cost.table import analytic_table, check_static_metric
+
+        check_static_metric(metric)
+        check_size_kwargs("mbconv.cost_table", size, ())
+        t = self.layer_cost_arrays(tuple(input_shape) if input_shape is not None else (32, 32, 3))
+        return analytic_table({"layers": t[metric]}, t[f"base_{metric}"], metric)
+
+    def network_cost(self, genotype: Sequence[str] | str, input_shape: Sequence[int] | None = None, **size: Any):
+        """:class:`~diffnas_jax.cost.Cost` of the discrete network of ``genotype``."""
+        from diffnas_jax.cost.analytic import Cost
+
+        check_size_kwargs("mbconv.network_cost", size, ())
+        d = self.count_flops_params(_genotype_from_text(genotype),
+                                    tuple(input_shape) if input_shape is not None else (32, 32, 3))
+        return Cost(int(d["flops"]), int(d["params"]))
 
     def inherit(self, weights: PyTree, state: PyTree, genotype: Sequence[str]) -> tuple[PyTree, PyTree]:
         """The supernet's weights and BN state restricted to ``genotype`` (for
@@ -573,7 +581,7 @@ def search_space(num_classes: int = 10, widths: Sequence[int] = DEFAULT_WIDTHS,
                                stem_width, stem_stride, first_width, head_width))
 
 
-def eval_network(genotype: Sequence[str], **space_kwargs: Any) -> MBConvEvalNetwork:
+def eval_network(genotype: Sequence[str] | str, **space_kwargs: Any) -> MBConvEvalNetwork:
     """The discrete network of ``genotype`` (a list of op names, one per layer) in the space
     ``search_space(**space_kwargs)``."""
     return search_space(**space_kwargs).eval_network(genotype)

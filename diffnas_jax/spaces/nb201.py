@@ -36,9 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffnas_jax._checks import check_int_in_range
-from diffnas_jax.spaces.base import check_mix_matches
-from diffnas_jax.spaces.layers import (BatchNorm2d, Conv2d, Linear, PointwiseConv2d, avg_pool, global_avg_pool,
-                                     max_pool, pointwise_conv, torch_uniform_init)
+from diffnas_jax.spaces.base import SpaceDefaults, check_mix_matches, check_size_kwargs, leaf_candidates, leaf_key
+from diffnas_jax.spaces import scaffold
+from diffnas_jax.spaces.layers import (BatchNorm2d, Conv2d, Linear, PointwiseConv2d, ReLUConvBN, avg_pool, batch_norm,
+                                       global_avg_pool, max_pool, pointwise_conv, torch_uniform_init)
+from diffnas_jax.spaces.scaffold import torch_default_init  # noqa: F401 - importable from here as before
 
 __all__ = [
     "NB201_OPS", "KNOWN_OPS", "NB201Space", "NB201EvalNetwork", "search_space", "eval_network",
@@ -54,22 +56,6 @@ PyTree = Any
 # --------------------------------------------------------------------------------------------
 # Ops and cells (layers from diffnas_jax.spaces.layers; NHWC / HWIO)
 # --------------------------------------------------------------------------------------------
-
-
-class ReLUConvBN(nn.Module):
-    """ReLU -> Conv(k, stride, padding; bias iff not ``affine``) -> BatchNorm (affine, tracked)."""
-
-    features: int
-    kernel_size: int
-    stride: int
-    padding: int
-    affine: bool = True
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = Conv2d(self.features, self.kernel_size, self.stride, self.padding, use_bias=not self.affine,
-                   name="conv")(jax.nn.relu(x))
-        return BatchNorm2d(self.affine, name="bn")(y, train)
 
 
 #: conv ops: kernel size and padding (stride 1 inside NB201 cells)
@@ -101,7 +87,7 @@ class ResNetBasicBlock(nn.Module):
         y = ReLUConvBN(self.planes, 3, self.stride, 1, name="conv_a")(x, train)
         y = ReLUConvBN(self.planes, 3, 1, 1, name="conv_b")(y, train)
         if self.stride == 2:
-            r = PointwiseConv2d(self.planes, name="downsample")(avg_pool(x, 2, 2, 0))
+            r = PointwiseConv2d(self.planes, name="downsample.1")(avg_pool(x, 2, 2, 0))
         elif x.shape[-1] != self.planes:
             r = ReLUConvBN(self.planes, 1, 1, 0, name="downsample")(x, train)
         else:
@@ -116,16 +102,16 @@ def edge_keys(max_nodes: int = 4) -> tuple[str, ...]:
 
 
 def _edge_conv_init(c: int, k: int, affine: bool):
-    """PyTorch default init of one edge's ReLUConvBN: ``{"conv": {kernel[, bias]}[, "bn"]}``."""
+    """PyTorch default init of one edge's ReLUConvBN: ``{"op.1": {kernel[, bias]}[, "op.2"]}`` (conv, BN)."""
     def init(key, dtype):
         kk, kb = jax.random.split(key)
         fan_in = c * k * k
-        p = {"conv": {"kernel": torch_uniform_init(fan_in)(kk, (k, k, c, c), dtype)}}
+        p = {"op.1": {"kernel": torch_uniform_init(fan_in)(kk, (k, k, c, c), dtype)}}
         if not affine:
-            p["conv"]["bias"] = torch_uniform_init(fan_in)(kb, (c,), dtype)
+            p["op.1"]["bias"] = torch_uniform_init(fan_in)(kb, (c,), dtype)
         else:
             sdt = jnp.promote_types(dtype, jnp.float32)
-            p["bn"] = {"scale": jnp.ones((c,), sdt), "bias": jnp.zeros((c,), sdt)}
+            p["op.2"] = {"scale": jnp.ones((c,), sdt), "bias": jnp.zeros((c,), sdt)}
         return p
 
     return init
@@ -157,11 +143,11 @@ class NB201SearchCell(nn.Module):
         params, stats = {}, {}
         for key in edge_keys(self.max_nodes):
             for k, op in conv_ops:
-                name = f"{key}.{k}"
+                name = f"edges.{key}.{k}"
                 params[name] = self.param(name, _edge_conv_init(c, _CONV_OPS[op][0], self.affine), x.dtype)
                 if self.track_running_stats:
                     sdt = jnp.promote_types(x.dtype, jnp.float32)
-                    stats[name] = self.variable("batch_stats", name, lambda: {"bn": {
+                    stats[name] = self.variable("batch_stats", name, lambda: {"op.2": {
                         "mean": jnp.zeros((c,), sdt), "var": jnp.ones((c,), sdt),
                         "num_batches_tracked": jnp.zeros((), jnp.int32)}})
         update = train and self.track_running_stats and not self.is_initializing() \
@@ -177,15 +163,15 @@ class NB201SearchCell(nn.Module):
             h = jax.nn.relu(src) if conv_ops else None
             for k, op in conv_ops:
                 ksz, pad = _CONV_OPS[op]
-                ids = [f"{n}.{k}" for n in names]
-                kern = jnp.concatenate([params[i]["conv"]["kernel"] for i in ids], axis=-1)
+                ids = [f"edges.{n}.{k}" for n in names]
+                kern = jnp.concatenate([params[i]["op.1"]["kernel"] for i in ids], axis=-1)
                 if ksz == 1:
                     y = pointwise_conv(h, kern)
                 else:
                     y = jax.lax.conv_general_dilated(h, kern.astype(h.dtype), (1, 1), ((pad, pad), (pad, pad)),
                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
                 if not self.affine:
-                    y = y + jnp.concatenate([params[i]["conv"]["bias"] for i in ids]).astype(y.dtype)
+                    y = y + jnp.concatenate([params[i]["op.1"]["bias"] for i in ids]).astype(y.dtype)
                 y = self._batch_norm(y, ids, params, stats, train, update)
                 outs[k] = [y[..., n * c:(n + 1) * c] for n in range(len(targets))]
             for k, op in enumerate(self.op_names):
@@ -208,32 +194,23 @@ class NB201SearchCell(nn.Module):
     def _batch_norm(self, y, ids, params, stats, train, update):
         """BatchNorm2d over the concatenated channels of several edges (per-channel, so equal to
         one BN per edge); running statistics are split back to their edges."""
-        sdt = jnp.promote_types(y.dtype, jnp.float32)
-        if train or not self.track_running_stats:
-            yf = y.astype(sdt)
-            mean = jnp.mean(yf, (0, 1, 2))
-            var = jnp.mean(jnp.square(yf - mean), (0, 1, 2))
-            if update:
-                n = y.shape[0] * y.shape[1] * y.shape[2]
-                unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
-                m, c = self.momentum, self.channels
-                for e, i in enumerate(ids):
-                    s = stats[i].value["bn"]
-                    sl = slice(e * c, (e + 1) * c)
-                    stats[i].value = {"bn": {
-                        "mean": (1 - m) * s["mean"] + m * jax.lax.stop_gradient(mean[sl]),
-                        "var": (1 - m) * s["var"] + m * unbiased[sl],
-                        "num_batches_tracked": s["num_batches_tracked"] + 1}}
-        else:
-            mean = jnp.concatenate([stats[i].value["bn"]["mean"] for i in ids])
-            var = jnp.concatenate([stats[i].value["bn"]["var"] for i in ids])
-        inv = jax.lax.rsqrt(var + self.eps)
-        if self.affine:
-            mul = inv * jnp.concatenate([params[i]["bn"]["scale"] for i in ids]).astype(sdt)
-            add = jnp.concatenate([params[i]["bn"]["bias"] for i in ids]).astype(sdt) - mean * mul
-        else:
-            mul, add = inv, -mean * inv
-        return (y * mul.astype(y.dtype) + add.astype(y.dtype)).astype(y.dtype)
+        cat = lambda f: jnp.concatenate([f(i) for i in ids])  # noqa: E731
+        if self.track_running_stats:
+            mean, var = cat(lambda i: stats[i].value["op.2"]["mean"]), cat(lambda i: stats[i].value["op.2"]["var"])
+        else:  # normalise with batch statistics in both modes; nothing to update
+            sdt = jnp.promote_types(y.dtype, jnp.float32)
+            mean, var = jnp.zeros(y.shape[-1], sdt), jnp.ones(y.shape[-1], sdt)
+        scale = cat(lambda i: params[i]["op.2"]["scale"]) if self.affine else None
+        bias = cat(lambda i: params[i]["op.2"]["bias"]) if self.affine else None
+        out, new = batch_norm(y, mean, var, scale, bias, train or not self.track_running_stats,
+                              self.momentum, self.eps)
+        if update:
+            c = self.channels
+            for e, i in enumerate(ids):
+                sl = slice(e * c, (e + 1) * c)
+                stats[i].value = {"op.2": {"mean": new[0][sl], "var": new[1][sl],
+                                           "num_batches_tracked": stats[i].value["op.2"]["num_batches_tracked"] + 1}}
+        return out
 
 
 class NB201InferCell(nn.Module):
@@ -286,146 +263,18 @@ class TinyNetwork(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mix: jax.Array | None, train: bool) -> jax.Array:
-        h = Conv2d(self.C, 3, 1, 1, name="stem_conv")(x)
-        h = BatchNorm2d(name="stem_bn")(h, train)
+        h = Conv2d(self.C, 3, 1, 1, name="stem.0")(x)
+        h = BatchNorm2d(name="stem.1")(h, train)
         for i, (c, reduction) in enumerate(_stage_layout(self.C, self.N)):
             if reduction:
-                h = ResNetBasicBlock(c, 2, name=f"cells_{i}")(h, train)
+                h = ResNetBasicBlock(c, 2, name=f"cells.{i}")(h, train)
             elif self.structure is None:
                 h = NB201SearchCell(c, self.max_nodes, self.op_names, self.affine, self.track_running_stats,
-                                    name=f"cells_{i}")(h, mix, train)
+                                    name=f"cells.{i}")(h, mix, train)
             else:
-                h = NB201InferCell(c, self.structure, name=f"cells_{i}")(h, train)
-        h = jax.nn.relu(BatchNorm2d(name="lastact")(h, train))
+                h = NB201InferCell(c, self.structure, name=f"cells.{i}")(h, train)
+        h = jax.nn.relu(BatchNorm2d(name="lastact.0")(h, train))
         return Linear(self.num_classes, name="classifier")(global_avg_pool(h))
-
-# --------------------------------------------------------------------------------------------
-# Reference state_dict mapping
-# --------------------------------------------------------------------------------------------
-# A unit is (reference prefix, flax path, kind, options); kinds: "conv" (OIHW <-> HWIO, optional
-# bias), "bn" (affine params and/or running statistics), "linear" ((out, in) <-> (in, out)).
-
-
-def _network_units(net: TinyNetwork) -> list[tuple[str, tuple[str, ...], str, dict]]:
-    units: list = [("stem.0", ("stem_conv",), "conv", {"bias": False}),
-                   ("stem.1", ("stem_bn",), "bn", {"affine": True, "track": True})]
-
-    def rcb(ref: str, path: tuple[str, ...], affine: bool, track: bool):
-        units.append((f"{ref}.op.1", path + ("conv",), "conv", {"bias": not affine}))
-        units.append((f"{ref}.op.2", path + ("bn",), "bn", {"affine": affine, "track": track}))
-
-    for i, (c, reduction) in enumerate(_stage_layout(net.C, net.N)):
-        cell = f"cells_{i}"
-        if reduction:
-            rcb(f"cells.{i}.conv_a", (cell, "conv_a"), True, True)
-            rcb(f"cells.{i}.conv_b", (cell, "conv_b"), True, True)
-            units.append((f"cells.{i}.downsample.1", (cell, "downsample"), "conv", {"bias": False}))
-        elif net.structure is None:
-            for key in edge_keys(net.max_nodes):
-                for k, op in enumerate(net.op_names):
-                    if op in _CONV_OPS:
-                        rcb(f"cells.{i}.edges.{key}.{k}", (cell, f"{key}.{k}"), net.affine, net.track_running_stats)
-        else:
-            layer = 0
-            for node_info in net.structure:
-                for op, _ in node_info:
-                    if op in _CONV_OPS:
-                        rcb(f"cells.{i}.layers.{layer}", (cell, f"layers.{layer}"), True, True)
-                    layer += 1
-    units.append(("lastact.0", ("lastact",), "bn", {"affine": True, "track": True}))
-    units.append(("classifier", ("classifier",), "linear", {}))
-    return units
-
-
-def _get(tree: Mapping, path: Sequence[str]) -> Any:
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set(tree: dict, path: Sequence[str], value: Any) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-
-def _to_reference(units, weights: PyTree, state: PyTree) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for ref, path, kind, opt in units:
-        if kind == "conv":
-            p = _get(weights, path)
-            out[f"{ref}.weight"] = np.transpose(np.asarray(p["kernel"]), (3, 2, 0, 1))
-            if opt["bias"]:
-                out[f"{ref}.bias"] = np.asarray(p["bias"])
-        elif kind == "bn":
-            if opt["affine"]:
-                p = _get(weights, path)
-                out[f"{ref}.weight"] = np.asarray(p["scale"])
-                out[f"{ref}.bias"] = np.asarray(p["bias"])
-            if opt["track"]:
-                s = _get(state, path)
-                out[f"{ref}.running_mean"] = np.asarray(s["mean"])
-                out[f"{ref}.running_var"] = np.asarray(s["var"])
-                out[f"{ref}.num_batches_tracked"] = np.asarray(s["num_batches_tracked"], dtype=np.int64)
-        else:  # linear
-            p = _get(weights, path)
-            out[f"{ref}.weight"] = np.asarray(p["kernel"]).T
-            out[f"{ref}.bias"] = np.asarray(p["bias"])
-    return out
-
-
-def _from_reference(units, sd: Mapping[str, Any], weights_like: PyTree, state_like: PyTree,
-                    where: str) -> tuple[PyTree, PyTree]:
-    """Inverse of :func:`_to_reference`; ``*_like`` give the expected shapes (from ``eval_shape``)."""
-    sd = {k: np.asarray(v) for k, v in sd.items()}
-    expected = set()
-    weights: dict = {}
-    state: dict = {}
-
-    def take(name: str, like, transpose=None):
-        expected.add(name)
-        if name not in sd:
-            raise ValueError(f"{where}: state_dict has no entry {name!r}")
-        v = sd[name]
-        if transpose is not None:
-            if v.ndim != len(transpose):
-                raise ValueError(f"{where}: state_dict entry {name!r} has shape {v.shape}, "
-                                 f"expected rank {len(transpose)}")
-            v = np.transpose(v, transpose)
-        if tuple(v.shape) != tuple(like.shape):
-            raise ValueError(f"{where}: state_dict entry {name!r} has shape {sd[name].shape}, "
-                             f"which does not match the network (expected {tuple(like.shape)} after layout change)")
-        return jnp.asarray(v, dtype=like.dtype)
-
-    for ref, path, kind, opt in units:
-        if kind == "conv":
-            p = _get(weights_like, path)
-            _set(weights, path + ("kernel",), take(f"{ref}.weight", p["kernel"], (2, 3, 1, 0)))
-            if opt["bias"]:
-                _set(weights, path + ("bias",), take(f"{ref}.bias", p["bias"]))
-        elif kind == "bn":
-            if opt["affine"]:
-                p = _get(weights_like, path)
-                _set(weights, path + ("scale",), take(f"{ref}.weight", p["scale"]))
-                _set(weights, path + ("bias",), take(f"{ref}.bias", p["bias"]))
-            if opt["track"]:
-                s = _get(state_like, path)
-                _set(state, path + ("mean",), take(f"{ref}.running_mean", s["mean"]))
-                _set(state, path + ("var",), take(f"{ref}.running_var", s["var"]))
-                name = f"{ref}.num_batches_tracked"
-                expected.add(name)
-                count = sd.get(name, np.zeros((), np.int64))
-                _set(state, path + ("num_batches_tracked",), jnp.asarray(count, s["num_batches_tracked"].dtype))
-        else:
-            p = _get(weights_like, path)
-            _set(weights, path + ("kernel",), take(f"{ref}.weight", p["kernel"], (1, 0)))
-            _set(weights, path + ("bias",), take(f"{ref}.bias", p["bias"]))
-    extra = sorted(set(sd) - expected)
-    if extra:
-        raise ValueError(f"{where}: state_dict has {len(extra)} unexpected entries, e.g. {extra[:3]} "
-                         "(was it saved from a network with another configuration?)")
-    return weights, state
-
 
 # --------------------------------------------------------------------------------------------
 # Arch strings
@@ -512,78 +361,25 @@ def all_arch_strings(op_names: Sequence[str] = NB201_OPS, max_nodes: int = 4) ->
 
 
 def _check_input(x: Any, where: str) -> jax.Array:
-    if not hasattr(x, "shape") or len(x.shape) != 4:
-        raise ValueError(f"{where}: `x` must be an NHWC batch (B, H, W, C), got shape {getattr(x, 'shape', None)}")
-    h, w = int(x.shape[1]), int(x.shape[2])
-    if h < 4 or w < 4 or h % 4 or w % 4:
-        raise ValueError(f"{where}: input spatial size {(h, w)} cannot be reduced twice by the stride-2 "
-                         "ResNet blocks (the conv and the 2x2 average-pool shortcut agree only on even "
-                         "sizes): H and W must be multiples of 4")
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
-    return x
-
-
-def torch_default_init(key: jax.Array, shapes: PyTree) -> PyTree:
-    """Fill a Flax variable-shape tree (``{"params": ..., "batch_stats": ...}`` from
-    ``jax.eval_shape(module.init, ...)``) with PyTorch's default initialisation: every
-    ``kernel`` (HWIO conv or (in, out) linear) and the ``bias`` beside it U(-1/sqrt(fan_in),
-    1/sqrt(fan_in)); BatchNorm ``scale`` 1, ``bias`` 0, ``mean`` 0, ``var`` 1, counters 0.
-
-    All random numbers come from one ``uniform`` draw that is then sliced, so the compiled program
-    is small (running ``module.init`` compiles the forward pass and one PRNG kernel per
-    parameter, which dominates start-up time on CPU) and ``vmap`` over keys is cheap."""
-    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
-    treedef = jax.tree_util.tree_structure(shapes)
-
-    def names(path):
-        return [getattr(p, "key", getattr(p, "name", str(p))) for p in path]
-
-    fan_in = {}
-    for path, leaf in flat:
-        n = names(path)
-        if n[-1] == "kernel":
-            fan_in[tuple(n[:-1])] = int(np.prod(leaf.shape[:-1]))
-    plan, total = [], 0
-    for path, leaf in flat:
-        n = names(path)
-        parent = tuple(n[:-1])
-        if n[0] == "params" and (n[-1] == "kernel" or (n[-1] == "bias" and parent in fan_in)):
-            bound = 1.0 / np.sqrt(max(fan_in[parent], 1))
-            size = int(np.prod(leaf.shape))
-            plan.append(("u", total, size, bound))
-            total += size
-        elif n[-1] in ("scale", "var"):
-            plan.append(("1",))
-        else:  # BN bias, running mean, num_batches_tracked
-            plan.append(("0",))
-    rdtype = jnp.promote_types(max((l.dtype for _, l in flat if jnp.issubdtype(l.dtype, jnp.floating)),
-                                   key=lambda d: jnp.dtype(d).itemsize, default=jnp.float32), jnp.float32)
-    u = jax.random.uniform(key, (max(total, 1),), rdtype, -1.0, 1.0)
-    leaves = []
-    for (path, leaf), how in zip(flat, plan):
-        if how[0] == "u":
-            _, off, size, bound = how
-            leaves.append((u[off:off + size] * bound).reshape(leaf.shape).astype(leaf.dtype))
-        elif how[0] == "1":
-            leaves.append(jnp.ones(leaf.shape, leaf.dtype))
-        else:
-            leaves.append(jnp.zeros(leaf.shape, leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return scaffold.check_nhwc(x, where, multiple=4, why="the two stride-2 ResNet blocks halve it, and their conv "
+                                                        "and 2x2 average-pool shortcut agree only on even sizes")
 
 
 class _NetworkBase:
     """Shared protocol code; subclasses define ``module``."""
 
-    def _variables(self, weights, state):
-        return {"params": weights, "batch_stats": state}
-
     def _run(self, weights, state, mix, x, train):
-        if train:
-            out, upd = self.module.apply(self._variables(weights, state), x, mix, True, mutable=["batch_stats"])
-            return out, upd.get("batch_stats", state)
-        return self.module.apply(self._variables(weights, state), x, mix, False), state
+        return scaffold.flax_apply(self.module, weights, state, x, mix, bool(train), train=bool(train))
+
+    def _init(self, key, x, mix):
+        return scaffold.flax_init(lambda k: self.module.init(k, x, mix, False), key)
+
+    def _reference_io(self, state_dict, input_channels, dtype, where):
+        sd = dict(state_dict)
+        if dtype is None:
+            dtype = np.asarray(sd["stem.0.weight"]).dtype if "stem.0.weight" in sd else jnp.float32
+        template = self._shapes((2, 8, 8, input_channels), dtype)
+        return scaffold.from_reference(sd, template, where, ignore=("arch_parameters",), cast=True)
 
     def _shapes(self, x_shape: tuple[int, ...], dtype) -> tuple[PyTree, PyTree]:
         x = jax.ShapeDtypeStruct(x_shape, dtype)
@@ -599,7 +395,7 @@ class _NetworkBase:
 
 
 @dataclasses.dataclass(frozen=True)
-class NB201Space(_NetworkBase):
+class NB201Space(SpaceDefaults, _NetworkBase):
     """The NAS-Bench-201 supernet (``TinyNetworkDarts``) as pure functions; see :func:`search_space`."""
 
     C: int = 16
@@ -636,9 +432,7 @@ class NB201Space(_NetworkBase):
         """Weights (``params``) and BatchNorm state (``batch_stats``) for NHWC inputs like ``x``
         (PyTorch default initialisation: kaiming-uniform convs/linears, BN scale 1, shift 0)."""
         x = _check_input(x, "nb201.init")
-        v = torch_default_init(key, jax.eval_shape(
-            lambda k: self.module.init(k, x, self._dummy_mix(x.dtype), False), jax.random.key(0)))
-        return v["params"], v.get("batch_stats", {})
+        return self._init(key, x, self._dummy_mix(x.dtype))
 
     def init_arch(self, key: jax.Array) -> dict:
         """``{"cell": 1e-3 * normal((num_edges, num_ops))}`` as in the reference (float32)."""
@@ -698,24 +492,52 @@ class NB201Space(_NetworkBase):
                                 lambda s: tuple(self.op_names.index(o) for o in self.parse_arch_string(s)),
                                 name="nb201")
 
-    def eval_network(self, arch_string: str) -> "NB201EvalNetwork":
-        """The discrete ``TinyNetwork`` of ``arch_string`` with this space's C, N and classes."""
-        return eval_network(arch_string, self.C, self.N, self.num_classes)
+    def candidate_names(self, leaf: str) -> tuple[str, ...]:
+        """The op names of the ``"cell"`` leaf (``leaf`` is its keystr, ``"['cell']"``)."""
+        return leaf_candidates("nb201.candidate_names", leaf, {leaf_key("cell"): self.op_names})
+
+    def eval_network(self, genotype: str, **size: Any) -> "NB201EvalNetwork":
+        """The discrete ``TinyNetwork`` of ``genotype`` (an arch string) with this space's ``C``,
+        ``N`` and classes unless ``size`` overrides them (``C``, ``N``, ``num_classes``)."""
+        check_size_kwargs("nb201.eval_network", size, ("C", "N", "num_classes"))
+        kw = {"C": self.C, "N": self.N, "num_classes": self.num_classes, **size}
+        return eval_network(str(genotype), **kw)
+
+    # -- cost ----------------------------------------------------------------------------------
+    def _cost_size(self, input_shape, size, where):
+        check_size_kwargs(where, size, ("C", "N", "num_classes"))
+        return {"C": self.C, "N": self.N, "num_classes": self.num_classes, **size,
+                "input_shape": tuple(input_shape) if input_shape is not None else (32, 32, 3)}
+
+    def cost_table(self, input_shape: Sequence[int] | None = None, metric: str = "flops", **size: Any):
+        """:class:`~diffnas_jax.cost.CostTable` ``{"cell": (num_edges, num_ops)}``: each op's cost
+        on one edge summed over every cell of the network (analytic; ``input_shape`` (H, W, C_in),
+        default 32x32x3)."""
+        from diffnas_jax.cost.analytic import nb201_cost_table
+        from diffnas_jax.cost.table import analytic_table, check_static_metric
+
+        check_static_metric(metric)
+        cfg = self._cost_size(input_shape, size, "nb201.cost_table")
+        per, const = nb201_cost_table(self.op_names, self.num_edges, metric=metric, **cfg)
+        return analytic_table(per, const, metric)
+
+    def network_cost(self, genotype: str, input_shape: Sequence[int] | None = None, **size: Any):
+        """:class:`~diffnas_jax.cost.Cost` (MACs per example, parameters) of ``eval_network(genotype)``."""
+        from diffnas_jax.cost.analytic import nb201_network_cost
+
+        cfg = self._cost_size(input_shape, size, "nb201.network_cost")
+        return nb201_network_cost(parse_structure(genotype), **cfg)
 
     # -- reference interop ---------------------------------------------------------------------
     def to_reference(self, weights: PyTree, state: PyTree) -> dict[str, np.ndarray]:
         """Reference ``TinyNetworkDarts.state_dict()`` (without ``arch_parameters``) as numpy arrays."""
-        return _to_reference(_network_units(self.module), weights, state)
+        return scaffold.to_reference(weights, state)
 
     def from_reference(self, state_dict: Mapping[str, Any], *, input_channels: int = 3,
                        dtype=None) -> tuple[PyTree, PyTree]:
         """``(weights, state)`` from a reference ``state_dict`` (numpy arrays, PyTorch names and
         layouts); ``arch_parameters`` is ignored if present. ``dtype`` defaults to the dict's."""
-        sd = {k: v for k, v in state_dict.items() if k != "arch_parameters"}
-        if dtype is None:
-            dtype = np.asarray(sd["stem.0.weight"]).dtype if "stem.0.weight" in sd else jnp.float32
-        w, s = self._shapes((2, 8, 8, input_channels), dtype)
-        return _from_reference(_network_units(self.module), sd, w, s, "nb201.from_reference")
+        return self._reference_io(state_dict, input_channels, dtype, "nb201.from_reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -738,9 +560,7 @@ class NB201EvalNetwork(_NetworkBase):
     def init(self, key: jax.Array, x: jax.Array) -> tuple[PyTree, PyTree]:
         """Weights and BN state (all BNs affine, as in the reference ``TinyNetwork``)."""
         x = _check_input(x, "nb201.eval_network.init")
-        v = torch_default_init(key, jax.eval_shape(lambda k: self.module.init(k, x, None, False),
-                                                   jax.random.key(0)))
-        return v["params"], v.get("batch_stats", {})
+        return self._init(key, x, None)
 
     def apply(self, weights: PyTree, state: PyTree, mix: Any, x: jax.Array, train: bool, *,
               rng: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
@@ -752,16 +572,12 @@ class NB201EvalNetwork(_NetworkBase):
         return self.arch_string
 
     def to_reference(self, weights: PyTree, state: PyTree) -> dict[str, np.ndarray]:
-        """Reference ``TinyNetwork.state_dict()``."""
-        return _to_reference(_network_units(self.module), weights, state)
+        """Reference ``TinyNetwork.state_dict()`` (Flax modules carry the reference names)."""
+        return scaffold.to_reference(weights, state)
 
     def from_reference(self, state_dict: Mapping[str, Any], *, input_channels: int = 3,
                        dtype=None) -> tuple[PyTree, PyTree]:
-        sd = dict(state_dict)
-        if dtype is None:
-            dtype = np.asarray(sd["stem.0.weight"]).dtype if "stem.0.weight" in sd else jnp.float32
-        w, s = self._shapes((2, 8, 8, input_channels), dtype)
-        return _from_reference(_network_units(self.module), sd, w, s, "nb201.eval_network.from_reference")
+        return self._reference_io(state_dict, input_channels, dtype, "nb201.eval_network.from_reference")
 
 
 def search_space(C: int = 16, N: int = 5, num_classes: int = 10, max_nodes: int = 4,

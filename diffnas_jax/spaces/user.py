@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffnas_jax.nn.choice import COLLECT, FIXED, HARD, MIXED, ChoiceInfo, choice_mode
-from diffnas_jax.spaces.base import check_mix_matches
+from diffnas_jax.spaces.scaffold import flax_apply
+from diffnas_jax.spaces.base import SpaceDefaults, check_mix_matches, check_size_kwargs, leaf_candidates, leaf_key
 
 _RESERVED = ("params", "arch", "mix")
 
@@ -47,7 +48,7 @@ def _get_in(tree: Mapping, path: tuple[str, ...]) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class UserSpace:
+class UserSpace(SpaceDefaults):
     """A search space over the choices of a Flax module (see :func:`from_module`).
 
     Protocol: ``init(key, x) -> (weights, state)``, ``init_arch(key) -> arch`` (nested dict
@@ -61,6 +62,7 @@ class UserSpace:
     arch_shapes: Any
     hard: bool = False
     train_kwarg: bool = False
+    example: jax.ShapeDtypeStruct | None = None
 
     # -- helpers -------------------------------------------------------------------------------
     def _kwargs(self, train: bool) -> dict:
@@ -95,15 +97,9 @@ class UserSpace:
     def apply(self, weights: Any, state: Any, mix: Any, x: jax.Array, train: bool, *,
               rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
         check_mix_matches(self.arch_shapes, mix)
-        variables = {"params": weights, "mix": mix, **state}
-        rngs = {"dropout": rng} if rng is not None else {}
-        mode = HARD if self.hard else MIXED
-        with choice_mode(mode):
-            if train and state:
-                out, new_state = self.module.apply(variables, x, rngs=rngs, mutable=list(state), **self._kwargs(True))
-                return out, dict(new_state)
-            out = self.module.apply(variables, x, rngs=rngs, **self._kwargs(train))
-        return out, state
+        with choice_mode(HARD if self.hard else MIXED):
+            return flax_apply(self.module, weights, state, x, train=bool(train), collections=True, extra={"mix": mix},
+                              rngs={"dropout": rng} if rng is not None else {}, **self._kwargs(bool(train)))
 
     def genotype(self, arch: Any) -> dict[str, Any]:
         """``{choice path: chosen}``: a candidate name (``Choice``), a width (``WidthChoice``, int)
@@ -156,6 +152,119 @@ class UserSpace:
     def fix(self, genotype: Mapping[str, Any]) -> "FixedModel":
         return fix(self.module, genotype, _space=self)
 
+    def codec(self):
+        """:func:`diffnas_jax.baselines.codec.user_codec`: one decision per choice."""
+        from diffnas_jax.baselines.codec import user_codec
+
+        return user_codec(self)
+
+    def candidate_names(self, leaf: str) -> tuple[str, ...]:
+        """The candidate names of the choice whose ``alpha`` leaf is ``leaf`` (a keystr path)."""
+        return leaf_candidates("user space candidate_names", leaf,
+                               {leaf_key(*_split_path(c.path), "alpha"): c.names for c in self.choices})
+
+    def eval_network(self, genotype: Mapping[str, Any] | str, **size: Any) -> "UserEvalNetwork":
+        """The discrete model of ``genotype`` (a dict or its text form) with the protocol's
+        ``apply(weights, state, mix, x, train, *, rng)`` (``mix`` ignored). A user module has no
+        size arguments: any is a ``ValueError``."""
+        check_size_kwargs("user space eval_network", size, ())
+        if isinstance(genotype, str):
+            import ast
+
+            try:
+                genotype = ast.literal_eval(genotype)
+            except (ValueError, SyntaxError):
+                raise ValueError(f"`genotype` {genotype!r} is not a dict {{choice path: chosen}}") from None
+        return UserEvalNetwork(self.fix(genotype))
+
+    # -- cost ----------------------------------------------------------------------------------
+    def _example(self, input_shape: Any) -> jax.ShapeDtypeStruct:
+        if input_shape is None:
+            if self.example is None:
+                raise ValueError("`input_shape` is required: the space was built without an example input")
+            return jax.ShapeDtypeStruct((1,) + tuple(self.example.shape[1:]), self.example.dtype)
+        dtype = self.example.dtype if self.example is not None else jnp.float32
+        return jax.ShapeDtypeStruct((1,) + tuple(int(v) for v in input_shape), dtype)
+
+    def network_cost(self, genotype: Mapping[str, Any], input_shape: Any = None, **size: Any):
+        """:class:`~diffnas_jax.cost.Cost` of the discrete model of ``genotype``, counted on its
+        trace: multiply-adds of its convolutions and matrix products per example
+        (:func:`~diffnas_jax.cost.count_macs`) and its number of weights. ``input_shape``: one
+        example's shape (default: the example input's)."""
+        from diffnas_jax.cost.analytic import Cost
+        from diffnas_jax.cost.counting import count_macs, count_params
+
+        check_size_kwargs("user space network_cost", size, ())
+        x = self._example(input_shape)
+        net = self.fix(genotype)
+        w, s = jax.eval_shape(net.init, jax.random.key(0), x)
+        macs = count_macs(lambda xx, ww, ss: net.apply(ww, ss, xx, False)[0], x, w, s)
+        return Cost(int(macs), count_params(w))
+
+    def cost_table(self, input_shape: Any = None, metric: str = "flops", **size: Any):
+        """:class:`~diffnas_jax.cost.CostTable` with the structure of the arch: for every choice,
+        each candidate's cost change against a reference architecture (every choice at its first
+        candidates), shifted so the cheapest candidate costs 0; the constant is the rest.
+
+        Exact (``expected_cost`` of a one-hot mix equals :meth:`network_cost`) when the choices'
+        costs add up, e.g. candidates that keep their input and output shapes; an approximation
+        around the reference when one choice changes the shapes another choice sees
+        (``WidthChoice`` before a searched layer). Costs ``1 + sum(candidates - 1)`` traces."""
+        from diffnas_jax.cost.table import analytic_table, check_static_metric
+
+        check_static_metric(metric)
+        check_size_kwargs("user space cost_table", size, ())
+        value = lambda g: getattr(self.network_cost(g, input_shape), metric)  # noqa: E731
+        options = {c.path: self._options(c) for c in self.choices}
+        ref = {c.path: options[c.path][0] for c in self.choices}
+        base = value(ref)
+        per = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float64), self.arch_shapes)
+        constant = float(base)
+        for c in self.choices:
+            row = np.zeros(len(c.names), np.float64)
+            for k, name in enumerate(c.names):
+                chosen = self._with_candidate(c, ref[c.path], name)
+                if chosen != ref[c.path]:
+                    row[k] = value({**ref, c.path: chosen}) - base
+            constant += float(row.min())
+            _get_in(per, _split_path(c.path))["alpha"] = row - row.min()
+        return analytic_table(per, constant, metric)
+
+    @staticmethod
+    def _options(c: ChoiceInfo) -> list:
+        if c.kind == "input":
+            return [tuple(c.names[: c.n_chosen])]
+        if c.kind == "width":
+            return [int(n) for n in c.names]
+        return list(c.names)
+
+    @staticmethod
+    def _with_candidate(c: ChoiceInfo, ref: Any, name: str) -> Any:
+        """The reference value of choice ``c`` with candidate ``name`` in it."""
+        if c.kind == "width":
+            return int(name)
+        if c.kind != "input":
+            return name
+        if name in ref:
+            return ref
+        # swap the last reference input for ``name``: the cost of taking it instead of another
+        return tuple(sorted(ref[:-1] + (name,), key=c.names.index))
+
+
+@dataclasses.dataclass(frozen=True)
+class UserEvalNetwork:
+    """A :class:`FixedModel` behind the protocol's ``apply(weights, state, mix, x, train, *, rng)``."""
+
+    model: "FixedModel"
+
+    def init(self, key: jax.Array, x: jax.Array) -> tuple[Any, Any]:
+        return self.model.init(key, x)
+
+    def apply(self, weights: Any, state: Any, mix: Any, x: jax.Array, train: bool, *,
+              rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        """The discrete model's output; ``mix`` is ignored (pass ``None``)."""
+        return self.model.apply(weights, state, x, train, rng=rng)
+
 
 class _ReadTracking(dict):
     """A genotype dict that records which choice paths the traced module looked up."""
@@ -193,13 +302,9 @@ class FixedModel:
 
     def apply(self, weights: Any, state: Any, x: jax.Array, train: bool = False, *,
               rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
-        variables = {"params": weights, **state}
-        rngs = {"dropout": rng} if rng is not None else {}
         with choice_mode(FIXED, genotype=self.genotype):
-            if train and state:
-                out, new_state = self.module.apply(variables, x, rngs=rngs, mutable=list(state), **self._kwargs(True))
-                return out, dict(new_state)
-            return self.module.apply(variables, x, rngs=rngs, **self._kwargs(train)), state
+            return flax_apply(self.module, weights, state, x, train=bool(train), collections=True,
+                              rngs={"dropout": rng} if rng is not None else {}, **self._kwargs(bool(train)))
 
 
 def from_module(module: nn.Module, example_input: Any, *, hard: bool = False) -> UserSpace:
@@ -229,7 +334,8 @@ def from_module(module: nn.Module, example_input: Any, *, hard: bool = False) ->
     arch_shapes = shapes.get("arch", {})
     return UserSpace(module=module, choices=tuple(registry[p] for p in sorted(registry)),
                      arch_shapes=jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), arch_shapes),
-                     hard=hard, train_kwarg=takes_train)
+                     hard=hard, train_kwarg=takes_train,
+                     example=jax.ShapeDtypeStruct(jnp.shape(example_input), jnp.result_type(example_input)))
 
 
 def fix(module: nn.Module, genotype: Mapping[str, Any], *, _space: UserSpace | None = None) -> FixedModel:

@@ -1,0 +1,164 @@
+"""Search spaces by name: the one place the CLI, driver, evaluation, cost models, baselines and
+selectors look a space up.
+
+An entry is ``(constructor, search preset, evaluation preset)`` plus the names under which the
+space takes the generic sizes ``channels`` and ``layers`` (NB201 calls its cells per stage
+``N``, DARTS its cells ``layers``; MBConv takes neither). Adding a space means one
+:func:`register_space` call next to its module; nothing else asks which space it holds.
+
+Arguments are never dropped: a keyword the constructor (or the evaluation network) does not
+take raises ``ValueError`` naming it (e.g. PC-DARTS' ``partial_channels`` for ``nb201``).
+
+>>> from diffnas_jax.spaces import registry
+>>> space = registry.make_space("nb201", num_classes=10, channels=4, layers=1)
+>>> space.C, space.N
+(4, 1)
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from typing import Any, Callable, Mapping
+
+from .base import EvalNetwork, SearchSpace, check_size_kwargs
+
+__all__ = ["SpaceEntry", "register_space", "get_space", "list_spaces", "make_space", "make_eval_network",
+           "name_of", "search_preset", "eval_preset"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpaceEntry:
+    """One registered space.
+
+    Attributes:
+      name: registry key.
+      constructor: ``"module:function"`` (imported on first use, so the registry stays light)
+        or a callable returning a :class:`~diffnas_jax.spaces.base.SearchSpace`.
+      search_preset: constructor keywords of the default supernet (sized for a ~2 minute digits
+        search on a 2-core CPU).
+      eval_preset: ``space.eval_network`` keywords of the default from-scratch network.
+      size_names: ``{"channels": ..., "layers": ...}``: the space's own names of the generic sizes.
+      space_type: ``"module:Class"`` of the space objects (for :func:`name_of`), optional.
+    """
+
+    name: str
+    constructor: str | Callable[..., SearchSpace]
+    search_preset: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    eval_preset: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    size_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    space_type: str | None = None
+
+    def resolve(self) -> Callable[..., SearchSpace]:
+        """The constructor (imports its module)."""
+        return _import(self.constructor) if isinstance(self.constructor, str) else self.constructor
+
+    def parameters(self) -> tuple[str, ...]:
+        """The keyword names the constructor takes."""
+        return tuple(inspect.signature(self.resolve()).parameters)
+
+    def _sizes(self, channels: int | None, layers: int | None) -> dict[str, Any]:
+        out = {}
+        for generic, value in (("channels", channels), ("layers", layers)):
+            if value is None:
+                continue
+            if generic not in self.size_names:
+                raise ValueError(f"space {self.name!r} has no `{generic}` size (it is sized by its preset "
+                                 f"{dict(self.search_preset)})")
+            out[self.size_names[generic]] = value
+        return out
+
+
+_REGISTRY: dict[str, SpaceEntry] = {}
+
+
+def _import(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def register_space(entry: SpaceEntry, *, overwrite: bool = False) -> SpaceEntry:
+    """Add ``entry`` to the registry; ``ValueError`` when the name is taken (unless ``overwrite``)."""
+    if not isinstance(entry, SpaceEntry):
+        raise TypeError(f"`entry` must be a SpaceEntry, got {type(entry).__name__}")
+    if entry.name in _REGISTRY and not overwrite:
+        raise ValueError(f"a space named {entry.name!r} is already registered (pass overwrite=True)")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def list_spaces() -> tuple[str, ...]:
+    """The registered names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_space(name: str) -> SpaceEntry:
+    """The entry of ``name``; ``ValueError`` listing the registered names otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown space {name!r}; registered spaces: {list_spaces()}")
+    return _REGISTRY[name]
+
+
+def search_preset(name: str) -> dict[str, Any]:
+    return dict(get_space(name).search_preset)
+
+
+def eval_preset(name: str) -> dict[str, Any]:
+    return dict(get_space(name).eval_preset)
+
+
+def make_space(name: str, num_classes: int | None = None, *, channels: int | None = None,
+               layers: int | None = None, **kwargs: Any) -> SearchSpace:
+    """The supernet ``name``: its search preset, then ``channels`` / ``layers`` (under the space's
+    own names), then ``kwargs`` (e.g. a method's ``partial_channels``), then ``num_classes``.
+
+    Raises:
+      ValueError: unknown space, or an argument the constructor does not take (named).
+    """
+    entry = get_space(name)
+    kw = {**entry.search_preset, **entry._sizes(channels, layers), **kwargs}
+    if num_classes is not None:
+        kw["num_classes"] = num_classes
+    check_size_kwargs(f"space {name!r}", kw, entry.parameters())
+    return entry.resolve()(**kw)
+
+
+def make_eval_network(name: str, genotype: Any, num_classes: int | None = None, *, channels: int | None = None,
+                      layers: int | None = None, **size: Any) -> EvalNetwork:
+    """The from-scratch network of ``genotype`` in space ``name``: the evaluation preset, then
+    ``channels`` / ``layers``, then ``size``; ``space.eval_network`` rejects what it does not take."""
+    entry = get_space(name)
+    space = entry.resolve()(**({"num_classes": num_classes} if num_classes is not None else {}))
+    kw = {**entry.eval_preset, **entry._sizes(channels, layers), **size}
+    if num_classes is not None:
+        kw["num_classes"] = num_classes
+    return space.eval_network(genotype, **kw)
+
+
+def name_of(space: SearchSpace) -> str:
+    """The registered name of ``space``'s type (``ValueError`` for an unregistered type, e.g. a
+    user-defined space)."""
+    for entry in _REGISTRY.values():
+        if entry.space_type is not None and isinstance(space, _import(entry.space_type)):
+            return entry.name
+    raise ValueError(f"a {type(space).__name__} is not a registered space type ({list_spaces()})")
+
+
+# The built-in spaces. Presets: the sizes that make the default digits search take about two
+# minutes on a 2-core CPU, and a from-scratch network of the same family.
+register_space(SpaceEntry(
+    "nb201", "diffnas_jax.spaces.nb201:search_space", {"C": 8, "N": 1}, {"C": 8, "N": 1},
+    {"channels": "C", "layers": "N"}, "diffnas_jax.spaces.nb201:NB201Space"))
+register_space(SpaceEntry(
+    "darts", "diffnas_jax.spaces.darts:search_space", {"C": 8, "layers": 3},
+    {"C": 8, "layers": 3, "auxiliary": False, "drop_path_prob": 0.0}, {"channels": "C", "layers": "layers"},
+    "diffnas_jax.spaces.darts:DartsSearchSpace"))
+register_space(SpaceEntry(
+    "pcdarts", "diffnas_jax.spaces.darts:search_space",
+    {"C": 8, "layers": 3, "partial_channels": 4, "edge_normalization": True},
+    {"C": 8, "layers": 3, "auxiliary": False, "drop_path_prob": 0.0}, {"channels": "C", "layers": "layers"}))
+register_space(SpaceEntry(
+    "mbconv", "diffnas_jax.spaces.mbconv:search_space",
+    {"widths": (8, 8, 16, 16, 32, 32), "stem_width": 8, "first_width": 8, "head_width": 64},
+    {"widths": (8, 8, 16, 16, 32, 32), "stem_width": 8, "first_width": 8, "head_width": 64},
+    {}, "diffnas_jax.spaces.mbconv:MBConvSpace"))
