@@ -9,6 +9,7 @@ from __future__ import annotations
 import numbers
 from typing import Any, Iterable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -17,17 +18,30 @@ def is_concrete_number(value: Any) -> bool:
     return isinstance(value, numbers.Number) and not isinstance(value, bool)
 
 
-def check_positive(name: str, value: Any) -> None:
-    """Raise ``ValueError`` when ``value`` is a Python number that is not > 0."""
+def _concrete_values(value: Any):
+    """The values of a Python number or of a concrete (non-traced) numpy / JAX array, else None."""
     if is_concrete_number(value):
-        if not np.isfinite(value) or value <= 0:
-            raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
+        return np.asarray(value)
+    if isinstance(value, jax.core.Tracer) or not isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        return None
+    try:
+        arr = np.asarray(value)
+    except Exception:  # an array that cannot be read on the host: treat it like a traced one
+        return None
+    return arr if arr.dtype.kind in "iuf" else None
+
+
+def check_positive(name: str, value: Any) -> None:
+    """Raise ``ValueError`` when ``value`` is a concrete number or array that is not all > 0."""
+    arr = _concrete_values(value)
+    if arr is not None and not (np.all(np.isfinite(arr)) and np.all(arr > 0)):
+        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
 
 
 def check_nonnegative(name: str, value: Any) -> None:
-    if is_concrete_number(value):
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"`{name}` must be a non-negative finite number, got {value!r}")
+    arr = _concrete_values(value)
+    if arr is not None and not (np.all(np.isfinite(arr)) and np.all(arr >= 0)):
+        raise ValueError(f"`{name}` must be a non-negative finite number, got {value!r}")
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
@@ -62,6 +76,8 @@ def as_float_array(name: str, x: Any, min_ndim: int = 0):
 
 
 def check_axis(name: str, axis: int, ndim: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an int, got {type(axis).__name__} {axis!r}")
     if not -ndim <= axis < ndim:
         raise ValueError(f"`{name}`={axis} is out of range for an array of rank {ndim}")
     return axis % ndim

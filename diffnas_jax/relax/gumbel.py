@@ -4,12 +4,13 @@
   ICLR 2017; Maddison, Mnih & Teh, "The Concrete Distribution", ICLR 2017. ``hard=True`` is the
   straight-through Gumbel-softmax of Jang et al. (exact one-hot value, soft gradient).
 - ``gumbel_sigmoid``: the binary Concrete / relaxed Bernoulli (Maddison et al. 2017, sec. 3.3).
-- ``gumbel_topk``: relaxed k-subset sampling, Xie & Ermon, "Reparameterizable Subset Sampling via
-  Continuous Relaxations", IJCAI 2019, built on the Gumbel-top-k trick (Kool, van Hoof & Welling,
-  "Stochastic Beams and Where to Find Them", ICML 2019): perturb the logits with Gumbel noise, then
-  take k successive tempered softmaxes, each time adding ``log(1 - p)`` to the keys of what was
-  just (softly) selected. The soft mask sums to k; ``hard=True`` returns the exact k-hot of the
-  Gumbel top-k (a sample of k items without replacement) with the soft mask's gradient.
+- ``gumbel_topk``: relaxed k-subset sampling on the Gumbel-top-k trick (Kool, van Hoof & Welling,
+  "Stochastic Beams and Where to Find Them", ICML 2019): perturb the logits with Gumbel noise,
+  then relax the k-hot of the top k keys, by default as ``sigmoid((r - tau) / T)`` with the
+  threshold that makes the sum k (entries in [0, 1]), or as Xie & Ermon's k successive tempered
+  softmaxes ("Reparameterizable Subset Sampling via Continuous Relaxations", IJCAI 2019; entries
+  can exceed 1). ``hard=True`` returns the exact k-hot of the Gumbel top-k (a sample of k items
+  without replacement) with the soft mask's gradient.
 
 Numerics: the perturbed logits are shifted by their max *before* dividing by the temperature,
 so ``|logits| = 1e30`` with ``temperature = 1e-6`` does not overflow; the top-k mask update for the
@@ -25,9 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffnas_jax._checks import as_float_array, check_axis, check_int_in_range, check_positive
+from diffnas_jax._checks import as_float_array, check_axis, check_choice, check_int_in_range, check_positive
 from diffnas_jax.relax.ste import straight_through
-from diffnas_jax.relax.topk import hard_topk_mask
+from diffnas_jax.relax.topk import _ot_topk_mask, hard_topk_mask
 
 __all__ = ["gumbel_softmax", "gumbel_sigmoid", "gumbel_topk"]
 
@@ -89,6 +90,8 @@ def gumbel_softmax(key: jax.Array, logits: jax.Array, temperature: Any = 1.0, ha
     if hard:
         idx = jnp.argmax(z, axis=axis)
         one_hot = jnp.moveaxis(jax.nn.one_hot(idx, logits.shape[axis], dtype=cdt), -1, axis)
+        # argmax hides a NaN behind a clean one-hot; NaN in must give NaN out
+        one_hot = jnp.where(jnp.any(jnp.isnan(z), axis=axis, keepdims=True), jnp.nan, one_hot)
         soft = straight_through(one_hot, soft)
     return soft.astype(dtype)
 
@@ -119,7 +122,7 @@ def gumbel_sigmoid(key: jax.Array, logits: jax.Array, temperature: Any = 1.0,
     z = logits.astype(cdt) + jax.random.logistic(key, logits.shape, cdt)
     soft = jax.nn.sigmoid(z / tau)
     if hard:
-        soft = straight_through((z > 0).astype(cdt), soft)
+        soft = straight_through(jnp.where(jnp.isnan(z), jnp.nan, (z > 0).astype(cdt)), soft)
     return soft.astype(dtype)
 
 
@@ -159,15 +162,40 @@ def relaxed_topk_mask(keys: jax.Array, k: int, temperature: Any) -> jax.Array:
     return mask
 
 
-def gumbel_topk(key: jax.Array, logits: jax.Array, k: int, temperature: Any = 1.0,
-                hard: bool = False) -> jax.Array:
-    """A relaxed k-subset sample: a soft k-hot mask over the last axis that sums to ``k``.
+_TOPK_RELAXATIONS = ("bounded", "sequential")
 
-    Xie & Ermon 2019 on Kool et al. 2019's Gumbel-top-k: keys ``r = logits + g`` (``g`` Gumbel),
-    then ``k`` rounds of ``p = softmax(r / temperature); mask += p; r += log(1 - p)``. As
-    ``temperature -> 0`` the mask is the k-hot of ``top_k(r)``, a sample of k items without
-    replacement from ``softmax(logits)``. At ``temperature >= 1`` entries may exceed 1 (a property of
-    the relaxation, not of this implementation); the sum is always k.
+
+def bounded_topk_mask(keys: jax.Array, k: int, temperature: Any) -> jax.Array:
+    """``sigmoid((keys - tau) / temperature)`` along the last axis, ``tau`` making the sum k.
+
+    The maximiser of ``<y, keys> / temperature + sum_i H(y_i)`` (binary entropies) over
+    ``{0 <= y <= 1, sum y = k}``: in [0, 1] by construction; the entropic top-k of Xie et al.
+    (NeurIPS 2020), ``soft_topk_mask(method="ot")`` on unsquashed keys.  ``tau`` is found by
+    bisection and differentiated by the implicit function theorem (``relax.topk``).
+    """
+    n = keys.shape[-1]
+    if k == n:
+        return jnp.ones_like(keys)
+    big = jnp.finfo(keys.dtype).max / 8  # a -inf key (a masked item) stays out, without NaN
+    return _ot_topk_mask(jnp.clip(keys, -big, big), temperature, k)
+
+
+def gumbel_topk(key: jax.Array, logits: jax.Array, k: int, temperature: Any = 1.0,
+                hard: bool = False, relaxation: str = "bounded") -> jax.Array:
+    """A relaxed k-subset sample: a soft k-hot mask over the last axis, in [0, 1], summing to k.
+
+    Gumbel-top-k (Kool et al. 2019): keys ``r = logits + g``, ``g`` Gumbel; the k-hot of
+    ``top_k(r)`` is a sample of k items without replacement from ``softmax(logits)``
+    (``hard=True`` returns it, with the soft mask's gradient). The soft mask relaxes it:
+
+    * ``relaxation="bounded"`` (default): ``sigmoid((r - tau) / temperature)`` with ``tau``
+      such that the mask sums to k (:func:`bounded_topk_mask`); every entry in [0, 1].
+    * ``relaxation="sequential"``: Xie & Ermon 2019 (IJCAI), k rounds of
+      ``p = softmax(r / temperature); mask += p; r += log(1 - p)``. It sums to k, but an entry
+      that takes mass in several rounds can exceed 1, at any temperature once k >= 2
+      (1.7 at temperature 0.5 for k = 3 of 6 equal logits); kept to reproduce that paper.
+
+    Both reach the hard k-hot as ``temperature -> 0`` and ``k / n`` everywhere as it grows.
 
     Args:
       key: PRNG key.
@@ -175,15 +203,17 @@ def gumbel_topk(key: jax.Array, logits: jax.Array, k: int, temperature: Any = 1.
       k: subset size, ``1 <= k <= n`` (static Python int).
       temperature: > 0, Python number or array.
       hard: return the exact k-hot of the Gumbel top-k with the soft mask's gradient.
+      relaxation: "bounded" or "sequential" (see above).
 
     Returns:
       Array of the shape and dtype of ``logits`` whose last axis sums to ``k``.
 
     Raises:
       ValueError: ``logits`` is a scalar, ``k`` out of ``[1, n]``, non-positive ``temperature``,
-        missing ``key``. TypeError: ``k`` not an int.
+        unknown ``relaxation``, missing ``key``. TypeError: ``k`` not an int.
     """
     _check_key(key)
+    check_choice("relaxation", relaxation, _TOPK_RELAXATIONS)
     logits = as_float_array("logits", logits)
     if logits.ndim < 1:
         raise ValueError(f"`logits` must have at least 1 dimension, got shape {logits.shape}")
@@ -194,7 +224,11 @@ def gumbel_topk(key: jax.Array, logits: jax.Array, k: int, temperature: Any = 1.
     dtype, cdt = logits.dtype, _compute_dtype(logits.dtype)
     tau = _as_temperature(temperature, cdt)
     r = logits.astype(cdt) + jax.random.gumbel(key, logits.shape, cdt)
-    soft = relaxed_topk_mask(r, k, tau)
+    if relaxation == "bounded":
+        soft = bounded_topk_mask(r, k, tau)
+    else:
+        soft = relaxed_topk_mask(r, k, tau)
+    soft = jnp.where(jnp.any(jnp.isnan(r), axis=-1, keepdims=True), jnp.nan, soft)
     if hard:
         soft = straight_through(hard_topk_mask(r, k), soft)
     return soft.astype(dtype)

@@ -70,16 +70,27 @@ def perturbed(solver: Callable[[jax.Array], jax.Array], num_samples: int = 1000,
         x = jnp.moveaxis(values.astype(cdt), axis, -1)
         lead = x.shape[:-1]
         rows = x.reshape((math.prod(lead), x.shape[-1]))
-        smooth = _optax_perturbations.make_perturbed_fun(lambda t: solver(t).astype(cdt), num_samples,
-                                                         sigma, dist)
         keys = jax.random.split(key, rows.shape[0])
-        out = jax.vmap(smooth)(keys, rows)
+        out = jax.vmap(lambda k, row: _perturbed_row(solver, num_samples, sigma, dist, k, row, cdt))(keys, rows)
         out = out.reshape(lead + out.shape[1:])
         if out.ndim == values.ndim:  # the solver kept the axis: put it back where it was
             out = jnp.moveaxis(out, -1, axis)
         return out.astype(dtype)
 
     return fn
+
+
+def _perturbed_row(solver, num_samples, sigma, dist, key, row, cdt):
+    """optax's Monte-Carlo estimator on one row. Infinite entries (-inf is the usual way to mask a
+    choice) stay fixed: the noise is added to a finite stand-in, since optax recovers the noise as
+    ``(perturbed - row) / sigma``, NaN for an infinite entry, and the solver sees the infinity
+    again; they get no gradient. A row holding a NaN gives NaN (argmax would hide it)."""
+    fixed = jnp.isinf(row)
+    const = jax.lax.stop_gradient(row)
+    smooth = _optax_perturbations.make_perturbed_fun(
+        lambda t: solver(jnp.where(fixed, const, t)).astype(cdt), num_samples, sigma, dist)
+    out = smooth(key, jnp.where(fixed, 0, row))
+    return jnp.where(jnp.any(jnp.isnan(row)), jnp.nan, out)
 
 
 def _one_hot_argmax(theta: jax.Array) -> jax.Array:

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from diffnas_jax import _solvers
-from diffnas_jax.relax.sorting import _from_2d, _to_2d
+from diffnas_jax.relax.sorting import _from_2d, _mask_nan_rows, _to_2d
 from diffnas_jax._checks import (as_float_array, check_axis, check_choice, check_int_in_range,
                                  check_positive)
 
@@ -261,6 +261,7 @@ def sinkhorn_sort(
         return values
     dtype = values.dtype
     x, lead = _to_2d(values.astype(cdt), axis)
+    x, nan_rows = _mask_nan_rows(x)
     sign = 1.0 if direction == "ASCENDING" else -1.0
     big = jnp.finfo(cdt).max / (4 * n)  # the barycentre sums n terms
     x = jnp.clip(sign * x, -big, big)
@@ -268,6 +269,7 @@ def sinkhorn_sort(
     col = jnp.sum(p, axis=1)
     col = jnp.where(col > 0, col, 1)
     out = sign * jnp.einsum("bnm,bn->bm", p, x) / col
+    out = jnp.where(nan_rows, jnp.nan, out)
     return _from_2d(out, lead, axis, values.ndim).astype(dtype)
 
 
@@ -306,8 +308,10 @@ def sinkhorn_rank(
         return values
     dtype = values.dtype
     x, lead = _to_2d(values.astype(cdt), axis)
+    x, nan_rows = _mask_nan_rows(x)
     sign = 1.0 if direction == "ASCENDING" else -1.0
     p = _plan(sign * x, epsilon, m, squashing, tol, maxiter, epsilon_scaling)
     cum = jnp.arange(1, m + 1, dtype=cdt) * (n / m)
     out = jnp.einsum("bnm,m->bn", p, cum)
+    out = jnp.where(nan_rows, jnp.nan, out)
     return _from_2d(out, lead, axis, values.ndim).astype(dtype)

@@ -146,6 +146,12 @@ class _Blocks:
         return jnp.exp(x - self.logsumexp(x))
 
 
+def _blocks_from(flat, shape):
+    blocks = _Blocks.__new__(_Blocks)
+    blocks.flat, blocks.shape, blocks.num = flat, shape, math.prod(shape)
+    return blocks
+
+
 _WINDOW = 8  # blocks a block may absorb per round; 8 cut the rounds ~8x on long pooling chains
 
 
@@ -153,100 +159,178 @@ def _shift(x: jax.Array, t: int, fill: float) -> jax.Array:
     return jnp.concatenate([x[:, t:], jnp.full((x.shape[0], t), fill, x.dtype)], axis=1)
 
 
-def _merge_round(a: jax.Array, b: jax.Array, kl: bool) -> jax.Array:
-    """One parallel pooling round in block space; returns the surviving block starts.
+def _diff(p1, p0, q1, q0, eps):
+    """``y1 - y0`` for ``y = p / eps - q``, from differences only, so that neither a huge ``p / eps``
+    nor a huge ``q`` swallows the other's small part (the loss that made float32 soft ranks of
+    values 1e8 wrong by 5).  Clipped so sums of n of them stay finite; equal infinities give 0."""
+    d = (p1 - p0) / eps - (q1 - q0)
+    big = jnp.finfo(d.dtype).max / (64 * max(p1.shape[-1], 1))
+    return jnp.clip(jnp.where(jnp.isnan(d), 0, d), -big, big)
 
-    Per block (batch, nb; padded blocks empty): l2 ``a`` = sum of y, ``b`` = count;
-    kl ``a`` = logsumexp(y), ``b`` = logsumexp(w).  Block j absorbs blocks j+1..K(j), K(j) the
-    last maximiser of the pooled value over the window j..j+_WINDOW: then no split of j..K(j)
-    has a larger left part, so the group is one block of the sub-problem on it and pooling it is
-    a valid PAV step (PAV's result does not depend on the order of its merges).  Overlapping
-    groups share a final block, so their union is pooled.
+
+def _merge_round_l2(a, b, pf, qf, eps) -> jax.Array:
+    """One parallel pooling round for l2 in block space; returns the surviving block starts.
+
+    Per block (batch, nb; padded blocks empty): ``a`` = sum over the block of ``y - y_first``,
+    ``b`` = its size, ``pf``/``qf`` = ``p``/``q`` at its first element (``y = p / eps - q``), so
+    every comparison is made on differences relative to block j's first element and stays exact
+    when ``|y|`` is many orders of magnitude above the gaps that decide the pooling.  Block j
+    absorbs blocks j+1..K(j), K(j) the last maximiser of the pooled mean over the window
+    j..j+_WINDOW: then no split of j..K(j) has a larger left part, so the group is one block of
+    the sub-problem on it and pooling it is a valid PAV step (PAV's result does not depend on the
+    order of its merges).  Overlapping groups share a final block, so their union is pooled.
     """
     nb = a.shape[-1]
     idx = lax.broadcasted_iota(jnp.int32, a.shape, 1)
-    value = a - b if kl else a / b
-    # The adjacent step is the plain PAV violation test, exact in either geometry.
-    last = jnp.where(value <= _shift(value, 1, jnp.nan) if nb > 1 else False, idx + 1, idx)
-    if kl:
-        # Pooled values relative to block j's own, as ratios of sums of exp(stat_k - stat_j):
-        # exps instead of logaddexps; an overflowing window just stops there (a merge missed
-        # here is found in a later round).
-        acc_a = jnp.ones_like(a)
-        acc_b = jnp.ones_like(b)
-        best = jnp.ones_like(a)
-    else:
-        acc_a, acc_b, best = a, b, value
+    value = a / b  # relative to the block's first element; NaN for padded blocks: never merged
+    if nb == 1:
+        return jnp.ones(a.shape, bool)
+    acc_a, acc_b, best = a, b, value
+    last = idx
     for t in range(1, min(_WINDOW, nb - 1) + 1):
-        if kl:
-            acc_a = acc_a + jnp.exp(_shift(a, t, -jnp.inf) - a)
-            acc_b = acc_b + jnp.exp(_shift(b, t, -jnp.inf) - b)
-            cand = jnp.where(jnp.isfinite(acc_a) & jnp.isfinite(acc_b), acc_a / acc_b, jnp.nan)
-        else:
-            acc_a = acc_a + _shift(a, t, 0.0)
-            acc_b = acc_b + _shift(b, t, 0.0)
-            cand = acc_a / acc_b
+        offset = _diff(_shift(pf, t, 0.0), pf, _shift(qf, t, 0.0), qf, eps)  # y_first(j+t) - y_first(j)
+        bt = _shift(b, t, 0.0)
+        acc_a = acc_a + _shift(a, t, 0.0) + bt * offset
+        acc_b = acc_b + bt
         if t == 1:
-            best = jnp.where(last > idx, cand, best)
-            if kl:  # a pooled pair whose ratio overflowed ends the window for that block
-                best = jnp.where((last > idx) & jnp.isnan(cand), jnp.inf, best)
+            # the plain PAV violation test between neighbours (ties pool, as in the reference)
+            merge = value <= offset + _shift(value, 1, jnp.nan)
+            best = jnp.where(merge, acc_a / acc_b, best)
+            last = jnp.where(merge, idx + 1, idx)
             continue
-        # l2: ties pool too, as the reference PAV does. kl: strict, because a far block whose
-        # exp terms underflow leaves acc_a / acc_b unchanged, an exact "tie" that is no violation
-        # (pooling it was wrong by up to 1.9 in float64); true kl ties still pool through the
-        # adjacent test in a later round.
-        better = (cand > best) if kl else (cand >= best)
+        cand = acc_a / acc_b
+        better = cand >= best
         best = jnp.where(better, cand, best)
         last = jnp.where(better, idx + t, last)
     reach = lax.cummax(last, axis=1)
     return jnp.concatenate([jnp.ones_like(reach[:, :1], dtype=bool), reach[:, :-1] < idx[:, 1:]], 1)
 
 
-def _pav(y: jax.Array, w: jax.Array | None) -> jax.Array:
-    """Block starts of the solution of isotonic regression with decreasing constraints.
+def _merge_round_kl(a: jax.Array, b: jax.Array) -> jax.Array:
+    """One parallel pooling round for kl in block space; returns the surviving block starts.
 
-    ``w is None``: argmin_{v_1 >= ... >= v_n} 0.5 ||v - y||^2 (block value = mean of y).
-    Otherwise:     argmin_{v_1 >= ... >= v_n} <exp(y - v), 1> + <exp(w), v>
-                   (block value = logsumexp(y_B) - logsumexp(w_B)).
-    The loop carries no tangents (inputs are stop_gradient-ed), so it never needs transposing.
+    Per block: ``a`` = logsumexp(y), ``b`` = logsumexp(w); the pooled value is ``a - b``.  The
+    window search is that of ``_merge_round_l2``, with pooled values relative to block j's own
+    as ratios of sums of exp(stat_k - stat_j): exps instead of logaddexps; an overflowing window
+    just stops there (a merge missed here is found in a later round).
     """
-    kl = w is not None
-    y = lax.stop_gradient(y)
-    w = lax.stop_gradient(w) if kl else jnp.ones_like(y)
+    nb = a.shape[-1]
+    idx = lax.broadcasted_iota(jnp.int32, a.shape, 1)
+    value = a - b
+    last = jnp.where(value <= _shift(value, 1, jnp.nan) if nb > 1 else False, idx + 1, idx)
+    acc_a = jnp.ones_like(a)
+    acc_b = jnp.ones_like(b)
+    best = jnp.ones_like(a)
+    for t in range(1, min(_WINDOW, nb - 1) + 1):
+        acc_a = acc_a + jnp.exp(_shift(a, t, -jnp.inf) - a)
+        acc_b = acc_b + jnp.exp(_shift(b, t, -jnp.inf) - b)
+        cand = jnp.where(jnp.isfinite(acc_a) & jnp.isfinite(acc_b), acc_a / acc_b, jnp.nan)
+        if t == 1:
+            best = jnp.where(last > idx, cand, best)
+            # a pooled pair whose ratio overflowed ends the window for that block
+            best = jnp.where((last > idx) & jnp.isnan(cand), jnp.inf, best)
+            continue
+        # strict: a far block whose exp terms underflow leaves acc_a / acc_b unchanged, an exact
+        # "tie" that is no violation (pooling it was wrong by up to 1.9 in float64); true kl ties
+        # still pool through the adjacent test in a later round.
+        better = cand > best
+        best = jnp.where(better, cand, best)
+        last = jnp.where(better, idx + t, last)
+    reach = lax.cummax(last, axis=1)
+    return jnp.concatenate([jnp.ones_like(reach[:, :1], dtype=bool), reach[:, :-1] < idx[:, 1:]], 1)
+
+
+def _first_index(start: jax.Array) -> jax.Array:
+    """For each element, the index of the first element of its block."""
+    iota = lax.broadcasted_iota(jnp.int32, start.shape, 1)
+    return lax.cummax(jnp.where(start, iota, 0), axis=1)
+
+
+def _relative(start, p, q, eps):
+    """(``p``, ``q`` at each element's block start; ``y - y_first`` per element)."""
+    first = _first_index(start)
+    pf, qf = _take(p, first), _take(q, first)
+    return pf, qf, _diff(p, pf, q, qf, eps)
+
+
+def _pav_l2(p: jax.Array, q: jax.Array, eps) -> jax.Array:
+    """Block starts of ``argmin_{v_1 >= ... >= v_n} 0.5 ||v - y||^2``, ``y = p / eps - q``.
+
+    ``y`` is never formed: every decision uses differences of ``p`` and of ``q`` relative to a
+    block's first element (see ``_diff``), so the blocks are those of the exact ``y`` to within
+    the rounding of those differences, at any magnitude and any ``eps``.
+    """
+    p, q = lax.stop_gradient(p), lax.stop_gradient(q)
+    eps = lax.stop_gradient(eps)
+    iota = lax.broadcasted_iota(jnp.int32, p.shape, 1)
 
     def body(carry):
         start, _ = carry
         blocks = _Blocks(start)
-        if kl:
-            keep = _merge_round(blocks.block_logsumexp(y), blocks.block_logsumexp(w), True)
-        else:
-            keep = _merge_round(blocks.block_sum(y), blocks.block_sum(w), False)
+        _, _, rel = _relative(start, p, q, eps)
+        pos = blocks.block_sum(jnp.where(start, iota, 0))
+        keep = _merge_round_l2(blocks.block_sum(rel), blocks.block_sum(jnp.ones_like(rel)),
+                               _take(p, pos), _take(q, pos), eps)
         new = start & jnp.take_along_axis(keep, blocks.ids, axis=1, mode="promise_in_bounds")
         return new, jnp.any(new != start)
 
-    start = _merge_round(y, w, kl)  # every element is its own block at first
+    start = _merge_round_l2(jnp.zeros_like(p), jnp.ones_like(p), p, q, eps)  # singletons at first
     start, _ = lax.while_loop(lambda c: c[1], body, (start, jnp.any(~start)))
     return start
+
+
+def _pav_kl(y: jax.Array, w: jax.Array) -> jax.Array:
+    """Block starts of ``argmin_{v_1 >= ... >= v_n} <exp(y - v), 1> + <exp(w), v>``
+    (block value = logsumexp(y_B) - logsumexp(w_B)).
+    The loop carries no tangents (inputs are stop_gradient-ed), so it never needs transposing.
+    """
+    y, w = lax.stop_gradient(y), lax.stop_gradient(w)
+
+    def body(carry):
+        start, _ = carry
+        blocks = _Blocks(start)
+        keep = _merge_round_kl(blocks.block_logsumexp(y), blocks.block_logsumexp(w))
+        new = start & jnp.take_along_axis(keep, blocks.ids, axis=1, mode="promise_in_bounds")
+        return new, jnp.any(new != start)
+
+    start = _merge_round_kl(y, w)  # every element is its own block at first
+    start, _ = lax.while_loop(lambda c: c[1], body, (start, jnp.any(~start)))
+    return start
+
+
+def _l2_projection(p, q, eps):
+    """``p / eps - iso(p / eps - q)`` (the l2 projection onto a permutahedron, in sorted order),
+    with its blocks.  Per block B with first element f: ``(p_i - p_f) / eps + q_f - mean_B(y - y_f)``,
+    so a singleton block returns ``q_i`` exactly and no large ``p / eps`` cancels."""
+    start = _pav_l2(p, q, eps)
+    blocks = _Blocks(start)
+    pf, qf, rel = _relative(start, p, q, eps)
+    return blocks, (p - pf) / eps + qf - blocks.mean(rel), pf
 
 
 # ----------------------------------------------------------------------------------------------
 # Isotonic regression (public): decreasing constraints, as in the reference implementation.
 
 
+def _isotonic_l2_value(s, w):
+    start = _pav_l2(s, w, 1.0)
+    pf, qf, rel = _relative(start, s, w, 1.0)
+    blocks = _Blocks(start)
+    return blocks, (pf - qf) + blocks.mean(rel)
+
+
 @jax.custom_vjp
 def _isotonic_l2_2d(s, w):
-    blocks = _Blocks(_pav(s - w, None))
-    return blocks.mean(s - w)
+    return _isotonic_l2_value(s, w)[1]
 
 
 def _isotonic_l2_fwd(s, w):
-    blocks = _Blocks(_pav(s - w, None))
-    return blocks.mean(s - w), blocks.flat
+    blocks, v = _isotonic_l2_value(s, w)
+    return v, blocks.flat
 
 
 def _isotonic_l2_bwd(flat, g):
-    blocks = _Blocks.__new__(_Blocks)
-    blocks.flat, blocks.shape, blocks.num = flat, g.shape, g.size
+    blocks = _blocks_from(flat, g.shape)
     avg = blocks.mean(g)
     return avg, -avg
 
@@ -256,19 +340,18 @@ _isotonic_l2_2d.defvjp(_isotonic_l2_fwd, _isotonic_l2_bwd)
 
 @jax.custom_vjp
 def _isotonic_kl_2d(s, w):
-    blocks = _Blocks(_pav(s, w))
+    blocks = _Blocks(_pav_kl(s, w))
     return blocks.logsumexp(s) - blocks.logsumexp(w)
 
 
 def _isotonic_kl_fwd(s, w):
-    blocks = _Blocks(_pav(s, w))
+    blocks = _Blocks(_pav_kl(s, w))
     return blocks.logsumexp(s) - blocks.logsumexp(w), (blocks.flat, s, w)
 
 
 def _isotonic_kl_bwd(res, g):
     flat, s, w = res
-    blocks = _Blocks.__new__(_Blocks)
-    blocks.flat, blocks.shape, blocks.num = flat, g.shape, g.size
+    blocks = _blocks_from(flat, g.shape)
     total = blocks.sum(g)
     return blocks.softmax(s) * total, -blocks.softmax(w) * total
 
@@ -337,100 +420,152 @@ def isotonic_kl(s: jax.Array, w: jax.Array | None = None, *, axis: int = -1) -> 
 # Soft rank: project theta = values * sign / eps onto the permutahedron of rho = (n, ..., 1).
 
 
-def _rank_forward(theta, kl):
-    n = theta.shape[-1]
-    perm = _argsort_descending(theta)
-    s = _take(theta, perm)
-    rho = jnp.arange(n, 0, -1, dtype=theta.dtype)
-    if kl:
-        logw = jnp.log(rho)
-        blocks = _Blocks(_pav(s, jnp.broadcast_to(logw, s.shape)))
-        primal = jnp.exp(s - blocks.logsumexp(s) + blocks.logsumexp(jnp.broadcast_to(logw, s.shape)))
-    else:
-        blocks = _Blocks(_pav(s - rho, None))
-        primal = s - blocks.mean(s - rho)
-    return perm, s, blocks, primal
+def _rho(shape, dtype):
+    return jnp.broadcast_to(jnp.arange(shape[-1], 0, -1, dtype=dtype), shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _soft_rank_2d(theta, kl):
-    perm, _, _, primal = _rank_forward(theta, kl)
+def _centered(blocks, p, pf, eps):
+    """``p / eps`` minus its block mean, from differences (the direction d out / d log eps)."""
+    rel = _diff(p, pf, 0.0, 0.0, eps)
+    return rel - blocks.mean(rel)
+
+
+# l2: x = sign * values and eps enter the custom VJP directly; theta = x / eps is never formed,
+# so neither a tiny eps nor a huge value rounds the ranks away (see ``_l2_projection``).
+
+
+def _rank_l2_forward(x, eps):
+    perm = _argsort_descending(x)  # the order of x / eps, eps > 0
+    s = _take(x, perm)
+    blocks, primal, pf = _l2_projection(s, _rho(s.shape, s.dtype), eps)
+    return perm, s, blocks, primal, pf
+
+
+@jax.custom_vjp
+def _soft_rank_l2_2d(x, eps):
+    perm, _, _, primal, _ = _rank_l2_forward(x, eps)
     return _untake(primal, perm)
 
 
-def _soft_rank_fwd(theta, kl):
-    perm, s, blocks, primal = _rank_forward(theta, kl)
-    if kl:
-        res = (perm, blocks.flat, primal, blocks.softmax(s))
-    else:
-        res = (perm, blocks.flat, None, 1.0 / blocks.sum(jnp.ones_like(s)))
-    return _untake(primal, perm), res
+def _soft_rank_l2_fwd(x, eps):
+    perm, s, blocks, primal, pf = _rank_l2_forward(x, eps)
+    return _untake(primal, perm), (perm, blocks.flat, _centered(blocks, s, pf, eps), eps)
 
 
-def _soft_rank_bwd(kl, res, g):
-    perm, flat, primal, weights = res
-    blocks = _Blocks.__new__(_Blocks)
-    blocks.flat, blocks.shape, blocks.num = flat, g.shape, g.size
+def _soft_rank_l2_bwd(res, g):
+    perm, flat, centered, eps = res
+    blocks = _blocks_from(flat, g.shape)
     gs = _take(g, perm)
-    if primal is None:  # l2: (I - block average)
-        r = gs - blocks.sum(gs) * weights
-    else:  # kl: diag(rank) (I - block softmax of s)
-        u = primal * gs
-        r = u - weights * blocks.sum(u)
-    return (_untake(r, perm),)
+    r = gs - blocks.mean(gs)  # d rank / d theta = I - block average (symmetric)
+    return _untake(r, perm) / eps, -jnp.sum(gs * centered) / eps
 
 
-_soft_rank_2d.defvjp(_soft_rank_fwd, _soft_rank_bwd)
+_soft_rank_l2_2d.defvjp(_soft_rank_l2_fwd, _soft_rank_l2_bwd)
 
 
-# ----------------------------------------------------------------------------------------------
-# Soft sort: project w = rho / eps onto the permutahedron of z = sign * values.
-
-
-def _sort_forward(z, w, kl):
+def _sort_l2_forward(z, eps):
     perm = _argsort_descending(z)
     s = _take(z, perm)
-    if kl:
-        blocks = _Blocks(_pav(w, s))
-        out = w - blocks.logsumexp(w) + blocks.logsumexp(s)
-    else:
-        blocks = _Blocks(_pav(w - s, None))
-        out = w - blocks.mean(w - s)
-    return perm, s, blocks, out
+    rho = _rho(s.shape, s.dtype)
+    blocks, out, pf = _l2_projection(rho, s, eps)
+    return perm, rho, blocks, out, pf
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _soft_sort_2d(z, w, kl, reference_vjp):
-    return _sort_forward(z, w, kl)[3]
+@jax.custom_vjp
+def _soft_sort_l2_2d(z, eps):
+    return _sort_l2_forward(z, eps)[3]
 
 
-def _soft_sort_fwd(z, w, kl, reference_vjp):
-    perm, s, blocks, out = _sort_forward(z, w, kl)
-    if kl:
-        ws = blocks.softmax(w)
-        res = (perm, blocks.flat, ws if reference_vjp else blocks.softmax(s), ws)
-    else:
-        inv = 1.0 / blocks.sum(jnp.ones_like(s))
-        res = (perm, blocks.flat, inv, None)
-    return out, res
+def _soft_sort_l2_fwd(z, eps):
+    perm, rho, blocks, out, pf = _sort_l2_forward(z, eps)
+    return out, (perm, blocks.flat, _centered(blocks, rho, pf, eps), eps)
 
 
-def _soft_sort_bwd(kl, reference_vjp, res, g):
+def _soft_sort_l2_bwd(res, g):
+    perm, flat, centered, eps = res
+    blocks = _blocks_from(flat, g.shape)
+    avg = blocks.mean(g)  # d out / d s = block average; d out / d (rho / eps) = I - block average
+    return _untake(avg, perm), -jnp.sum(g * centered) / eps
+
+
+_soft_sort_l2_2d.defvjp(_soft_sort_l2_fwd, _soft_sort_l2_bwd)
+
+
+# kl: the entropic projection works on theta = x / eps (rank) or w = rho / eps (sort) directly.
+
+
+def _rank_kl_forward(theta):
+    perm = _argsort_descending(theta)
+    s = _take(theta, perm)
+    logw = jnp.log(_rho(s.shape, s.dtype))
+    blocks = _Blocks(_pav_kl(s, logw))
+    primal = jnp.exp(s - blocks.logsumexp(s) + blocks.logsumexp(logw))
+    return perm, s, blocks, primal
+
+
+@jax.custom_vjp
+def _soft_rank_kl_2d(theta):
+    perm, _, _, primal = _rank_kl_forward(theta)
+    return _untake(primal, perm)
+
+
+def _soft_rank_kl_fwd(theta):
+    perm, s, blocks, primal = _rank_kl_forward(theta)
+    return _untake(primal, perm), (perm, blocks.flat, primal, blocks.softmax(s))
+
+
+def _soft_rank_kl_bwd(res, g):
+    perm, flat, primal, weights = res
+    blocks = _blocks_from(flat, g.shape)
+    u = primal * _take(g, perm)  # diag(rank) (I - block softmax of s)
+    return (_untake(u - weights * blocks.sum(u), perm),)
+
+
+_soft_rank_kl_2d.defvjp(_soft_rank_kl_fwd, _soft_rank_kl_bwd)
+
+
+def _sort_kl_forward(z, w):
+    perm = _argsort_descending(z)
+    s = _take(z, perm)
+    blocks = _Blocks(_pav_kl(w, s))
+    return perm, s, blocks, w - blocks.logsumexp(w) + blocks.logsumexp(s)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _soft_sort_kl_2d(z, w, reference_vjp):
+    return _sort_kl_forward(z, w)[3]
+
+
+def _soft_sort_kl_fwd(z, w, reference_vjp):
+    perm, s, blocks, out = _sort_kl_forward(z, w)
+    ws = blocks.softmax(w)
+    return out, (perm, blocks.flat, ws if reference_vjp else blocks.softmax(s), ws)
+
+
+def _soft_sort_kl_bwd(reference_vjp, res, g):
     perm, flat, weights_s, weights_w = res
-    blocks = _Blocks.__new__(_Blocks)
-    blocks.flat, blocks.shape, blocks.num = flat, g.shape, g.size
+    blocks = _blocks_from(flat, g.shape)
     total = blocks.sum(g)
-    if weights_w is None:  # l2: d out / d s = block average, d out / d w = I - block average
-        avg = total * weights_s
-        return _untake(avg, perm), g - avg
     return _untake(weights_s * total, perm), g - weights_w * total
 
 
-_soft_sort_2d.defvjp(_soft_sort_fwd, _soft_sort_bwd)
+_soft_sort_kl_2d.defvjp(_soft_sort_kl_fwd, _soft_sort_kl_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
 # Public API.
+
+
+def _mask_nan_rows(x):
+    """Rows holding a NaN give all-NaN outputs (never a plausible number); they are solved as
+    zeros so that the NaN cannot steer the shared while loop or the sort."""
+    nan_rows = jnp.any(jnp.isnan(x), axis=-1, keepdims=True)
+    return jnp.where(nan_rows, 0, x), nan_rows
+
+
+def _clip_finite(x):
+    big = jnp.finfo(x.dtype).max / (64 * max(x.shape[-1], 1))
+    return jnp.clip(x, -big, big)
 
 
 def _prepare(values, direction, regularization_strength, regularization, axis):
@@ -473,9 +608,14 @@ def soft_rank(
         return values
     dtype = values.dtype
     x, lead = _to_2d(values.astype(_compute_dtype(dtype)), axis)
+    x, nan_rows = _mask_nan_rows(x)
     sign = 1.0 if direction == "ASCENDING" else -1.0
-    theta = x * (sign / jnp.asarray(regularization_strength, x.dtype))
-    out = _soft_rank_2d(theta, regularization == "kl")
+    eps = jnp.asarray(regularization_strength, x.dtype)
+    if regularization == "l2":
+        out = _soft_rank_l2_2d(sign * x, eps)
+    else:
+        out = _soft_rank_kl_2d(_clip_finite(sign * x / eps))
+    out = jnp.where(nan_rows, jnp.nan, out)
     return _from_2d(out, lead, axis, values.ndim).astype(dtype)
 
 
@@ -514,8 +654,13 @@ def soft_sort(
         return values
     dtype = values.dtype
     x, lead = _to_2d(values.astype(_compute_dtype(dtype)), axis)
+    x, nan_rows = _mask_nan_rows(x)
     sign = -1.0 if direction == "ASCENDING" else 1.0
-    rho = jnp.arange(n, 0, -1, dtype=x.dtype)
-    w = jnp.broadcast_to(rho / jnp.asarray(regularization_strength, x.dtype), x.shape)
-    out = sign * _soft_sort_2d(sign * x, w, regularization == "kl", kl_vjp == "reference")
+    eps = jnp.asarray(regularization_strength, x.dtype)
+    if regularization == "l2":
+        out = sign * _soft_sort_l2_2d(sign * x, eps)
+    else:
+        w = _clip_finite(_rho(x.shape, x.dtype) / eps)
+        out = sign * _soft_sort_kl_2d(sign * x, w, kl_vjp == "reference")
+    out = jnp.where(nan_rows, jnp.nan, out)
     return _from_2d(out, lead, axis, values.ndim).astype(dtype)

@@ -91,8 +91,15 @@ def _capped_simplex_projection_jvp(k, primals, tangents):
 
 
 def _sparse_topk(x: jax.Array, k: int, strength: Any) -> jax.Array:
-    big = jnp.finfo(x.dtype).max / 4  # x / s may overflow for a tiny strength
-    return _capped_simplex_projection(jnp.clip(x / strength, -big, big), k)
+    # The threshold tau lies in [z_(k) - 1, z_(k)] (z_(k) the k-th largest of z = x / strength):
+    # entries below z_(k) - 1 are 0 and entries above z_(k) + 1 are 1 whatever their size, so z
+    # is taken relative to z_(k) and clamped to [-2, 2]. That changes no output, but keeps the
+    # prefix sums exact: a score of -1e9 next to scores of order 1 used to shift the sum to 2.09.
+    # The projection is shift invariant, so the shift carries no gradient.
+    kth = jax.lax.stop_gradient(jax.lax.top_k(x, k)[0][..., -1:])
+    d = x - kth
+    d = jnp.where(jnp.isnan(d), 0, d)  # an infinite k-th value: the infinities tie
+    return _capped_simplex_projection(jnp.clip(d / strength, -2, 2), k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,6 +179,7 @@ def hard_topk_mask(values: jax.Array, k: int, axis: int = -1) -> jax.Array:
         return jnp.zeros_like(values)
     _, idx = jax.lax.top_k(jax.lax.stop_gradient(x), k)
     mask = jnp.sum(jax.nn.one_hot(idx, n, dtype=values.dtype), axis=-2)
+    mask = jnp.where(jnp.any(jnp.isnan(x), axis=-1, keepdims=True), jnp.nan, mask)
     return jnp.moveaxis(mask, -1, axis)
 
 
@@ -226,10 +234,13 @@ def soft_topk_mask(
     if k == n:  # everything is selected; the OT target "drop" would have zero mass
         return jnp.ones_like(values)
     x, lead = _sk._to_2d(values.astype(cdt), axis)
+    nan_rows = jnp.any(jnp.isnan(x), axis=-1, keepdims=True)
+    x = jnp.where(nan_rows, 0, x)
     if method == "sparse":
         out = _sparse_topk(x, k, jnp.asarray(regularization_strength, cdt))
     else:
         big = jnp.finfo(cdt).max / 4
         u = 2 * _sk.squash(jnp.clip(x, -big, big), squashing) - 1
         out = _ot_topk_mask(u, jnp.asarray(epsilon, cdt), k)
+    out = jnp.where(nan_rows, jnp.nan, out)  # NaN in gives NaN out, never a plausible mask
     return _sk._from_2d(out, lead, axis, values.ndim).astype(dtype)
