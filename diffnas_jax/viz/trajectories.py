@@ -17,7 +17,8 @@ def plot_arch_history(steps: Sequence[int], history: Mapping[str, np.ndarray],
 
     Every panel has the same fixed y-axis [0, 1] and a dashed line at the uniform weight
     ``1 / num_ops``: an auto-scaled axis would blow weights that moved by 0.01 up into what looks
-    like a decision, and a search that did not decide must look flat.
+    like a decision, and a search that did not decide must look flat. (For mixes that do not sum
+    to one, e.g. FairDARTS' independent sigmoids, the dashed line is only a reference level.)
 
     The figure is made without pyplot, so the caller's matplotlib backend is never changed.
 
