@@ -12,22 +12,54 @@ import nbformat
 
 HERE = pathlib.Path(__file__).parent
 
-INSTALL = '''# Install (Colab: runs pip; locally, with diffnas_jax installed, does nothing) and detect the device.
-# REPO: the git URL of your copy of diffnas_jax (a fork or the published repository).
-REPO = "https://github.com/diffnas-jax/diffnas_jax.git"
+# Wall time of a fresh top-to-bottom run of each notebook (default settings, SCALE = 1) on the
+# project's 2-core CPU, measured with `python notebooks/time_notebooks.py` (fresh kernel, JAX's
+# compile cache cold) while other jobs shared the CPU (load average 10-12, so inflated; the idle
+# machine was not available). Update them when a notebook changes.
+MEASURED = {
+    "01_relaxed_operators.ipynb": "160 s (2 min 40 s) wall for the whole notebook on a 2-core CPU shared with other jobs (load average ~11); faster on an idle machine",
+    "02_darts_search.ipynb": "475 s (7 min 55 s) wall for the whole notebook on a 2-core CPU shared with other jobs (load average ~11); faster on an idle machine",
+    "03_implicit_hypergradients.ipynb": "130 s (2 min 10 s) wall for the whole notebook on a 2-core CPU shared with other jobs (load average ~11); faster on an idle machine",
+    "04_hardware_aware.ipynb": "326 s (5 min 26 s) wall for the whole notebook on a 2-core CPU shared with other jobs (load average ~11); faster on an idle machine",
+}
+
+INSTALL = '''# Install diffnas_jax if this kernel lacks it. It is NOT published on PyPI, so this cell installs,
+# in this order, whichever it finds:
+#   1. the checkout this notebook sits in (local Jupyter, opened from notebooks/): `pip install -e ..`;
+#   2. a wheel uploaded next to the notebook (Colab): on your machine, in the repository, run
+#      `pip wheel . --no-deps -w dist`, then upload dist/diffnas_jax-*.whl with Colab's Files
+#      panel (it lands in /content, the notebook's working folder);
+#   3. a git URL you set in REPO, e.g. your fork: REPO = "https://github.com/<you>/diffnas_jax.git".
+# If pip replaced Colab's preinstalled jax, restart the runtime once and run the cells again.
+REPO = ""
+import glob, os
 try:
     import diffnas_jax
 except ImportError:
-    import os
-    if os.path.exists("../pyproject.toml"):  # opened from a checkout: install that checkout
+    wheels = sorted(glob.glob("diffnas_jax-*.whl") + glob.glob("/content/diffnas_jax-*.whl"))
+    if os.path.exists("../pyproject.toml"):
         %pip install -q -e ..
-    else:
+    elif wheels:
+        %pip install -q {wheels[-1]}
+    elif REPO:
         %pip install -q "diffnas-jax @ git+{REPO}"
+    else:
+        raise RuntimeError("diffnas_jax is not installed and not on PyPI: upload a wheel built with "
+                           "`pip wheel . --no-deps -w dist`, or set REPO to a git URL of the repository")
+    import importlib, sys
+    if os.path.exists("../pyproject.toml"):  # an editable install is seen only after a kernel restart
+        sys.path.insert(0, os.path.abspath(".."))
+    importlib.invalidate_caches()
+    import diffnas_jax
 import jax
 BACKEND = jax.default_backend()
 print("JAX", jax.__version__, "backend:", BACKEND, jax.devices())
-# Default settings run in < 3 minutes on a 2-core CPU; a GPU/TPU can afford more.
+# Measured: TIME_CLAIM. A GPU/TPU can afford more steps (SCALE).
 SCALE = 1 if BACKEND == "cpu" else 4'''
+
+
+def install_cell(name: str):
+    return code(INSTALL.replace("TIME_CLAIM", MEASURED[name]))
 
 
 def md(s):
@@ -48,7 +80,7 @@ NOTEBOOKS["01_relaxed_operators.ipynb"] = [
        "optimizers (Berthet et al. 2020), Gumbel-softmax / top-k (Jang et al. 2017; Xie & Ermon 2019) and straight-through "
        "estimators. Every operator works on the last axis, "
        "batches, and composes with `jit`, `vmap` and `grad`."),
-    code(INSTALL),
+    install_cell("01_relaxed_operators.ipynb"),
     code('''import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
 from diffnas_jax import relax
@@ -92,7 +124,7 @@ samples = jax.vmap(lambda t: relax.gumbel_softmax(key, logits, temperature=t))(t
 n = 2000 * SCALE
 hard = relax.gumbel_softmax(jax.random.PRNGKey(1), jnp.broadcast_to(logits, (n, 4)), hard=True)
 fig, ax = plt.subplots(1, 3, figsize=(15, 3.5))
-for t, s in zip(temps, samples): ax[0].plot(s, "o-", label=f"T={float(t)}")
+for t, s in zip(temps, samples): ax[0].plot(s, "o-", label=f"T={float(t):g}")
 ax[0].legend(); ax[0].set_title("one Gumbel-softmax sample")
 ax[1].bar(np.arange(4) - 0.2, hard.mean(0), 0.4, label="hard samples"); ax[1].bar(np.arange(4) + 0.2, jax.nn.softmax(logits), 0.4, label="softmax")
 ax[1].legend(); ax[1].set_title(f"frequencies over {n} draws")
@@ -117,11 +149,21 @@ ax[1].semilogx(strengths, sparse_masks); ax[1].set_title("soft_topk_mask sparse,
 ax[2].semilogx(eps, ot_masks); ax[2].set_title("soft_topk_mask ot, k=3")
 sig = jnp.array([0.1, 0.3, 1.0, 3.0])
 pa = jnp.stack([relax.perturbed_argmax(jax.random.PRNGKey(2), x, num_samples=500 * SCALE, sigma=float(s)) for s in sig])
-for s, row in zip(sig, pa): ax[3].plot(np.asarray(row), "o-", label=f"sigma={float(s)}")
+for s, row in zip(sig, pa): ax[3].plot(np.asarray(row), "o-", label=f"sigma={float(s):g}")
 ax[3].plot(np.asarray(jax.nn.softmax(x / 0.3)), "k--", label="softmax(x/0.3)"); ax[3].legend(); ax[3].set_title("perturbed_argmax")
 plt.show()
-print("sparse top-3 mask:", np.round(relax.soft_topk_mask(x, 3, regularization_strength=0.5), 3))
-print("its gradient (d mask . w / dx):", np.round(jax.grad(lambda v: relax.soft_topk_mask(v, 3, regularization_strength=0.5) @ jnp.arange(6.0))(x), 3))'''),
+for strength in (0.5, 1.0):
+    mask = relax.soft_topk_mask(x, 3, regularization_strength=strength)
+    g = jax.grad(lambda v: relax.soft_topk_mask(v, 3, regularization_strength=strength) @ jnp.arange(6.0))(x)
+    print(f"strength {strength}: sparse top-3 mask {np.round(mask, 3)}, gradient of mask . w {np.round(g, 3)}")'''),
+    md("At strength 0.5 the mask is saturated (every entry exactly 0 or 1) and its gradient is exactly "
+       "zero. That is correct, not a bug: the sparse mask is the Euclidean projection of "
+       "`x / strength` onto `{0 <= y <= 1, sum y = k}`, and when the gap between the k-th and "
+       "(k+1)-th largest values is at least the strength, every entry sits on a face of that set, "
+       "where a small change of `x` leaves the projection unchanged. Only entries strictly between 0 "
+       "and 1 carry gradient (at strength 1.0 three of them do). For a gradient everywhere, raise "
+       "`regularization_strength`, or use `method=\"ot\"` or `perturbed_topk`, whose masks are never "
+       "exactly 0 or 1."),
     md("## Straight-through estimators"),
     code('''xs = jnp.linspace(-2, 2, 9)
 print("ste_round  :", relax.ste_round(xs), " grad:", jax.grad(lambda v: relax.ste_round(v).sum())(xs))
@@ -145,7 +187,7 @@ NOTEBOOKS["03_implicit_hypergradients.ipynb"] = [
        "classic examples: per-feature L2 regularization of a logistic regression (Lorraine et al., "
        "AISTATS 2020) and data re-weighting. We compare first-order, unrolled and implicit "
        "hypergradients against the exact one (a dense solve), in accuracy, time and memory."),
-    code(INSTALL),
+    install_cell("03_implicit_hypergradients.ipynb"),
     code('''import time
 import jax, jax.numpy as jnp, numpy as np, optax
 import matplotlib.pyplot as plt
@@ -255,10 +297,8 @@ NOTEBOOKS["02_darts_search.ipynb"] = [
        "(magnitude argmax or DARTS-PT perturbation). The data are scikit-learn's handwritten digits "
        "(8x8, shipped with scikit-learn). At the end the found cell is trained from scratch beside "
        "random cells — every NAS result belongs beside random search."),
-    code(INSTALL),
-    code('''import os, tempfile
-import jax, jax.numpy as jnp, numpy as np, optax
-import matplotlib.pyplot as plt
+    install_cell("02_darts_search.ipynb"),
+    code('''import jax, jax.numpy as jnp, numpy as np, optax
 from diffnas_jax import relaxations, hypergrad, select
 from diffnas_jax.data import load_dataset
 from diffnas_jax.spaces import nb201
@@ -286,22 +326,18 @@ for epoch in range(EPOCHS):
     print(f"epoch {epoch}: train acc {log[-1]['train_acc']:.3f}  val acc {log[-1]['val_acc']:.3f}  "
           f"arch entropy {log[-1]['arch_entropy']:.3f}")'''),
     md("## Mixing weights of every edge over the search"),
-    code('''h = np.stack(history)            # (steps, 6 edges, 5 ops)
+    code('''from diffnas_jax.viz import plot_arch_history, plot_genotype
+h = np.stack(history)            # (steps, 6 edges, 5 ops)
 edges = ["1<-0", "2<-0", "2<-1", "3<-0", "3<-1", "3<-2"]
-fig, ax = plt.subplots(2, 3, figsize=(14, 6), sharex=True, sharey=True)
-for e, a in enumerate(ax.ravel()):
-    for o, name in enumerate(space.op_names): a.plot(h[:, e, o], label=name)
-    a.set_title(f"edge {edges[e]}")
-ax[0, 0].legend(fontsize=7); plt.tight_layout(); plt.show()'''),
+# a fixed [0, 1] axis with the uniform level 1/5 dashed: a search that has not decided looks flat
+display(plot_arch_history(np.arange(len(h)), {"cell": h}, op_names=space.op_names, edge_names={"cell": edges}))'''),
     md("## The derived cell: magnitude and perturbation-based selection"),
     code('''genotype = select.argmax(space, state.arch)
 print("argmax      :", genotype)
 val_batches = [(xva[i:i + 256], yva[i:i + 256]) for i in range(0, 512, 256)]
 pt_result = select.perturbation(space, state.weights, state.model_state, state.arch, relax, val_batches, train=True)
 print("DARTS-PT    :", pt_result.genotype)
-from diffnas_jax.viz import plot_genotype
-path = plot_genotype(genotype, os.path.join(tempfile.mkdtemp(), "cell.png"))
-plt.figure(figsize=(6, 3)); plt.imshow(plt.imread(path)); plt.axis("off"); plt.show()'''),
+display(plot_genotype(genotype, title="argmax cell"))  # a Figure; plot_genotype(g, "cell.png") also saves it'''),
     md("## Train the found cell from scratch beside random cells"),
     code('''from diffnas_jax.search.evaluate import EvalConfig, train_and_evaluate, random_genotypes
 cfg = EvalConfig(space="nb201", epochs=2 * SCALE)
@@ -318,7 +354,7 @@ NOTEBOOKS["04_hardware_aware.ipynb"] = [
        "(`diffnas_jax.cost.expected_cost`) is linear in the mixing weights, so it can join the "
        "architecture loss: ProxylessNAS adds `lambda * E[cost]`, Single-Path NAS `lambda * log E[cost]`, "
        "FBNet multiplies `CE * a * log(cost)^b`. Sweeping `lambda` traces the trade-off."),
-    code(INSTALL),
+    install_cell("04_hardware_aware.ipynb"),
     code('''import jax, jax.numpy as jnp, numpy as np, optax
 import matplotlib.pyplot as plt
 from diffnas_jax import relaxations, hypergrad, objectives, cost

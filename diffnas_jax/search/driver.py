@@ -660,15 +660,16 @@ def write_plots(setup: SearchSetup, out: pathlib.Path, seeds: Sequence[dict], ge
     for i, (s, genotype) in enumerate(zip(seeds, genotypes)):
         suffix = f"_seed{s['seed']}" if cfg.vmapped else ""
         try:
-            paths.append(viz.plot_genotype(genotype, out / f"cell{suffix}.png",
-                                           title=f"{cfg.method} on {setup.dataset.name}: {cfg.space} cell"))
+            viz.plot_genotype(genotype, out / f"cell{suffix}.png",
+                              title=f"{cfg.method} on {setup.dataset.name}: {cfg.space} cell")
+            paths.append(out / f"cell{suffix}.png")
         except (TypeError, ValueError) as e:  # a space without a drawable genotype
             print(f"warning: no cell plot ({e})", file=sys.stderr)
         if records:
             steps = [r["step"] for r in records]
             hist = {k: np.stack([np.asarray(r["mix"][k])[i] if cfg.vmapped else np.asarray(r["mix"][k])
                                  for r in records]) for k in records[0]["mix"]}
-            paths.append(viz.plot_arch_history(steps, hist, out / f"arch_weights{suffix}.png", op_names=op_names,
-                                               edge_names=edge_names,
-                                               title=f"mixing weights ({cfg.method}, seed {s['seed']})"))
+            viz.plot_arch_history(steps, hist, out / f"arch_weights{suffix}.png", op_names=op_names,
+                                  edge_names=edge_names, title=f"mixing weights ({cfg.method}, seed {s['seed']})")
+            paths.append(out / f"arch_weights{suffix}.png")
     return [str(p) for p in paths]

@@ -5,7 +5,7 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
-from ._mpl import pyplot
+from ._mpl import new_figure, save
 
 _NB201_TOKEN = re.compile(r"^([A-Za-z0-9_]+)~(\d+)$")
 
@@ -83,24 +83,32 @@ def _draw(ax, names: list[str], edges: list[tuple[str, str, str]], title: str) -
     ax.axis("off")
 
 
-def plot_genotype(genotype: Any, path: str | os.PathLike, title: str | None = None) -> str:
-    """Write a PNG of a derived architecture and return its path.
+def plot_genotype(genotype: Any, path: str | os.PathLike | None = None, title: str | None = None) -> Any:
+    """Draw a derived architecture as a graph; return the ``matplotlib.figure.Figure``.
+
+    The figure is made without pyplot, so the caller's matplotlib backend is never changed; in a
+    notebook ``display(fig)`` (or the figure as a cell's last expression) shows it.
 
     Args:
       genotype: an NB201 arch string (``|op~0|+|op~0|op~1|+...``; ``none`` edges are omitted), a
         DARTS ``Genotype`` (anything with ``normal``, ``normal_concat``, ``reduce``,
         ``reduce_concat``; both cells are drawn), a sequence of op names (a layer-wise space
         such as MBConv, drawn as a chain) or a ``{choice: chosen}`` dict (a user space, a chain).
-      path: output file (``.png``).
+      path: if given, the figure is also written there (format from the extension, e.g. ``.png``;
+        works without a display).
       title: figure title (defaults to the space's name).
+
+    Returns:
+      The ``matplotlib.figure.Figure``.
     """
-    plt = pyplot()
     if isinstance(genotype, str):
         names, edges = _nb201_edges(genotype)
-        fig, ax = plt.subplots(figsize=(6, 3))
+        fig = new_figure((6, 3))
+        ax = fig.subplots()
         _draw(ax, names, edges, title or "NB201 cell")
     elif all(hasattr(genotype, a) for a in ("normal", "reduce")):
-        fig, axes = plt.subplots(1, 2, figsize=(12, 3.5))
+        fig = new_figure((12, 3.5))
+        axes = fig.subplots(1, 2)
         for ax, kind in zip(axes, ("normal", "reduce")):
             names, edges = _darts_edges(getattr(genotype, kind), getattr(genotype, f"{kind}_concat"))
             _draw(ax, names, edges, f"{kind} cell")
@@ -111,13 +119,13 @@ def plot_genotype(genotype: Any, path: str | os.PathLike, title: str | None = No
         ops = ([f"{k}: {v}" for k, v in genotype.items()] if isinstance(genotype, Mapping) else list(genotype))
         names = ["in"] + [f"L{i}" for i in range(len(ops))]
         edges = [(names[i], names[i + 1], op) for i, op in enumerate(ops)]
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(genotype)), 2.5))
+        fig = new_figure((max(6, 1.2 * len(genotype)), 2.5))
+        ax = fig.subplots()
         _draw(ax, names, edges, title or "layers")
         ax.set_ylim(-0.6, 0.6)
     else:
         raise TypeError(f"`genotype` must be an NB201 string, a DARTS Genotype, a dict or a list of op names, "
                         f"got {type(genotype).__name__}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    save(fig, path, dpi=110)
+    return fig

@@ -2,28 +2,39 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ._mpl import pyplot
+from ._mpl import new_figure, save
 
 
-def plot_arch_history(steps: Sequence[int], history: Mapping[str, np.ndarray], path: str | os.PathLike,
+def plot_arch_history(steps: Sequence[int], history: Mapping[str, np.ndarray],
+                      path: str | os.PathLike | None = None,
                       op_names: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
-                      edge_names: Mapping[str, Sequence[str]] | None = None, title: str = "") -> str:
-    """Write a PNG with one panel per edge showing each op's mixing weight against the step.
+                      edge_names: Mapping[str, Sequence[str]] | None = None, title: str = "") -> Any:
+    """Draw one panel per edge with each op's mixing weight against the step; return the Figure.
+
+    Every panel has the same fixed y-axis [0, 1] and a dashed line at the uniform weight
+    ``1 / num_ops``: an auto-scaled axis would blow weights that moved by 0.01 up into what looks
+    like a decision, and a search that did not decide must look flat. (For mixes that do not sum
+    to one, e.g. FairDARTS' independent sigmoids, the dashed line is only a reference level.)
+
+    The figure is made without pyplot, so the caller's matplotlib backend is never changed.
 
     Args:
       steps: ``(T,)`` step numbers of the snapshots.
-      history: arch leaf name -> ``(T, num_edges, num_ops)`` (or ``(T, num_ops)``) weights, e.g.
-        ``softmax(alpha)`` recorded at the end of each epoch.
-      path: output file.
+      history: arch leaf name -> ``(T, num_edges, num_ops)`` (or ``(T, num_ops)``) weights in
+        [0, 1], e.g. the mix the relaxation returned, recorded at the end of each epoch.
+      path: if given, the figure is also written there (format from the extension, e.g. ``.png``;
+        works without a display).
       op_names: op labels, one list for all leaves or one per leaf.
       edge_names: per leaf, the edge labels (defaults to ``leaf[e]``).
       title: figure title.
+
+    Returns:
+      The ``matplotlib.figure.Figure``.
     """
-    plt = pyplot()
     panels = []
     for leaf, arr in history.items():
         arr = np.asarray(arr, dtype=np.float64)
@@ -39,12 +50,16 @@ def plot_arch_history(steps: Sequence[int], history: Mapping[str, np.ndarray], p
         raise ValueError("`history` is empty")
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False, sharex=True)
+    fig = new_figure((3.2 * cols, 2.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
     for ax in axes.ravel()[len(panels):]:
         ax.axis("off")
     for ax, (label, w, names) in zip(axes.ravel(), panels):
-        for k in range(w.shape[1]):
+        num_ops = w.shape[1]
+        for k in range(num_ops):
             ax.plot(steps, w[:, k], label=(names[k] if names is not None and k < len(names) else f"op{k}"))
+        ax.axhline(1.0 / num_ops, color="0.5", lw=0.8, ls="--", label=f"uniform (1/{num_ops})")
+        ax.set_ylim(0.0, 1.0)
         ax.set_title(label, fontsize=8)
         ax.tick_params(labelsize=7)
     handles, labels = axes.ravel()[0].get_legend_handles_labels()
@@ -52,6 +67,5 @@ def plot_arch_history(steps: Sequence[int], history: Mapping[str, np.ndarray], p
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    save(fig, path, dpi=100)
+    return fig

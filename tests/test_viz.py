@@ -1,0 +1,77 @@
+"""The plotting helpers return Figures, write PNGs headless and never touch the caller's backend."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+matplotlib = pytest.importorskip("matplotlib")
+
+from matplotlib.figure import Figure  # noqa: E402
+
+from diffnas_jax import viz  # noqa: E402
+from diffnas_jax.spaces.genotypes import DARTS_V2  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+NB201 = "|nor_conv_3x3~0|+|skip_connect~0|avg_pool_3x3~1|+|none~0|nor_conv_1x1~1|skip_connect~2|"
+
+
+@pytest.fixture
+def svg_backend():
+    """A non-Agg backend that works without a display, restored afterwards."""
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    figs = plt.get_fignums()
+    yield plt, figs
+    matplotlib.use(before)
+
+
+def _history(T=5, edges=6, ops=5, seed=0):
+    logits = np.random.default_rng(seed).normal(size=(T, edges, ops)).cumsum(0)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return list(range(0, 10 * T, 10)), {"cell": e / e.sum(-1, keepdims=True)}
+
+
+@pytest.mark.parametrize("genotype", [NB201, DARTS_V2, ["mb3_e3", "skip", "mb5_e6"], {"k0": "c3", "w0": "16"}],
+                         ids=["nb201", "darts", "chain", "dict"])
+def test_plot_genotype_returns_figure_and_keeps_backend(genotype, svg_backend, tmp_path):
+    plt, figs = svg_backend
+    fig = viz.plot_genotype(genotype, tmp_path / "cell.png", title="t")
+    assert isinstance(fig, Figure)
+    assert matplotlib.get_backend() == "svg"
+    assert plt.get_fignums() == figs  # nothing registered with pyplot's global state
+    assert (tmp_path / "cell.png").read_bytes()[:8] == PNG
+    assert isinstance(viz.plot_genotype(genotype), Figure)  # drawing without a file is allowed
+
+
+def test_plot_arch_history_fixed_unit_scale_with_uniform_level(svg_backend, tmp_path):
+    plt, figs = svg_backend
+    steps, hist = _history()
+    fig = viz.plot_arch_history(steps, hist, tmp_path / "w.png", op_names=list("abcde"))
+    assert isinstance(fig, Figure)
+    assert matplotlib.get_backend() == "svg" and plt.get_fignums() == figs
+    assert (tmp_path / "w.png").read_bytes()[:8] == PNG
+    panels = [ax for ax in fig.axes if ax.lines]
+    assert len(panels) == 6
+    for ax in panels:
+        assert ax.get_ylim() == (0.0, 1.0)
+        uniform = [ln for ln in ax.lines if ln.get_label().startswith("uniform")]
+        assert len(uniform) == 1 and np.allclose(uniform[0].get_ydata(), 0.2)
+
+
+def test_plot_arch_history_uniform_level_follows_num_ops(tmp_path):
+    steps, hist = _history(edges=1, ops=8)
+    fig = viz.plot_arch_history(steps, {"a": hist["cell"][:, 0]})  # (T, ops) leaves are one edge
+    (ax,) = [ax for ax in fig.axes if ax.lines]
+    (uniform,) = [ln for ln in ax.lines if ln.get_label().startswith("uniform")]
+    assert np.allclose(uniform.get_ydata(), 1 / 8) and ax.get_ylim() == (0.0, 1.0)
+
+
+def test_plot_errors_name_the_argument():
+    with pytest.raises(ValueError, match="history"):
+        viz.plot_arch_history([0, 1], {"cell": np.zeros((3, 2, 2))})
+    with pytest.raises(ValueError, match="history"):
+        viz.plot_arch_history([0], {})
+    with pytest.raises(TypeError, match="genotype"):
+        viz.plot_genotype(3.5)
