@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._choices import HYPERGRADIENTS, SELECTIONS
+from .._choices import HYPERGRADIENTS, SELECTIONS, SPACE_PRESETS
 from .._json import NON_FINITE_KEY, write_json
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, restore_checkpoint, save_checkpoint
 from .compile_cache import enable_compile_cache
@@ -50,14 +50,6 @@ from .logging import MetricsLogger, read_jsonl, to_jsonable
 
 __all__ = ["SearchConfig", "search_to_dir", "run_search", "build_search", "UndecidedSearchWarning", "SearchSetup", "RunInUseError", "SPACE_PRESETS",
            "make_space", "make_mesh", "shard_batch", "replicate"]
-
-# Sizes that make the default digits search take about two minutes on a 2-core CPU.
-SPACE_PRESETS: dict[str, dict[str, Any]] = {
-    "nb201": {"C": 8, "N": 1},
-    "darts": {"C": 8, "layers": 3},
-    "mbconv": {"widths": (8, 8, 16, 16, 32, 32), "stem_width": 8, "first_width": 8, "head_width": 64},
-}
-
 
 # fields that do not change the trajectory (outputs, resume, budgets): left out of the fingerprint
 _NOT_TRAJECTORY = ("out", "resume", "progress", "tensorboard", "plots", "max_steps", "checkpoint_every",
@@ -755,8 +747,10 @@ def _decisions(mix: dict, cfg: SearchConfig) -> dict:
 
 def _run_record(setup: SearchSetup) -> dict:
     cfg = setup.config
+    # the method's paper default space (e.g. "darts") would read as this run's space
+    method = {k: v for k, v in setup.method.describe().items() if k != "default_space"}
     return {"space": cfg.space if setup.space_name is None else setup.space_name,
-            "method": setup.method.describe(),
+            "method": method,
             "hypergradient": getattr(setup.hypergradient, "name", str(setup.hypergradient)),
             "steps": setup.total_steps, "steps_per_epoch": setup.steps_per_epoch,
             "dataset": setup.dataset.summary(), "config": dataclasses.asdict(cfg), "versions": _versions()}

@@ -94,8 +94,8 @@ def with_finiteness_flags(step: Callable) -> Callable:
 
 def _find_divergence(step_no: int, metrics: dict[str, np.ndarray]) -> Divergence | None:
     bad = None
-    # losses first: they usually go first and name the cause best
-    for k, v in metrics.items():
+    # losses first: they name the cause best (a NaN loss also makes entropies and norms NaN)
+    for k, v in sorted(metrics.items(), key=lambda kv: ("loss" not in kv[0], kv[0])):
         if k in FINITE_FLAGS or v.dtype.kind not in "fc":
             continue
         if not np.all(np.isfinite(v)):
