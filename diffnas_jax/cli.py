@@ -171,11 +171,16 @@ def _add_evaluate(sub) -> None:
 
 
 def _add_baseline(sub) -> None:
-    p = sub.add_parser("baseline", help="random-search baseline: train random genotypes with the same protocol",
-                       description="Sample random architectures of the space and train each from scratch with "
-                                   "the evaluation protocol; writes DIR/baseline.json.")
-    p.add_argument("--strategy", choices=("random",), default="random", help="sampling strategy")
-    p.add_argument("--num", type=_positive, default=20, help="number of architectures (default 20)")
+    p = sub.add_parser("baseline", help="black-box baselines: random, local search, evolution, BANANAS",
+                       description="Train architectures of the space from scratch with the evaluation protocol; "
+                                   "writes DIR/baseline.json (rerun with the same flags to continue). random: test "
+                                   "accuracy of --num uniformly sampled architectures. local_search / evolution / "
+                                   "bananas: --num queries guided by validation accuracy (train on train, test on "
+                                   "val), then the best is trained on train+val and tested.")
+    p.add_argument("--strategy", choices=BASELINE_STRATEGIES, default="random",
+                   help="random (default) | local_search (White et al. 2021) | evolution (regularised, Real et al. "
+                        "2019) | bananas (White et al. 2021)")
+    p.add_argument("--num", type=_positive, default=20, help="number of architectures trained (default 20)")
     p.add_argument("--space", choices=SPACES, default="nb201", help="search space (default nb201)")
     _data_args(p)
     p.add_argument("--epochs", type=_positive, default=None, help="training epochs per architecture (default 30)")
@@ -467,7 +472,21 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _previous_baseline(path: pathlib.Path, ecfg, strategy: str, num: int, seed: int) -> dict:
+    """The stored baseline.json when it used the same protocol (to continue it), else ``{}``."""
+    if not path.is_file():
+        return {}
+    try:
+        prev = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    same = (isinstance(prev, dict) and prev.get("config") == _jsonable_config(ecfg) and prev.get("strategy") == strategy
+            and prev.get("seed", seed) == seed)
+    return prev if same else {}
+
+
 def cmd_baseline(args) -> int:
+    _quiet_xla_logs()
     from diffnas_jax.data import load_dataset
     from diffnas_jax.search.evaluate import random_genotypes, train_and_evaluate
 
@@ -475,17 +494,17 @@ def cmd_baseline(args) -> int:
     try:
         dataset = load_dataset(args.dataset, data_dir=args.data_dir, seed=data_seed)
         ecfg = _eval_config(args, args.space, args.dataset, args.data_dir, data_seed, args.epochs)
+        if args.strategy != "random":
+            return _guided_baseline(args, dataset, ecfg)
         genotypes = random_genotypes(args.space, args.num, args.seed, dataset.num_classes)
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"diffnas baseline: error: {e}", file=sys.stderr)
         return 2
     out = pathlib.Path(args.out)
     path = out / "baseline.json"
-    done = {}
-    if path.is_file():  # continue an interrupted baseline with the same protocol
-        prev = json.loads(path.read_text())
-        if prev.get("config") == _jsonable_config(ecfg) and prev.get("strategy") == args.strategy:
-            done = {r["genotype"]: r for r in prev.get("architectures", [])}
+    prev = _previous_baseline(path, ecfg, args.strategy, args.num, args.seed)
+    # continue an interrupted baseline with the same protocol
+    done = {r["genotype"]: r for r in prev.get("architectures", [])}
     rows = []
     for i, g in enumerate(genotypes):
         if str(g) in done:
@@ -502,6 +521,69 @@ def cmd_baseline(args) -> int:
                        "config": _jsonable_config(ecfg), "complete": True, **summary})
     print(f"random baseline over {len(rows)} architectures: mean {summary['mean']:.4f}, median "
           f"{summary['median']:.4f}, best {summary['best']:.4f}; wrote {path}")
+    return 0
+
+
+def _guided_baseline(args, dataset, ecfg) -> int:
+    """``local_search`` / ``evolution`` / ``bananas`` over the space's codec.
+
+    The strategies maximise *validation* accuracy (each queried architecture trained from scratch
+    on the train split, tested on the validation split: the test split must not steer a search);
+    the best one is then trained on train + val and tested, as ``diffnas evaluate`` does. Every
+    query is stored in ``baseline.json`` as it finishes; a rerun with the same flags replays the
+    stored answers (the strategies are deterministic under their key) and continues.
+    """
+    import dataclasses
+
+    import jax
+
+    from diffnas_jax.baselines.codec import codec_for
+    from diffnas_jax.baselines.strategies import get_strategy
+    from diffnas_jax.search import evaluate as ev
+    from diffnas_jax.search.driver import make_space
+
+    codec = codec_for(make_space(args.space, dataset.num_classes))
+    # train on train, "test" on val: the query answers a strategy sees
+    selection = dataclasses.replace(dataset, x_val=dataset.x_val[:0], y_val=dataset.y_val[:0],
+                                    x_test=dataset.x_val, y_test=dataset.y_val)
+    out = pathlib.Path(args.out)
+    path = out / "baseline.json"
+    prev = _previous_baseline(path, ecfg, args.strategy, args.num, args.seed)
+    done = {r["genotype"]: r for r in prev.get("architectures", [])}
+    rows: list[dict] = []
+    header = {"strategy": args.strategy, "num": args.num, "seed": args.seed, "metric": "val_accuracy",
+              "config": _jsonable_config(ecfg)}
+
+    def objective(genotype):
+        key = str(genotype) if not hasattr(genotype, "normal") else ev._format(genotype)
+        row = done.get(key)
+        if row is None:
+            r = ev.train_and_evaluate(genotype, ecfg, selection, progress=not args.no_progress,
+                                      desc=f"{args.strategy} {len(rows) + 1}/{args.num}")
+            row = {"genotype": key, "val_accuracy": r["test_accuracy"], "train_accuracy": r["train_accuracy"],
+                   "params": r["params"], "flops": r["flops"], "train_time_s": r["train_time_s"]}
+            print(f"[{len(rows) + 1}/{args.num}] {key}  val accuracy {row['val_accuracy']:.4f}")
+        rows.append(row)
+        _write_json(path, {**header, "architectures": rows, "complete": False})
+        return {"accuracy": row["val_accuracy"]}
+
+    history = get_strategy(args.strategy)(codec, objective, args.num, jax.random.key(args.seed))
+    best_genotype, best_metrics = history.best
+    best_key = rows[int(max(range(len(history.values)), key=lambda i: history.values[i]))]["genotype"]
+    stored_best = prev.get("best") if prev.get("complete") else None
+    if stored_best and stored_best.get("genotype") == best_key:
+        best = stored_best
+    else:
+        r = ev.train_and_evaluate(best_genotype, ecfg, dataset, progress=not args.no_progress,
+                                  desc=f"{args.strategy} best")
+        best = {"genotype": best_key, "val_accuracy": float(best_metrics["accuracy"]),
+                "test_accuracy": r["test_accuracy"], "params": r["params"], "flops": r["flops"]}
+    vals = _summary([r["val_accuracy"] for r in rows])
+    _write_json(path, {**header, "architectures": rows, "complete": True, "val_accuracy": vals, "best": best,
+                       "best_so_far": [float(v) for v in history.best_so_far()]})
+    print(f"{args.strategy} over {len(rows)} architectures: best val accuracy {best['val_accuracy']:.4f} "
+          f"({best['genotype']}); its test accuracy after training on train+val {best['test_accuracy']:.4f}; "
+          f"wrote {path}")
     return 0
 
 

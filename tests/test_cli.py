@@ -199,16 +199,29 @@ def test_resume_of_finished_run_through_cli_leaves_result(searched, tmp_path, ca
     assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
 
 
-def test_diverged_search_exits_nonzero_with_one_line(tmp_path, capsys):
+def test_diverged_search_exits_nonzero_with_one_line(tmp_path, capsys, monkeypatch):
+    """NaN images (the same shapes and flags as `searched`, so the compiled step comes from the
+    cache): the search stops at step 1, exit status 3, one line, a strict result.json."""
+    import dataclasses
+
+    import diffnas_jax.data as data
+
+    real = data.load_dataset
+
+    def poisoned(*a, **k):
+        ds = real(*a, **k)
+        return dataclasses.replace(ds, x_train=np.full_like(ds.x_train, np.nan))
+
+    monkeypatch.setattr(data, "load_dataset", poisoned)
     out = tmp_path / "N"
-    rc = main(["search", "--out", str(out), "--epochs", "1", "--weight-lr", "1e18", "--checkpoint-every", "1",
-               *TINY])
+    rc = main(["search", "--out", str(out), "--epochs", "2", *TINY])
     err = capsys.readouterr().err
     assert rc == 3
     line = [l for l in err.splitlines() if l.startswith("diffnas search: error:")]
     assert len(line) == 1 and "diverged at step" in line[0] and "Traceback" not in err
+    assert "step 1:" in line[0] and "no checkpoint was written" in line[0]
     result = _strict_load(out / "result.json")
-    assert result["status"] == "diverged" and result["quantity"] in line[0]
+    assert result["status"] == "diverged" and result["quantity"] in line[0] and result["step"] == 1
 
 
 def test_disk_full_is_one_line_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
@@ -268,8 +281,45 @@ def test_light_name_lists_match_the_library():
     from diffnas_jax._choices import HYPERGRADIENTS, SPACE_PRESETS, SPACES
     from diffnas_jax.search.driver import SearchConfig
 
+    from diffnas_jax._choices import BASELINE_STRATEGIES
+    from diffnas_jax.baselines.strategies import STRATEGIES
+
+    assert set(BASELINE_STRATEGIES) == set(STRATEGIES)
     estimators = {n for n in hg.__all__ if n[0].islower() and n != "dominant_eigenvalue"}
     assert set(HYPERGRADIENTS) == estimators
     assert set(SPACES) == set(SPACE_PRESETS)
     for name in HYPERGRADIENTS:
         SearchConfig(hypergrad=name)
+
+
+@pytest.mark.parametrize("strategy", ["local_search", "evolution", "bananas"])
+def test_guided_baselines_use_val_then_test_best_and_resume(tmp_path, monkeypatch, strategy):
+    """Strategies see validation accuracy (trained on train only); the best is retrained on
+    train+val and tested; a rerun replays stored answers and trains nothing new."""
+    import diffnas_jax.search.evaluate as ev
+
+    calls = []
+
+    def fake_train(g, cfg, dataset=None, **kw):
+        calls.append((str(g), len(dataset.y_val), len(dataset.y_test)))
+        score = sum(ord(c) for c in str(g)) % 97 / 97.0
+        return {"genotype": str(g), "test_accuracy": score, "train_accuracy": 1.0, "params": 1, "flops": 2.0,
+                "train_time_s": 0.0}
+
+    monkeypatch.setattr(ev, "train_and_evaluate", fake_train)
+    args = ["baseline", "--strategy", strategy, "--num", "6", "--dataset", "synthetic", "--out", str(tmp_path),
+            "--no-progress"]
+    assert main(args) == 0
+    b = _strict_load(tmp_path / "baseline.json")
+    rows = b["architectures"]
+    assert b["complete"] and b["strategy"] == strategy and len(rows) == 6 == len({r["genotype"] for r in rows})
+    queries, final = calls[:-1], calls[-1]
+    assert all(n_val == 0 for _, n_val, _ in queries)          # trained on train only ...
+    n_test_sel = queries[0][2]
+    assert final[1] > 0 and final[2] != n_test_sel              # ... the best on train+val, tested on test
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    assert b["best"]["genotype"] == best["genotype"] == final[0]
+    assert b["best_so_far"][-1] == pytest.approx(best["val_accuracy"])
+    n = len(calls)
+    assert main(args) == 0 and len(calls) == n                  # resumed: nothing retrained
+    assert _strict_load(tmp_path / "baseline.json")["architectures"] == rows
