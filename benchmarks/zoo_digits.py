@@ -35,7 +35,7 @@ import optax  # noqa: E402
 from diffnas_jax import cost, methods, objectives, select  # noqa: E402
 from diffnas_jax.data.batching import epoch_batches  # noqa: E402
 from diffnas_jax.data.digits import load_digits_splits  # noqa: E402
-from diffnas_jax.search import init_search_state, make_step  # noqa: E402
+from diffnas_jax.search import init_search_state, loop, make_step  # noqa: E402
 from diffnas_jax.spaces import nb201  # noqa: E402
 
 DEFAULT_METHODS = ("darts", "darts_2nd", "gdas", "snas", "fbnet", "drnas", "fairdarts", "sparsemax", "small_temp",
@@ -66,18 +66,25 @@ def run_method(name, data, args, space):
     a_opt = optax.chain(m.arch_optimizer(), optax.scale(args.arch_lr_scale),
                         optax.scale_by_schedule(lambda s: (s >= warm).astype(jnp.float32)))
     objective = _objective(m, space, data.x_train.shape[1:])
-    step = jax.jit(make_step(space, relax, est, w_opt, a_opt, objective=objective))
+    step = jax.jit(loop.with_finiteness_flags(make_step(space, relax, est, w_opt, a_opt, objective=objective)))
     x0 = jnp.asarray(data.x_train[: args.batch])
     ss = init_search_state(jax.random.PRNGKey(args.seed), space, x0, w_opt, a_opt, est, objective)
     skip = space.op_names.index("skip_connect")
     skip_w = lambda a: float(jnp.mean(jax.nn.softmax(a["cell"], -1)[:, skip]))  # noqa: E731
     skip0 = skip_w(ss.arch)
+    def batches():
+        for epoch in range(args.epochs):
+            tr = epoch_batches(data.x_train, data.y_train, args.batch, seed=args.seed, epoch=epoch)
+            va = epoch_batches(data.x_val, data.y_val, args.batch, seed=args.seed + 1, epoch=epoch)
+            for (xt, yt), (xv, yv) in zip(tr, va):
+                yield (jnp.asarray(xt), jnp.asarray(yt)), (jnp.asarray(xv), jnp.asarray(yv))
+
     t0 = time.time()
-    for epoch in range(args.epochs):
-        tr = epoch_batches(data.x_train, data.y_train, args.batch, seed=args.seed, epoch=epoch)
-        va = epoch_batches(data.x_val, data.y_val, args.batch, seed=args.seed + 1, epoch=epoch)
-        for (xt, yt), (xv, yv) in zip(tr, va):
-            ss, metrics = step(ss, (jnp.asarray(xt), jnp.asarray(yt)), (jnp.asarray(xv), jnp.asarray(yv)))
+    # the library loop: stops with status "diverged" on the first non-finite step
+    res = loop.run_search(lambda s, b, i: step(s, *b), ss, batches())
+    if res.status != "complete":
+        raise RuntimeError(res.divergence.message())
+    ss = res.state
     seconds = time.time() - t0
     val_batches = [(jnp.asarray(x), jnp.asarray(y)) for x, y in
                    epoch_batches(data.x_val, data.y_val, 128, seed=0, epoch=0, shuffle=False, drop_last=True)]

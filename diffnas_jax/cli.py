@@ -9,13 +9,33 @@ With no flags, ``diffnas search`` searches an NAS-Bench-201-style cell on scikit
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import pathlib
 import sys
+import warnings
 from typing import Sequence
 
-SPACES = ("nb201", "darts", "mbconv")
+from ._choices import BASELINE_STRATEGIES, HYPERGRADIENTS, SELECTIONS, SPACE_PRESETS, SPACES
+
+# exit statuses
+EXIT_USAGE = 2       # bad flag, file or configuration (nothing run)
+EXIT_DIVERGED = 3    # the search became non-finite (result.json says where)
+EXIT_IO = 4          # a file could not be written (disk full, permissions)
+EXIT_INTERRUPTED = 130
+
+
+def _quiet_xla_logs() -> None:
+    """Keep XLA's C++ log lines (e.g. the "Very slow compile?" alarm) out of the terminal.
+
+    They come from XLA's C++ logger, which reads ``TF_CPP_MIN_LOG_LEVEL`` once when jaxlib loads,
+    so this must run before jax is imported. A user who sets the variable keeps their value
+    (``TF_CPP_MIN_LOG_LEVEL=0`` shows everything).
+    """
+    if "jax" not in sys.modules:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -25,7 +45,49 @@ def _seeds(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--seeds must be comma-separated ints, got {text!r}") from None
     if not seeds:
         raise argparse.ArgumentTypeError("--seeds is empty")
+    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds must be distinct ints >= 0, got {text!r}")
     return seeds
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {v}")
+    return v
+
+
+def _rate(text: str) -> float:
+    """A learning rate: a finite float >= 0 (nan, inf and negative rates are refused here)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W,C as three positive ints, got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected H,W,C as three positive ints, got {text!r}")
+    return shape
+
+
+def _preset_help(key_c: str = "C") -> str:
+    return ", ".join(f"{name} {preset.get(key_c, preset.get('widths'))}" for name, preset in SPACE_PRESETS.items())
+
+
+_CHANNELS_HELP = "supernet channels C (default per space: " + _preset_help("C") + ")"
+_LAYERS_HELP = ("supernet depth (default per space: nb201 " + str(SPACE_PRESETS["nb201"]["N"]) +
+                " cell per stage, darts " + str(SPACE_PRESETS["darts"]["layers"]) + " cells; mbconv: fixed)")
 
 
 def _positive(text: str) -> int:
@@ -43,7 +105,7 @@ def _data_args(p: argparse.ArgumentParser, dataset_default: str | None = "digits
                    help="digits (scikit-learn, default) | cifar10 (needs --data-dir) | synthetic | FILE.npz "
                         "with x_train, y_train, x_test, y_test [, x_val, y_val]")
     p.add_argument("--data-dir", default=None, help="folder with the extracted CIFAR-10 batches (either layout)")
-    p.add_argument("--data-seed", type=int, default=None, help="seed of the train/val/test split (default 0)")
+    p.add_argument("--data-seed", type=_nonnegative, default=None, help="seed of the train/val/test split (default 0)")
 
 
 def _add_search(sub) -> None:
@@ -53,26 +115,30 @@ def _add_search(sub) -> None:
     p.add_argument("--space", choices=SPACES, default="nb201", help="search space (default nb201)")
     p.add_argument("--method", default="darts", help="darts | darts_2nd | gdas | snas | drnas | pcdarts | "
                                                      "fairdarts | darts_pt | ... (default darts)")
-    p.add_argument("--hypergrad", default=None, help="override the method's estimator: first_order | unrolled | "
-                                                     "implicit | single_level | rarts")
-    p.add_argument("--select", choices=("argmax", "perturbation"), default="argmax",
+    p.add_argument("--hypergrad", choices=HYPERGRADIENTS, default=None,
+                   help="override the method's estimator: " + " | ".join(HYPERGRADIENTS))
+    p.add_argument("--select", choices=SELECTIONS, default="argmax",
                    help="genotype selection: magnitude argmax or DARTS-PT perturbation")
     _data_args(p)
     p.add_argument("--epochs", type=_positive, default=None, help="search epochs (default 25)")
     p.add_argument("--batch-size", type=_positive, default=None, help="global batch size (default 64)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--seed", type=int, default=0, help="search seed (default 0)")
+    g.add_argument("--seed", type=_nonnegative, default=0, help="search seed (default 0)")
     g.add_argument("--seeds", type=_seeds, default=None,
                    help="comma-separated seeds searched together in one vmapped program, e.g. 0,1,2,3")
     p.add_argument("--out", default="runs/search", help="output folder (default runs/search)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--devices", type=_positive, default=1,
                    help="data-parallel devices (a jax.sharding Mesh over the batch axis)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 100)")
-    p.add_argument("--channels", type=_positive, default=None, help="supernet channels C")
-    p.add_argument("--layers", type=_positive, default=None, help="supernet depth (NB201: cells per stage)")
-    p.add_argument("--arch-lr", type=float, default=None, help="override the method's architecture lr")
-    p.add_argument("--weight-lr", type=float, default=None, help="override the method's weight lr")
+    p.add_argument("--checkpoint-every", type=_nonnegative, default=None,
+                   help="steps between checkpoints (default 100; 0: only at the end and on signals)")
+    p.add_argument("--channels", type=_positive, default=None, help=_CHANNELS_HELP)
+    p.add_argument("--layers", type=_positive, default=None, help=_LAYERS_HELP)
+    p.add_argument("--arch-lr", type=_rate, default=None, help="override the method's architecture lr (>= 0)")
+    p.add_argument("--weight-lr", type=_rate, default=None, help="override the method's weight lr (>= 0)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR|off",
+                   help="persistent XLA compilation cache (default: $DIFFNAS_COMPILE_CACHE, else "
+                        "$XDG_CACHE_HOME/diffnas_jax/xla, i.e. ~/.cache/diffnas_jax/xla); 'off' disables it")
     p.add_argument("--augment", action="store_true", help="random crop (+flip) on search batches")
     p.add_argument("--cost", default="flops",
                    help="cost of the resource-aware methods (fbnet, proxyless, ...): flops | params | a latency "
@@ -96,27 +162,32 @@ def _add_evaluate(sub) -> None:
     _data_args(p, None)
     p.add_argument("--epochs", type=_positive, default=None, help="training epochs (default 30)")
     p.add_argument("--batch-size", type=_positive, default=None, help="batch size (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--channels", type=_positive, default=None, help="network channels C")
-    p.add_argument("--layers", type=_positive, default=None, help="network depth")
+    p.add_argument("--seed", type=_nonnegative, default=0, help="training seed")
+    p.add_argument("--channels", type=_positive, default=None, help=_CHANNELS_HELP.replace("supernet", "network"))
+    p.add_argument("--layers", type=_positive, default=None, help=_LAYERS_HELP.replace("supernet", "network"))
     p.add_argument("--out", default=None, help="folder for eval.json (default: next to --result)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
 
 def _add_baseline(sub) -> None:
-    p = sub.add_parser("baseline", help="random-search baseline: train random genotypes with the same protocol",
-                       description="Sample random architectures of the space and train each from scratch with "
-                                   "the evaluation protocol; writes DIR/baseline.json.")
-    p.add_argument("--strategy", choices=("random",), default="random", help="sampling strategy")
-    p.add_argument("--num", type=_positive, default=20, help="number of architectures (default 20)")
+    p = sub.add_parser("baseline", help="black-box baselines: random, local search, evolution, BANANAS",
+                       description="Train architectures of the space from scratch with the evaluation protocol; "
+                                   "writes DIR/baseline.json (rerun with the same flags to continue). random: test "
+                                   "accuracy of --num uniformly sampled architectures. local_search / evolution / "
+                                   "bananas: --num queries guided by validation accuracy (train on train, test on "
+                                   "val), then the best is trained on train+val and tested.")
+    p.add_argument("--strategy", choices=BASELINE_STRATEGIES, default="random",
+                   help="random (default) | local_search (White et al. 2021) | evolution (regularised, Real et al. "
+                        "2019) | bananas (White et al. 2021)")
+    p.add_argument("--num", type=_positive, default=20, help="number of architectures trained (default 20)")
     p.add_argument("--space", choices=SPACES, default="nb201", help="search space (default nb201)")
     _data_args(p)
     p.add_argument("--epochs", type=_positive, default=None, help="training epochs per architecture (default 30)")
     p.add_argument("--batch-size", type=_positive, default=None, help="batch size (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="sampling and training seed")
-    p.add_argument("--channels", type=_positive, default=None, help="network channels C")
-    p.add_argument("--layers", type=_positive, default=None, help="network depth")
+    p.add_argument("--seed", type=_nonnegative, default=0, help="sampling and training seed")
+    p.add_argument("--channels", type=_positive, default=None, help=_CHANNELS_HELP.replace("supernet", "network"))
+    p.add_argument("--layers", type=_positive, default=None, help=_LAYERS_HELP.replace("supernet", "network"))
     p.add_argument("--out", default="runs/baseline", help="output folder (default runs/baseline)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_baseline)
@@ -139,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_profile(sub) -> None:
     p = sub.add_parser("profile", help="measure a latency look-up table of a space's candidate ops on this device")
     p.add_argument("--space", default="mbconv", choices=("mbconv", "nb201"))
-    p.add_argument("--input", default="32,32,3", help="H,W,C of one example (default 32,32,3)")
+    p.add_argument("--input", type=_shape, default=(32, 32, 3), help="H,W,C of one example (default 32,32,3)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per op (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=1, help="examples per timed call")
@@ -152,7 +223,7 @@ def _cmd_profile(args) -> int:
     from diffnas_jax import cost
     from diffnas_jax.spaces import mbconv, nb201
 
-    shape = tuple(int(v) for v in args.input.split(","))
+    shape = tuple(args.input)
     space = mbconv.search_space() if args.space == "mbconv" else nb201.search_space()
     table = cost.profile_latency(space, shape, args.repeats, warmup=args.warmup, batch_size=args.batch)
     cost.save_table(table, args.out)
@@ -188,7 +259,20 @@ def _eval_config(args, space: str, dataset: str, data_dir, data_seed: int, epoch
     for k in ("channels", "layers"):
         if getattr(args, k, None) is not None and args.command != "search":
             kw[k] = getattr(args, k)
-    return EvalConfig(**kw)
+    return EvalConfig(**_resolved_size(space, kw))
+
+
+def _resolved_size(space: str, kw: dict) -> dict:
+    """Fill unset ``channels``/``layers`` with the evaluation preset, so eval.json records real values."""
+    from diffnas_jax.search.evaluate import EVAL_PRESETS
+
+    preset = EVAL_PRESETS.get(space, {})
+    depth_key = "N" if space == "nb201" else "layers"
+    if kw.get("channels") is None and "C" in preset:
+        kw["channels"] = preset["C"]
+    if kw.get("layers") is None and depth_key in preset:
+        kw["layers"] = preset[depth_key]
+    return kw
 
 
 def _summary(accs: Sequence[float]) -> dict:
@@ -200,39 +284,105 @@ def _summary(accs: Sequence[float]) -> dict:
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    from diffnas_jax._json import write_json
+
+    write_json(path, obj)
+
+
+def _validate_search(args) -> str | None:
+    """Checks that need no JAX and no data (run before the heavy imports); an error line or None."""
+    from diffnas_jax.methods import get_method  # light: the registry imports no jax
+
+    try:
+        get_method(args.method)
+    except ValueError as e:
+        return str(e)
+    if args.cost not in ("flops", "params") and not (args.cost.endswith(".json") and os.path.isfile(args.cost)):
+        return f"--cost must be flops, params or an existing latency table .json (from `diffnas profile`), got {args.cost!r}"
+    ds = args.dataset
+    if ds.endswith(".npz") and not os.path.isfile(ds):
+        return f"npz data set {ds} not found"
+    if ds == "cifar10" and args.data_dir is not None and not os.path.isdir(args.data_dir):
+        return f"--data-dir {args.data_dir} is not a directory"
+    return None
+
+
+def _io_error_line(e: BaseException) -> str | None:
+    """One line for a failed write (disk full, permissions), naming the file or directory."""
+    from diffnas_jax.search.checkpoint import os_error
+
+    err = os_error(e)
+    if err is None:
+        return None
+    where = err.filename or "the output folder"
+    if err.errno == errno.ENOSPC:
+        return f"no space left on device writing {where}"
+    return f"cannot write {where}: {err.strerror or err}"
 
 
 def cmd_search(args) -> int:
+    problem = _validate_search(args)
+    if problem is not None:
+        print(f"diffnas search: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     _force_host_devices(args.devices)
-    from diffnas_jax.search.driver import RunInUseError, SearchConfig, run_search
-    from diffnas_jax.search.checkpoint import CheckpointError
+    _quiet_xla_logs()
+    from diffnas_jax.search.checkpoint import CheckpointError, CheckpointWriteError
+    from diffnas_jax.search.driver import RunInUseError, SearchConfig, UndecidedSearchWarning, search_to_dir
 
     kw = dict(space=args.space, method=args.method, hypergrad=args.hypergrad, select=args.select,
               dataset=args.dataset, data_dir=args.data_dir, seed=args.seed, seeds=args.seeds,
               devices=args.devices, out=args.out, resume=args.resume, channels=args.channels,
               layers=args.layers, arch_lr=args.arch_lr, weight_lr=args.weight_lr, augment=args.augment,
-              cost=args.cost, progress=not args.no_progress, plots=not args.no_plots)
+              cost=args.cost, progress=not args.no_progress, plots=not args.no_plots,
+              compile_cache=args.compile_cache)
     for k in ("epochs", "batch_size", "checkpoint_every", "data_seed"):
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)
     try:
         config = SearchConfig(**kw)
-        result = run_search(config)
+        with warnings.catch_warnings():
+            # reported below as one line per seed, not as a Python warning with its source line
+            warnings.simplefilter("ignore", UndecidedSearchWarning)
+            result = search_to_dir(config)
+    except CheckpointWriteError as e:
+        print(f"diffnas search: error: {e}", file=sys.stderr)
+        return EXIT_IO
     except (RunInUseError, CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"diffnas search: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except OSError as e:
+        line = _io_error_line(e)
+        if line is None:
+            raise
+        print(f"diffnas search: error: {line}", file=sys.stderr)
+        return EXIT_IO
+    if result["status"] == "diverged":
+        prefix = "the run in " + config.out + " already " if result.get("already_complete") else ""
+        print(f"diffnas search: error: {prefix}{result['message']}; result.json records it"
+              f"{'' if result.get('last_checkpoint') else ' (no checkpoint was written before it)'}",
+              file=sys.stderr)
+        return EXIT_DIVERGED
     if result["status"] != "complete":
-        return 130
+        return EXIT_INTERRUPTED
+    if result.get("already_complete"):
+        print(f"the run in {config.out} is already complete; result.json left unchanged", file=sys.stderr)
     out = pathlib.Path(config.out)
     for s in result["seeds"]:
+        val = s["final_metrics"].get("val_acc")
+        d = s.get("decision") or {}
         print(f"seed {s['seed']}: genotype {s['genotype']}  (supernet val acc "
-              f"{s['final_metrics'].get('val_acc', float('nan')):.4f})")
+              f"{'n/a' if val is None else format(val, '.4f')}; mean margin {d.get('mean_margin', float('nan')):.3f}, "
+              f"mean entropy {d.get('mean_entropy', float('nan')):.3f})")
+    for s in result["seeds"]:
+        d = s.get("decision") or {}
+        if d and not d["decided"]:
+            print(f"warning: seed {s['seed']}: the search ended undecided: mean margin {d['mean_margin']:.3f} < "
+                  f"{d['threshold']} between chosen op and runner-up ({d['undecided_edges']} of {d['num_edges']} "
+                  "edges below); the genotype is an argmax over near-ties: search longer (--epochs) or raise "
+                  "--arch-lr", file=sys.stderr)
     print(f"search time {result['search_time_s']:.1f} s; results in {out / 'result.json'}")
-    if args.evaluate:
+    if args.evaluate and not result.get("already_complete"):
         from diffnas_jax.search.evaluate import train_and_evaluate
 
         ecfg = _eval_config(args, config.space, config.dataset, config.data_dir, config.data_seed,
@@ -261,6 +411,7 @@ def _guess_space(genotype: str) -> str:
 
 
 def cmd_evaluate(args) -> int:
+    _quiet_xla_logs()
     from diffnas_jax.search.evaluate import train_and_evaluate
 
     data_seed = 0 if args.data_seed is None else args.data_seed
@@ -272,9 +423,19 @@ def cmd_evaluate(args) -> int:
             res = json.loads(path.read_text())
         except FileNotFoundError:
             print(f"diffnas evaluate: error: {path} not found", file=sys.stderr)
-            return 2
-        genotypes = [s["genotype"] for s in res["seeds"]]
-        cfg = res.get("config", {})
+            return EXIT_USAGE
+        except (ValueError, OSError) as e:
+            print(f"diffnas evaluate: error: {path} is not a readable JSON file ({e})", file=sys.stderr)
+            return EXIT_USAGE
+        seeds = res.get("seeds") if isinstance(res, dict) else None
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, dict) and "genotype" in s for s in seeds):
+            status = res.get("status") if isinstance(res, dict) else None
+            why = f" (its status is {status!r})" if status not in (None, "complete") else ""
+            print(f"diffnas evaluate: error: {path} is not a search result: it has no 'seeds' list with "
+                  f"genotypes{why}", file=sys.stderr)
+            return EXIT_USAGE
+        genotypes = [s["genotype"] for s in seeds]
+        cfg = res.get("config", {}) if isinstance(res.get("config"), dict) else {}
         space = args.space or res.get("space", "nb201")
         dataset = args.dataset or cfg.get("dataset", "digits")
         data_dir = args.data_dir or cfg.get("data_dir")
@@ -287,6 +448,10 @@ def cmd_evaluate(args) -> int:
         dataset = args.dataset or "digits"
         data_dir = args.data_dir
         out = pathlib.Path(args.out) if args.out else None
+    if space not in SPACES:
+        print(f"diffnas evaluate: error: space {space!r} has no built-in evaluation network; expected one of "
+              f"{', '.join(SPACES)} (pass --space)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         ecfg = _eval_config(args, space, dataset, data_dir, data_seed, args.epochs)
         evals = [train_and_evaluate(g, ecfg, progress=not args.no_progress) for g in genotypes]
@@ -307,7 +472,21 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _previous_baseline(path: pathlib.Path, ecfg, strategy: str, num: int, seed: int) -> dict:
+    """The stored baseline.json when it used the same protocol (to continue it), else ``{}``."""
+    if not path.is_file():
+        return {}
+    try:
+        prev = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    same = (isinstance(prev, dict) and prev.get("config") == _jsonable_config(ecfg) and prev.get("strategy") == strategy
+            and prev.get("seed", seed) == seed)
+    return prev if same else {}
+
+
 def cmd_baseline(args) -> int:
+    _quiet_xla_logs()
     from diffnas_jax.data import load_dataset
     from diffnas_jax.search.evaluate import random_genotypes, train_and_evaluate
 
@@ -315,17 +494,17 @@ def cmd_baseline(args) -> int:
     try:
         dataset = load_dataset(args.dataset, data_dir=args.data_dir, seed=data_seed)
         ecfg = _eval_config(args, args.space, args.dataset, args.data_dir, data_seed, args.epochs)
+        if args.strategy != "random":
+            return _guided_baseline(args, dataset, ecfg)
         genotypes = random_genotypes(args.space, args.num, args.seed, dataset.num_classes)
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"diffnas baseline: error: {e}", file=sys.stderr)
         return 2
     out = pathlib.Path(args.out)
     path = out / "baseline.json"
-    done = {}
-    if path.is_file():  # continue an interrupted baseline with the same protocol
-        prev = json.loads(path.read_text())
-        if prev.get("config") == _jsonable_config(ecfg) and prev.get("strategy") == args.strategy:
-            done = {r["genotype"]: r for r in prev.get("architectures", [])}
+    prev = _previous_baseline(path, ecfg, args.strategy, args.num, args.seed)
+    # continue an interrupted baseline with the same protocol
+    done = {r["genotype"]: r for r in prev.get("architectures", [])}
     rows = []
     for i, g in enumerate(genotypes):
         if str(g) in done:
@@ -342,6 +521,69 @@ def cmd_baseline(args) -> int:
                        "config": _jsonable_config(ecfg), "complete": True, **summary})
     print(f"random baseline over {len(rows)} architectures: mean {summary['mean']:.4f}, median "
           f"{summary['median']:.4f}, best {summary['best']:.4f}; wrote {path}")
+    return 0
+
+
+def _guided_baseline(args, dataset, ecfg) -> int:
+    """``local_search`` / ``evolution`` / ``bananas`` over the space's codec.
+
+    The strategies maximise *validation* accuracy (each queried architecture trained from scratch
+    on the train split, tested on the validation split: the test split must not steer a search);
+    the best one is then trained on train + val and tested, as ``diffnas evaluate`` does. Every
+    query is stored in ``baseline.json`` as it finishes; a rerun with the same flags replays the
+    stored answers (the strategies are deterministic under their key) and continues.
+    """
+    import dataclasses
+
+    import jax
+
+    from diffnas_jax.baselines.codec import codec_for
+    from diffnas_jax.baselines.strategies import get_strategy
+    from diffnas_jax.search import evaluate as ev
+    from diffnas_jax.search.driver import make_space
+
+    codec = codec_for(make_space(args.space, dataset.num_classes))
+    # train on train, "test" on val: the query answers a strategy sees
+    selection = dataclasses.replace(dataset, x_val=dataset.x_val[:0], y_val=dataset.y_val[:0],
+                                    x_test=dataset.x_val, y_test=dataset.y_val)
+    out = pathlib.Path(args.out)
+    path = out / "baseline.json"
+    prev = _previous_baseline(path, ecfg, args.strategy, args.num, args.seed)
+    done = {r["genotype"]: r for r in prev.get("architectures", [])}
+    rows: list[dict] = []
+    header = {"strategy": args.strategy, "num": args.num, "seed": args.seed, "metric": "val_accuracy",
+              "config": _jsonable_config(ecfg)}
+
+    def objective(genotype):
+        key = str(genotype) if not hasattr(genotype, "normal") else ev._format(genotype)
+        row = done.get(key)
+        if row is None:
+            r = ev.train_and_evaluate(genotype, ecfg, selection, progress=not args.no_progress,
+                                      desc=f"{args.strategy} {len(rows) + 1}/{args.num}")
+            row = {"genotype": key, "val_accuracy": r["test_accuracy"], "train_accuracy": r["train_accuracy"],
+                   "params": r["params"], "flops": r["flops"], "train_time_s": r["train_time_s"]}
+            print(f"[{len(rows) + 1}/{args.num}] {key}  val accuracy {row['val_accuracy']:.4f}")
+        rows.append(row)
+        _write_json(path, {**header, "architectures": rows, "complete": False})
+        return {"accuracy": row["val_accuracy"]}
+
+    history = get_strategy(args.strategy)(codec, objective, args.num, jax.random.key(args.seed))
+    best_genotype, best_metrics = history.best
+    best_key = rows[int(max(range(len(history.values)), key=lambda i: history.values[i]))]["genotype"]
+    stored_best = prev.get("best") if prev.get("complete") else None
+    if stored_best and stored_best.get("genotype") == best_key:
+        best = stored_best
+    else:
+        r = ev.train_and_evaluate(best_genotype, ecfg, dataset, progress=not args.no_progress,
+                                  desc=f"{args.strategy} best")
+        best = {"genotype": best_key, "val_accuracy": float(best_metrics["accuracy"]),
+                "test_accuracy": r["test_accuracy"], "params": r["params"], "flops": r["flops"]}
+    vals = _summary([r["val_accuracy"] for r in rows])
+    _write_json(path, {**header, "architectures": rows, "complete": True, "val_accuracy": vals, "best": best,
+                       "best_so_far": [float(v) for v in history.best_so_far()]})
+    print(f"{args.strategy} over {len(rows)} architectures: best val accuracy {best['val_accuracy']:.4f} "
+          f"({best['genotype']}); its test accuracy after training on train+val {best['test_accuracy']:.4f}; "
+          f"wrote {path}")
     return 0
 
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-import optax
+if TYPE_CHECKING:  # optax (and so jax) loads on first use: the CLI validates --method without it
+    import optax
 
 __all__ = ["Factory", "Method", "get_method", "list_methods", "register_method"]
 
@@ -185,6 +186,8 @@ class Method:
     # -- optax optimisers ---------------------------------------------------------------------
     def arch_optimizer(self) -> optax.GradientTransformation:
         """Adam on the architecture logits with coupled weight decay (DARTS ``Architect``)."""
+        import optax
+
         b1, b2 = self.arch_betas
         parts = []
         if self.arch_weight_decay:
@@ -195,6 +198,8 @@ class Method:
     def weight_schedule(self, total_steps: int) -> optax.Schedule:
         """Cosine decay ``weight_lr -> weight_lr_min`` over ``total_steps`` (DARTS ``CosineAnnealingLR``),
         or Cosine Power Annealing when ``weight_schedule_power > 1``."""
+        import optax
+
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"`total_steps` must be a positive int, got {total_steps!r}")
         if self.weight_schedule_power > 1:
@@ -206,6 +211,8 @@ class Method:
 
     def weight_optimizer(self, total_steps: int) -> optax.GradientTransformation:
         """SGD with momentum, coupled weight decay, global-norm clipping and the cosine schedule."""
+        import optax
+
         parts = []
         if self.grad_clip:
             parts.append(optax.clip_by_global_norm(self.grad_clip))

@@ -21,6 +21,18 @@ SHARED = pathlib.Path(os.environ.get("DIFFNAS_SHARED", ROOT.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_compile_cache(tmp_path_factory):
+    """The driver and CLI cache compiled programs on disk; tests never write to the user's ~/.cache."""
+    old = os.environ.get("DIFFNAS_COMPILE_CACHE")
+    os.environ["DIFFNAS_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("diffnas_xla_cache"))
+    yield
+    if old is None:
+        os.environ.pop("DIFFNAS_COMPILE_CACHE", None)
+    else:
+        os.environ["DIFFNAS_COMPILE_CACHE"] = old
+
+
 def load_fixture(name: str):
     """Load ``../shared/fixtures/<name>``, skipping the test with a clear message when absent."""
     path = FIXTURES / name

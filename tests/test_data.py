@@ -197,3 +197,32 @@ def test_cutout_zeroes_a_clipped_square():
     assert np.array_equal(cutout(jax.random.key(0), x, 0), x)
     with pytest.raises(ValueError, match="size"):
         cutout(jax.random.key(0), x, -1)
+
+
+@pytest.mark.parametrize("dtype, value", [(np.int64, 2**32 + 1), (np.float64, 1e10), (np.int64, 2**31 - 1),
+                                          (np.uint64, 2**64 - 1), (np.float32, np.inf)])
+def test_npz_out_of_range_labels_named_before_any_cast(tmp_path, dtype, value):
+    """Range and integrality are checked in the file's dtype: no wrap to a valid label, no huge K."""
+    g = _good()
+    y = g["y_train"].astype(dtype)
+    y[7] = value
+    g["y_train"] = y
+    exc = TypeError if not np.isfinite(float(value)) else ValueError
+    with pytest.raises(exc, match=r"d\.npz: array `y_train`.*index 7"):
+        load_npz(_npz(tmp_path, **g))
+
+
+def test_npz_label_range_is_bounded_by_train_size(tmp_path):
+    g = _good()
+    g["y_test"] = g["y_test"].astype(np.int64)
+    g["y_test"][2] = len(g["y_train"])
+    with pytest.raises(ValueError, match=r"`y_test` has label 20 at index 2.*only 20 examples"):
+        load_npz(_npz(tmp_path, **g))
+
+
+def test_text_file_renamed_npz_is_not_an_npz(tmp_path):
+    path = tmp_path / "notes.npz"
+    path.write_text("just some text\n")
+    with pytest.raises(ValueError, match=r"notes\.npz: not an npz file") as e:
+        load_npz(path)
+    assert "pickle" not in str(e.value)

@@ -217,3 +217,122 @@ def test_estimator_and_selector_overrides_run_end_to_end(tiny, tmp_path, hypergr
     if select == "perturbation":
         assert 0.0 <= sel["base_accuracy"] <= 1.0
     assert result["genotype"]
+
+
+def _strict_load(path):
+    """json.load that refuses NaN / Infinity tokens (as strict parsers do)."""
+    def refuse(token):
+        raise AssertionError(f"{path} holds the non-JSON token {token}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_config_refuses_bad_hyperparameters():
+    for kw, name in [(dict(arch_lr=float("nan")), "arch_lr"), (dict(weight_lr=float("inf")), "weight_lr"),
+                     (dict(arch_lr=-1e-3), "arch_lr"), (dict(seed=-1), "seed"), (dict(seeds=(0, -2)), "seeds"),
+                     (dict(hypergrad="foo"), "hypergrad")]:
+        with pytest.raises(ValueError, match=name) as e:
+            SearchConfig(**kw)
+        if name == "hypergrad":
+            assert "first_order" in str(e.value) and "implicit" in str(e.value)
+
+
+def test_divergence_stops_with_status_and_keeps_last_finite_checkpoint(tiny, tmp_path):
+    """An absurd weight lr blows the weights up at step 2: the run stops there, result.json
+    (strict JSON) says "diverged" with step and quantity, the step-1 checkpoint is the last one."""
+    ds, space = tiny
+    seen = []
+    result = run_search(_cfg(tmp_path, weight_lr=1e18, checkpoint_every=1), dataset=ds, space=space,
+                        on_step=lambda s, m: seen.append(s))
+    assert result["status"] == "diverged" and result["step"] == 2 and seen == [1]
+    assert result["quantity"] in ("train_loss", "val_loss")
+    assert "step 2" in result["message"] and result["quantity"] in result["message"]
+    stored = _strict_load(tmp_path / "result.json")
+    assert stored["status"] == "diverged" and stored["non_finite"]
+    assert all(p.startswith("metrics_at_divergence/") for p in stored["non_finite"])
+    ckpts = list_checkpoints(tmp_path / "checkpoints")
+    assert [c.name for c in ckpts] == ["step_00000001"] and stored["last_checkpoint"].endswith("step_00000001")
+    verify_checkpoint(ckpts[0])
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda t: pytest.fail(f"metrics.jsonl holds {t}"))
+    # resuming repeats nothing: the stored verdict stands
+    again = run_search(_cfg(tmp_path, weight_lr=1e18, checkpoint_every=1, resume=True), dataset=ds, space=space)
+    assert again["status"] == "diverged" and again["already_complete"]
+
+
+def test_nan_input_diverges_at_step_one_without_checkpoint(tiny, tmp_path):
+    import dataclasses
+
+    ds, space = tiny
+    bad = dataclasses.replace(ds, x_train=np.full_like(ds.x_train, np.nan))
+    result = run_search(_cfg(tmp_path), dataset=bad, space=space)
+    assert result["status"] == "diverged" and result["step"] == 1 and result["last_checkpoint"] is None
+    assert not list_checkpoints(tmp_path / "checkpoints")
+
+
+def test_resume_of_a_finished_run_leaves_it_unchanged(uninterrupted, tiny, tmp_path):
+    ds, space = tiny
+    src, _ = uninterrupted
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    res = run_search(_cfg(out, resume=True), dataset=ds, space=space)
+    assert res["status"] == "complete" and res["already_complete"]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_crash_between_last_checkpoint_and_result_recomputes_final_evaluation(uninterrupted, tiny, tmp_path):
+    ds, space = tiny
+    src, full = uninterrupted
+    out = tmp_path / "crashed"
+    shutil.copytree(src, out)
+    (out / "result.json").unlink()
+    res = run_search(_cfg(out, resume=True), dataset=ds, space=space)
+    assert res["status"] == "complete" and "already_complete" not in res
+    assert res["seeds"][0]["final_metrics"] == full["seeds"][0]["final_metrics"]
+    assert res["seeds"][0]["final_metrics"]["val_acc"] is not None
+    assert res["genotype"] == full["genotype"] and res["seeds"][0]["mix"] == full["seeds"][0]["mix"]
+    _strict_load(out / "result.json")
+
+
+def test_disk_full_names_the_directory_removes_temp_and_keeps_last_checkpoint(tiny, tmp_path, monkeypatch):
+    import errno
+
+    from diffnas_jax.search import checkpoint as ck
+
+    ds, space = tiny
+    real, calls = ck._write_state, []
+
+    def write_then_fill_disk(path, state):
+        calls.append(path)
+        if len(calls) == 1:
+            return real(path, state)
+        path.mkdir(parents=True)
+        (path / "partial").write_bytes(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path / "partial"))
+
+    monkeypatch.setattr(ck, "_write_state", write_then_fill_disk)
+    with pytest.raises(ck.CheckpointWriteError, match="No space left on device") as e:
+        run_search(_cfg(tmp_path, checkpoint_every=1), dataset=ds, space=space)
+    msg = str(e.value)
+    assert "\n" not in msg and str((tmp_path / "checkpoints").absolute()) in msg
+    ckpt_dir = tmp_path / "checkpoints"
+    assert not list(ckpt_dir.glob(".tmp_step_*"))
+    assert [c.name for c in list_checkpoints(ckpt_dir)] == ["step_00000001"]
+    verify_checkpoint(ckpt_dir / "step_00000001")
+
+
+def test_logged_mix_is_the_relaxations_not_softmax(tiny, tmp_path):
+    """FairDARTS mixes with independent sigmoids: the saved mix must be sigmoid(arch), which does
+    not sum to 1 (softmax(arch) would)."""
+    ds, space = tiny
+    res = run_search(_cfg(tmp_path, method="fairdarts", epochs=1), dataset=ds, space=space)
+    arch = {"/".join(str(p.key) for p in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_leaves_with_path(res["seeds"][0]["arch"],
+                                                               is_leaf=lambda x: isinstance(x, list))}
+    mix = res["seeds"][0]["mix"]
+    assert set(mix) == set(arch)
+    for name, logits in arch.items():
+        np.testing.assert_allclose(mix[name], jax.nn.sigmoid(logits), rtol=1e-5)
+        assert abs(float(np.sum(mix[name])) - 1.0) > 1e-3  # not a softmax
+    d = res["seeds"][0]["decision"]
+    assert 0.0 <= d["mean_entropy"] <= 1.0 and 0.0 <= d["mean_margin"] <= 1.0

@@ -34,6 +34,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or truncated, or does not belong to this run."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, permissions); the message names the directory."""
+
+
 def _sha256(path: pathlib.Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -63,6 +67,29 @@ def _from_savable(template: Any, restored: Any) -> Any:
     return jax.tree.map(conv, template, restored)
 
 
+def os_error(exc: BaseException) -> OSError | None:
+    """The :class:`OSError` behind ``exc`` (orbax re-raises I/O errors from its writer threads)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _write_state(path: pathlib.Path, host_state: Any) -> None:
+    """Write a pytree of numpy arrays with orbax (one function, so tests can make it fail)."""
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        ckptr.save(path, host_state)
+        ckptr.wait_until_finished()
+    finally:
+        ckptr.close()
+
+
 def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[pathlib.Path]:
     """Complete checkpoint directories under ``ckpt_dir``, oldest first."""
     d = pathlib.Path(ckpt_dir)
@@ -79,8 +106,6 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, state: Any, meta: di
     Atomic: everything is written into ``.tmp_step_N`` and then renamed. An existing complete
     checkpoint of the same step is left as it is (it holds the same state).
     """
-    import orbax.checkpoint as ocp
-
     d = pathlib.Path(ckpt_dir).absolute()
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"step_{step:08d}"
@@ -89,19 +114,26 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, state: Any, meta: di
     for stale in d.glob(".tmp_step_*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = d / f".tmp_step_{step:08d}"
-    tmp.mkdir()
-    ckptr = ocp.StandardCheckpointer()
-    host_state = jax.tree.map(np.asarray, jax.device_get(_to_savable(state)))
-    ckptr.save(tmp / "state", host_state)
-    ckptr.wait_until_finished()
-    ckptr.close()
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": int(step)}, indent=1, sort_keys=True))
-    digest = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "size": p.stat().st_size} for p in _files(tmp)}
-    with open(tmp / "digest.json", "w") as f:
-        json.dump(digest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir()
+        _write_state(tmp / "state", jax.tree.map(np.asarray, jax.device_get(_to_savable(state))))
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": int(step)}, indent=1, sort_keys=True))
+        digest = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "size": p.stat().st_size} for p in _files(tmp)}
+        with open(tmp / "digest.json", "w") as f:
+            json.dump(digest, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException as e:
+        # a half-written checkpoint must not survive (it would fill the disk further and
+        # be mistaken for progress); the previous complete one is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = os_error(e)
+        if err is not None:
+            raise CheckpointWriteError(f"cannot write checkpoint step {step} to {d}: {err.strerror or err}; "
+                                       "the temporary folder was removed and the previous checkpoint kept"
+                                       ) from None
+        raise
     for old in list_checkpoints(d)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -25,31 +25,35 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import json
+import math
 import os
 import pathlib
 import platform
 import signal
 import sys
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._choices import HYPERGRADIENTS, SELECTIONS, SPACE_PRESETS
+from .._json import NON_FINITE_KEY, write_json
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, restore_checkpoint, save_checkpoint
+from .compile_cache import enable_compile_cache
+from .decision import summarize_decisions
 from .logging import MetricsLogger, read_jsonl, to_jsonable
 
-__all__ = ["SearchConfig", "run_search", "build_search", "SearchSetup", "RunInUseError", "SPACE_PRESETS",
+__all__ = ["SearchConfig", "search_to_dir", "run_search", "build_search", "UndecidedSearchWarning", "SearchSetup", "RunInUseError", "SPACE_PRESETS",
            "make_space", "make_mesh", "shard_batch", "replicate"]
 
-# Sizes that make the default digits search take about two minutes on a 2-core CPU.
-SPACE_PRESETS: dict[str, dict[str, Any]] = {
-    "nb201": {"C": 8, "N": 1},
-    "darts": {"C": 8, "layers": 3},
-    "mbconv": {"widths": (8, 8, 16, 16, 32, 32), "stem_width": 8, "first_width": 8, "head_width": 64},
-}
+# fields that do not change the trajectory (outputs, resume, budgets): left out of the fingerprint
+_NOT_TRAJECTORY = ("out", "resume", "progress", "tensorboard", "plots", "max_steps", "checkpoint_every",
+                   "compile_cache")
 
 
 class RunInUseError(RuntimeError):
@@ -81,6 +85,9 @@ class SearchConfig:
       augment: random crop (and flip where the dataset allows) on training batches.
       progress, tensorboard, plots: outputs.
       max_steps: stop (with a checkpoint) after this many steps in total (for tests / budgets).
+      compile_cache: persistent XLA cache directory, ``"off"``, or ``None`` (``DIFFNAS_COMPILE_CACHE``,
+        else JAX's configured one, else ``$XDG_CACHE_HOME/diffnas_jax/xla``; see
+        :mod:`diffnas_jax.search.compile_cache`).
     """
 
     space: str = "nb201"
@@ -108,12 +115,13 @@ class SearchConfig:
     tensorboard: bool = True
     plots: bool = True
     max_steps: int | None = None
+    compile_cache: str | None = None
 
     def __post_init__(self):
         from .._checks import check_choice
 
         check_choice("space", self.space, tuple(SPACE_PRESETS))
-        check_choice("select", self.select, ("argmax", "perturbation"))
+        check_choice("select", self.select, SELECTIONS)
         if self.cost not in ("flops", "params") and not (self.cost.endswith(".json") and os.path.isfile(self.cost)):
             raise ValueError(f"`cost` must be 'flops', 'params' or an existing latency table .json "
                              f"(from `diffnas profile`), got {self.cost!r}")
@@ -123,12 +131,26 @@ class SearchConfig:
                 raise ValueError(f"`{name}` must be a positive int, got {v!r}")
         if self.batch_size % self.devices:
             raise ValueError(f"`batch_size` {self.batch_size} must be divisible by `devices` {self.devices}")
+        for name in ("seed", "data_seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"`{name}` must be an int >= 0, got {v!r}")
+        for name in ("arch_lr", "weight_lr"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v < 0):
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {v!r}")
+        if self.hypergrad is not None:
+            check_choice("hypergrad", self.hypergrad, HYPERGRADIENTS)
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 1):
+            raise ValueError(f"`max_steps` must be a positive int or None, got {self.max_steps!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"`checkpoint_every` must be >= 0, got {self.checkpoint_every}")
         if self.seeds is not None:
             seeds = tuple(int(s) for s in self.seeds)
-            if not seeds or len(set(seeds)) != len(seeds):
-                raise ValueError(f"`seeds` must be distinct ints, got {self.seeds!r}")
+            if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+                raise ValueError(f"`seeds` must be distinct ints >= 0, got {self.seeds!r}")
             object.__setattr__(self, "seeds", seeds)
 
     @property
@@ -142,7 +164,7 @@ class SearchConfig:
     def fingerprint(self) -> str:
         """Hash of the fields that define the trajectory (not outputs, resume or budgets)."""
         d = dataclasses.asdict(self)
-        for k in ("out", "resume", "progress", "tensorboard", "plots", "max_steps", "checkpoint_every"):
+        for k in _NOT_TRAJECTORY:
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -233,6 +255,7 @@ class SearchSetup:
     warmup_steps: int
     mesh: Any
     objective: Any = None        # the step's Objective (its state is part of SearchState)
+    space_name: str | None = None  # a given space object's name (None: config.space)
 
 
 def _resolve_with(factory, **context) -> Any:
@@ -272,6 +295,7 @@ def build_search(config: SearchConfig, dataset: Any = None, space: Any = None) -
     total = steps_per_epoch * config.epochs
     # a paper's warm-up (e.g. PC-DARTS 15 of 50 epochs) keeps its fraction of the search
     warmup = int(round(base.warmup_epochs / base.epochs * config.epochs)) * steps_per_epoch
+    space_name = None if space is None else (getattr(space, "name", None) or type(space).__name__)
     if space is None:
         space = make_space(config.space, dataset.num_classes, channels=config.channels, layers=config.layers,
                            **method.space_kwargs)
@@ -298,7 +322,7 @@ def build_search(config: SearchConfig, dataset: Any = None, space: Any = None) -
                         objective=objective)
     mesh = make_mesh(config.devices) if config.devices > 1 else None
     return SearchSetup(config, dataset, method, space, relaxation, hypergradient, weight_opt, arch_opt,
-                       step_fn, steps_per_epoch, total, warmup, mesh, objective)
+                       step_fn, steps_per_epoch, total, warmup, mesh, objective, space_name)
 
 
 def init_state(setup: SearchSetup) -> Any:
@@ -324,7 +348,10 @@ def make_jitted_step(setup: SearchSetup) -> Callable:
     ``frozen`` (a traced bool) keeps the architecture and its optimizer state during a method's
     warm-up epochs, in the same compiled program.
     """
-    step = setup.step_fn
+    from .loop import with_finiteness_flags
+
+    # finite_* flags ride along with the metrics: the loop stops on the first non-finite step
+    step = with_finiteness_flags(setup.step_fn)
 
     def guarded(state, bt, bv, key, frozen):
         new, metrics = step(state, bt, bv, key)
@@ -396,11 +423,14 @@ def _prepare_out(config: SearchConfig) -> pathlib.Path:
             if ckpts:
                 raise CheckpointError(f"{run_file} is missing: cannot check that {out} holds this run")
             return out
-        stored = json.loads(run_file.read_text())
+        try:
+            stored = json.loads(run_file.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{run_file} is not valid JSON ({e}): cannot check that {out} holds this run"
+                                  ) from None
         if stored.get("fingerprint") != config.fingerprint():
-            diff = {k: (stored["config"].get(k), v) for k, v in dataclasses.asdict(config).items()
-                    if k not in ("out", "resume", "progress", "tensorboard", "plots", "max_steps",
-                                 "checkpoint_every") and stored["config"].get(k) != to_jsonable(v)}
+            diff = {k: (stored["config"].get(k), v) for k, v in to_jsonable(dataclasses.asdict(config)).items()
+                    if k not in _NOT_TRAJECTORY and stored["config"].get(k) != v}
             raise RunInUseError(f"--resume: {out} holds a run with another configuration "
                                 f"(stored vs given: {diff}); resume with the same flags or use another --out")
         return out
@@ -439,24 +469,43 @@ class _SignalGuard:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def _host_metrics(m: dict) -> dict:
-    return {k: np.asarray(v) for k, v in jax.device_get(m).items()}
-
-
 def _leaf_name(path) -> str:
     return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
 
 
-def _mix_probs(setup: SearchSetup, arch: Any) -> dict:
-    """Per choice leaf (named by its path), ``softmax`` over its last axis (for plots and results)."""
+MIX_SAMPLES = 16
+"""Samples averaged for the logged mixing weights of a stochastic relaxation (GDAS, SNAS, DrNAS)."""
+
+
+def _mix_fn(setup: SearchSetup) -> Callable:
+    """``mix(arch, step) -> {leaf name: weights}``: what the relaxation returns for ``arch``.
+
+    Not ``softmax(arch)``: FairDARTS' sigmoids, sparsemax and Max-W give other weights. For a
+    stochastic relaxation it is the mean of :data:`MIX_SAMPLES` draws with fixed keys (an
+    estimate of the expected mix; exact for deterministic relaxations, whose draws coincide).
+    """
     from ..spaces.base import ARCH_PASSTHROUGH_KEY
 
-    out = {}
-    for path, v in jax.tree_util.tree_leaves_with_path(arch):
-        if any(getattr(p, "key", None) == ARCH_PASSTHROUGH_KEY for p in path):
-            continue
-        out[_leaf_name(path)] = np.asarray(jax.nn.softmax(jnp.asarray(v, jnp.float32), axis=-1))
-    return out
+    relax = setup.relaxation
+    keys = jax.random.split(jax.random.key(0), MIX_SAMPLES)
+
+    def one(arch, step):
+        if relax is None:
+            return jax.tree.map(lambda a: jax.nn.softmax(a.astype(jnp.float32), -1), arch)
+        mixes = jax.vmap(lambda k: relax(arch, k, step))(keys)
+        return jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32), 0), mixes)
+
+    fn = jax.jit(jax.vmap(one, in_axes=(0, None)) if setup.config.vmapped else one)
+
+    def mix(arch, step):
+        out = {}
+        for path, v in jax.tree_util.tree_leaves_with_path(jax.device_get(fn(arch, jnp.asarray(step)))):
+            if any(getattr(p, "key", None) == ARCH_PASSTHROUGH_KEY for p in path):
+                continue
+            out[_leaf_name(path)] = np.asarray(v)
+        return out
+
+    return mix
 
 
 def _index_seed(tree: Any, i: int, vmapped: bool) -> Any:
@@ -488,26 +537,83 @@ def _select(setup: SearchSetup, state: Any, seed_index: int) -> tuple[Any, dict]
     return res.genotype, {"selector": "perturbation", "base_accuracy": float(res.base_accuracy)}
 
 
-def run_search(config: SearchConfig, *, dataset: Any = None, space: Any = None,
-               on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Run (or resume) a search; return the content written to ``result.json``.
+def _stored_result(out: pathlib.Path) -> dict | None:
+    path = out / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); move it away to recompute the result") from None
+
+
+def _epoch_records_before(logger_path: pathlib.Path, start_step: int, spe: int, total: int) -> dict:
+    """The running metrics of the epoch a resumed run continues (or, at the end, the last epoch)."""
+    if start_step % spe:
+        epoch = start_step // spe
+    elif start_step == total and start_step:  # crashed after the last checkpoint: final metrics
+        epoch = start_step // spe - 1
+    else:
+        return {}
+    acc: dict[str, list] = {}
+    for r in read_jsonl(logger_path):
+        if r.get("event") == "step" and r["epoch"] == epoch and r["step"] <= start_step:
+            for k, v in r.items():
+                if k not in ("event", "step", "epoch", NON_FINITE_KEY):
+                    acc.setdefault(k, []).append(np.asarray(v, np.float64))
+    return acc
+
+
+def _compile(jstep: Callable, args: tuple, *, cached_dir) -> Callable:
+    """Compile the step ahead of the loop, saying so, so the progress ETA counts steps only."""
+    print("compiling the search step (first run only; cached afterwards) ...", end="", file=sys.stderr,
+          flush=True)
+    t0 = time.time()
+    compiled = jstep.lower(*args).compile()
+    print(f" {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+    return compiled
+
+
+def search_to_dir(config: SearchConfig, *, dataset: Any = None, space: Any = None,
+                  on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run (or resume) a search with all its files in ``config.out``; return ``result.json``'s content.
+
+    The loop itself is :func:`diffnas_jax.search.loop.run_search`; this function adds the I/O
+    around it: data loading, ``run.json``, ``metrics.jsonl``, checkpoints, signals, progress bar,
+    the final selection and ``result.json``.
 
     Args:
       config: the :class:`SearchConfig`.
       dataset: a preloaded :class:`diffnas_jax.data.Dataset` (default: load ``config.dataset``).
       space: a search-space object replacing ``config.space`` (e.g. a user-defined space).
-      on_step: called as ``on_step(step, metrics)`` after each step (host-side; tests use it).
+      on_step: called as ``on_step(step, metrics)`` after each finite step (host-side; tests use it).
+
+    Returns:
+      the result with ``"status"``:
+
+      - ``"complete"``: ``result.json`` written (also when ``resume`` finds a finished run: then
+        the stored result is returned unchanged, with ``"already_complete": True``);
+      - ``"interrupted"``: stopped by SIGINT/SIGTERM or ``max_steps``; a checkpoint is written,
+        no ``result.json``;
+      - ``"diverged"``: a loss, the weights, BatchNorm statistics or the architecture became
+        non-finite; ``result.json`` records step and quantity, no checkpoint of the non-finite
+        state is written (the last finite one is kept).
 
     Raises:
       RunInUseError: ``out`` holds another run and ``resume`` is false (or the configs differ).
-      CheckpointError: the newest checkpoint is corrupt or truncated (names the file).
-
-    A run stopped by SIGINT/SIGTERM or ``max_steps`` writes a checkpoint and returns a result
-    with ``"status": "interrupted"`` (no ``result.json``).
+      CheckpointError: the newest checkpoint is corrupt or truncated (names the file);
+        :class:`~diffnas_jax.search.checkpoint.CheckpointWriteError` when one cannot be written.
     """
+    from .loop import run_search as run_loop
+
     t_start = time.time()
     out = _prepare_out(config)
+    if config.resume:
+        stored = _stored_result(out)
+        if stored is not None and stored.get("status") in ("complete", "diverged"):
+            return {**stored, "already_complete": True}
     out.mkdir(parents=True, exist_ok=True)
+    cache_dir = enable_compile_cache(config.compile_cache)
     setup = build_search(config, dataset, space)
     cfg = setup.config
     spe, total = setup.steps_per_epoch, setup.total_steps
@@ -521,129 +627,186 @@ def run_search(config: SearchConfig, *, dataset: Any = None, space: Any = None,
             raise RunInUseError(f"checkpoint {latest} belongs to another configuration")
         start_step = int(meta["step"])
         elapsed_before = float(meta.get("elapsed_s", 0.0))
-    (out / "run.json").write_text(json.dumps({"fingerprint": cfg.fingerprint(),
-                                              "config": to_jsonable(dataclasses.asdict(cfg))}, indent=1))
+    write_json(out / "run.json", {"fingerprint": cfg.fingerprint(), "config": dataclasses.asdict(cfg)})
     state = replicate(state, setup.mesh)
     logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
     logger.truncate_after(start_step)
     # the epoch's running means continue from the records of the steps before the checkpoint
-    epoch_acc: dict[str, list] = {}
-    for r in read_jsonl(logger.path):
-        if r.get("event") == "step" and r["epoch"] == start_step // spe and start_step % spe:
-            for k, v in r.items():
-                if k not in ("event", "step", "epoch"):
-                    epoch_acc.setdefault(k, []).append(np.asarray(v, np.float64))
+    epoch_acc = _epoch_records_before(logger.path, start_step, spe, total)
+    mix_of = _mix_fn(setup)
     jstep = make_jitted_step(setup)
     augment = _augment_fn(setup)
     batch_axis = 1 if cfg.vmapped else 0
-
     stop_at = total if cfg.max_steps is None else min(total, cfg.max_steps)
     meta_base = {"fingerprint": cfg.fingerprint(), "steps_per_epoch": spe}
+    t_loop = time.time()
 
-    def checkpoint(step_no):
-        save_checkpoint(ckpt_dir, step_no, state, {**meta_base, "epoch": step_no // spe,
-                                                   "elapsed_s": elapsed_before + time.time() - t_loop})
+    def checkpoint(step_no, st):
+        save_checkpoint(ckpt_dir, step_no, st, {**meta_base, "epoch": step_no // spe,
+                                                "elapsed_s": elapsed_before + time.time() - t_loop})
 
+    def batches():
+        for epoch in range(start_step // spe, cfg.epochs):
+            first = start_step - epoch * spe if epoch == start_step // spe else 0
+            yield from _epoch_iter(setup, epoch, first)
+
+    def device_args(state, batch, i):
+        bt, bv = batch
+        if augment is not None:
+            ka = jax.random.fold_in(jax.random.key(cfg.seed_list[0] + 7919), i)
+            bt = (np.asarray(augment(ka, jnp.asarray(bt[0].reshape((-1,) + bt[0].shape[-3:])))
+                             ).reshape(bt[0].shape), bt[1])
+        return (state, shard_batch(bt, setup.mesh, batch_axis), shard_batch(bv, setup.mesh, batch_axis),
+                step_keys(cfg, i), jnp.asarray(i < setup.warmup_steps))
+
+    it = itertools.islice(batches(), max(0, stop_at - start_step))
+    first_batch = next(it, None)
+    if first_batch is not None:
+        jstep = _compile(jstep, device_args(state, first_batch, start_step), cached_dir=cache_dir)
+        it = itertools.chain([first_batch], it)
+
+    def step(state, batch, i):
+        return jstep(*device_args(state, batch, i))
+
+    decision = {}
+
+    def log_step(info):
+        if (info.step - 1) % spe == 0:
+            epoch_acc.clear()
+        m = {k: v.astype(np.float64) for k, v in info.metrics.items()}
+        for k, v in m.items():
+            epoch_acc.setdefault(k, []).append(v)
+        logger.log({"event": "step", "step": info.step, "epoch": (info.step - 1) // spe, **m})
+        if info.step % spe == 0:
+            mix = mix_of(info.state.arch, info.step)
+            decision.update(_decisions(mix, cfg))
+            logger.log({"event": "epoch", "step": info.step, "epoch": (info.step - 1) // spe,
+                        **{k: np.mean(np.stack(v), axis=0) for k, v in epoch_acc.items()}, "mix": mix,
+                        "mean_margin": decision["mean_margin"], "mean_entropy": decision["mean_entropy"]})
+        if on_step is not None:
+            on_step(info.step, m)
+
+    def save_at_cadence(info):
+        if cfg.checkpoint_every and info.step % cfg.checkpoint_every == 0 and info.step < total:
+            checkpoint(info.step, info.state)
+
+    callbacks = [log_step, save_at_cadence]
     bar = None
-    if cfg.progress:
+    if cfg.progress and first_batch is not None:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
-    step_no = start_step
-    interrupted = None
-    t_loop = time.time()
-    with _SignalGuard() as guard:
-        try:
-            for epoch in range(start_step // spe, cfg.epochs):
-                if step_no >= stop_at or guard.signum is not None:
-                    break
-                if bar is not None:
-                    bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
-                first = step_no - epoch * spe
-                if first == 0:
-                    epoch_acc = {}
-                for (bt, bv) in _epoch_iter(setup, epoch, first):
-                    keys = step_keys(cfg, step_no)
-                    if augment is not None:
-                        ka = jax.random.fold_in(jax.random.key(cfg.seed_list[0] + 7919), step_no)
-                        bt = (np.asarray(augment(ka, jnp.asarray(bt[0].reshape((-1,) + bt[0].shape[-3:])))
-                                         ).reshape(bt[0].shape), bt[1])
-                    bt = shard_batch(bt, setup.mesh, batch_axis)
-                    bv = shard_batch(bv, setup.mesh, batch_axis)
-                    state, metrics = jstep(state, bt, bv, keys, jnp.asarray(step_no < setup.warmup_steps))
-                    step_no += 1
-                    m = {k: v.astype(np.float64) for k, v in _host_metrics(metrics).items()}
-                    for k, v in m.items():
-                        epoch_acc.setdefault(k, []).append(v)
-                    logger.log({"event": "step", "step": step_no, "epoch": epoch, **m})
-                    if on_step is not None:
-                        on_step(step_no, m)
-                    if bar is not None:
-                        post = {"loss": m["train_loss"], "val_loss": m["val_loss"], "acc": m["train_acc"],
-                                "val_acc": m["val_acc"]}
-                        if "temperature" in m:
-                            post["tau"] = m["temperature"]
-                        bar.set_postfix({k: f"{float(np.mean(v)):.3g}" for k, v in post.items()}, refresh=False)
-                        bar.update(1)
-                    if step_no % spe == 0:
-                        probs = _mix_probs(setup, jax.device_get(state.arch))
-                        logger.log({"event": "epoch", "step": step_no, "epoch": epoch,
-                                    **{k: np.mean(np.stack(v), axis=0) for k, v in epoch_acc.items()},
-                                    "mix": probs})
-                    if cfg.checkpoint_every and step_no % cfg.checkpoint_every == 0 and step_no < total:
-                        checkpoint(step_no)
-                    if guard.signum is not None or step_no >= stop_at:
-                        break
-        finally:
-            if bar is not None:
-                bar.close()
-        if step_no < total:
-            interrupted = ("signal " + signal.Signals(guard.signum).name) if guard.signum is not None else "max_steps"
-            checkpoint(step_no)
-            logger.close()
-            print(f"search stopped by {interrupted} at step {step_no}/{total}; checkpoint written to "
-                  f"{ckpt_dir}; continue with --resume", file=sys.stderr)
-            return {"status": "interrupted", "reason": interrupted, "step": step_no, "out": str(out)}
+
+        def show(info):
+            bar.set_description(f"epoch {(info.step - 1) // spe + 1}/{cfg.epochs}")
+            m = info.metrics
+            post = {"loss": m["train_loss"], "val_loss": m["val_loss"], "acc": m["train_acc"], "val_acc": m["val_acc"]}
+            if "temperature" in m:
+                post["tau"] = m["temperature"]
+            if decision:
+                post["margin"] = decision["mean_margin"]
+                post["H"] = decision["mean_entropy"]
+            bar.set_postfix({k: f"{float(np.mean(v)):.3g}" for k, v in post.items()}, refresh=False)
+            bar.update(1)
+
+        callbacks.append(show)
+    try:
+        with _SignalGuard() as guard:
+            res = run_loop(step, state, it, start_step=start_step, callbacks=callbacks,
+                           should_stop=lambda: guard.signum is not None)
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    state, step_no = res.state, res.step
+    if res.status == "diverged":
+        return _diverged(setup, out, res, latest_checkpoint(ckpt_dir))
+    if step_no < total:
+        interrupted = ("signal " + signal.Signals(guard.signum).name) if guard.signum is not None else "max_steps"
+        checkpoint(step_no, state)
+        print(f"search stopped by {interrupted} at step {step_no}/{total}; checkpoint written to "
+              f"{ckpt_dir}; continue with --resume", file=sys.stderr)
+        return {"status": "interrupted", "reason": interrupted, "step": step_no, "out": str(out)}
     search_time = elapsed_before + time.time() - t_loop
-    checkpoint(step_no)
-    logger.close()
-    return _finish(setup, state, out, search_time, time.time() - t_start, epoch_acc)
+    checkpoint(step_no, state)
+    return _finish(setup, state, out, search_time, time.time() - t_start, epoch_acc, mix_of)
+
+
+run_search = search_to_dir
+"""Deprecated name of :func:`search_to_dir` (the library loop is :func:`diffnas_jax.search.loop.run_search`)."""
+
+
+def _decisions(mix: dict, cfg: SearchConfig) -> dict:
+    """:func:`~diffnas_jax.search.decision.summarize_decisions` of the mix (mean over seeds when vmapped)."""
+    if not cfg.vmapped:
+        return summarize_decisions(mix)
+    per = [summarize_decisions({k: v[i] for k, v in mix.items()}) for i in range(len(cfg.seed_list))]
+    return {"mean_margin": float(np.mean([p["mean_margin"] for p in per])),
+            "mean_entropy": float(np.mean([p["mean_entropy"] for p in per]))}
+
+
+def _run_record(setup: SearchSetup) -> dict:
+    cfg = setup.config
+    # the method's paper default space (e.g. "darts") would read as this run's space
+    method = {k: v for k, v in setup.method.describe().items() if k != "default_space"}
+    return {"space": cfg.space if setup.space_name is None else setup.space_name,
+            "method": method,
+            "hypergradient": getattr(setup.hypergradient, "name", str(setup.hypergradient)),
+            "steps": setup.total_steps, "steps_per_epoch": setup.steps_per_epoch,
+            "dataset": setup.dataset.summary(), "config": dataclasses.asdict(cfg), "versions": _versions()}
+
+
+def _diverged(setup: SearchSetup, out: pathlib.Path, res, last_ckpt) -> dict:
+    d = res.divergence
+    message = d.message(setup.config.seed_list if setup.config.vmapped else None)
+    result = {"status": "diverged", "message": message, "step": d.step, "quantity": d.quantity,
+              "seeds": [setup.config.seed_list[i] for i in d.seeds] if d.seeds else None,
+              "metrics_at_divergence": res.metrics,
+              "last_checkpoint": str(last_ckpt) if last_ckpt is not None else None, **_run_record(setup)}
+    write_json(out / "result.json", result)
+    return json.loads((out / "result.json").read_text())
 
 
 def _finish(setup: SearchSetup, state: Any, out: pathlib.Path, search_time: float, wall: float,
-            epoch_acc: dict) -> dict:
+            epoch_acc: dict, mix_of: Callable) -> dict:
     cfg = setup.config
     host = jax.device_get(state)
+    mix_all = mix_of(host.arch, int(np.max(host.step)))
     seeds, objects = [], []
     for i, seed in enumerate(cfg.seed_list):
         genotype, sel_info = _select(setup, state, i)
         objects.append(genotype)
         arch = _index_seed(host.arch, i, cfg.vmapped)
+        mix = {k: (v[i] if cfg.vmapped else v) for k, v in mix_all.items()}
         final = {k: float(np.mean(np.stack(v), axis=0)[i] if cfg.vmapped else np.mean(v))
                  for k, v in epoch_acc.items()}
+        decision = summarize_decisions(mix)
         seeds.append({"seed": seed, "genotype": str(genotype), "selection": sel_info,
-                      "arch": to_jsonable(arch), "mix": to_jsonable(_mix_probs(setup, arch)),
-                      "final_metrics": final})
+                      "arch": arch, "mix": mix, "decision": decision, "final_metrics": final})
+        if not decision["decided"]:
+            warnings.warn(f"seed {seed}: the search ended undecided: mean margin {decision['mean_margin']:.3f} "
+                          f"< {decision['threshold']} between the chosen op and the runner-up "
+                          f"({decision['undecided_edges']} of {decision['num_edges']} edges below it); "
+                          "the genotype is close to an argmax over near-ties. Search longer or raise the "
+                          "architecture learning rate (--epochs, --arch-lr).", UndecidedSearchWarning, stacklevel=3)
     w0 = _index_seed(host.weights, 0, cfg.vmapped)
     result = {
         "status": "complete",
         "genotype": seeds[0]["genotype"] if len(seeds) == 1 else [s["genotype"] for s in seeds],
         "seeds": seeds,
-        "space": cfg.space, "method": setup.method.describe(),
-        "hypergradient": getattr(setup.hypergradient, "name", str(setup.hypergradient)),
-        "steps": setup.total_steps, "steps_per_epoch": setup.steps_per_epoch,
+        "decided": all(s["decision"]["decided"] for s in seeds),
         "search_time_s": round(search_time, 2), "wall_time_s": round(wall, 2),
         "supernet_params": int(sum(np.prod(np.shape(a)) for a in jax.tree.leaves(w0))),
-        "dataset": setup.dataset.summary(),
-        "config": to_jsonable(dataclasses.asdict(cfg)),
-        "versions": _versions(),
+        **_run_record(setup),
     }
     if cfg.plots:
         result["plots"] = write_plots(setup, out, seeds, objects)
-    tmp = out / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "result.json")
-    return result
+    write_json(out / "result.json", result)
+    return json.loads((out / "result.json").read_text())
+
+
+class UndecidedSearchWarning(UserWarning):
+    """A search ended with mixing weights too close to call (see :mod:`diffnas_jax.search.decision`)."""
 
 
 def write_plots(setup: SearchSetup, out: pathlib.Path, seeds: Sequence[dict], genotypes: Sequence[Any]) -> list[str]:

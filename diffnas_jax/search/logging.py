@@ -1,33 +1,21 @@
-"""Run logging: ``metrics.jsonl`` (always), TensorBoard (only when ``tensorboardX`` is importable)."""
+"""Run logging: ``metrics.jsonl`` (always), TensorBoard (only when ``tensorboardX`` is importable).
+
+Every line is strict JSON: a non-finite value is written as ``null`` and its key listed under
+``"non_finite"`` in the same record (see :mod:`diffnas_jax._json`).
+"""
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 from typing import Any, Mapping
 
-import numpy as np
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if hasattr(v, "shape") or isinstance(v, (np.generic,)):
-        a = np.asarray(v)
-        if a.dtype.kind == "f":
-            a = a.astype(np.float64)
-        return a.tolist() if a.ndim else a.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
+from .._json import dumps, to_strict
 
 
 def to_jsonable(v: Any) -> Any:
-    """Nested dicts/lists of arrays and numpy scalars as plain JSON values."""
-    return _jsonable(v)
+    """Nested dicts/lists of arrays and numpy scalars as plain JSON values (non-finite -> ``None``)."""
+    return to_strict(v)[0]
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -77,8 +65,9 @@ class MetricsLogger:
         self._f = open(self.path, "a")
 
     def log(self, record: Mapping[str, Any]) -> None:
-        rec = _jsonable(dict(record))
-        self._f.write(json.dumps(rec, sort_keys=True) + "\n")
+        line = dumps(dict(record), sort_keys=True)
+        rec = json.loads(line)
+        self._f.write(line + "\n")
         self._f.flush()
         if self._tb is not None:
             step = int(rec.get("step", 0))
