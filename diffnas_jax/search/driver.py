@@ -1,6 +1,7 @@
 """The search driver: one configuration in, a searched architecture and its records out.
 
-``run_search(SearchConfig(...))`` builds the four axes (space, relaxation from the method,
+``search_to_dir(SearchConfig(...))`` (old name ``run_search``) is the file I/O around the library
+loop :func:`diffnas_jax.search.loop.run_search`. It builds the four axes (space, relaxation from the method,
 hypergradient estimator, selector), the optax optimizers (SGD with a cosine schedule on the
 weights, Adam on the architecture, as DARTS, Liu et al. ICLR 2019), jit-compiles
 :func:`diffnas_jax.search.make_step`, and runs it over ``(train, val)`` batch pairs with:
@@ -17,8 +18,16 @@ weights, Adam on the architecture, as DARTS, Liu et al. ICLR 2019), jit-compiles
 - several seeds (``seeds=(0, 1, 2, 3)``) in one compiled program through ``jax.vmap`` over a
   leading seed axis of the state, the step keys and the batches (each seed its own data order).
 
-Outputs in ``out``: ``result.json``, ``metrics.jsonl``, ``checkpoints/``, ``cell*.png``,
-``arch_weights*.png`` (and ``tensorboard/`` when ``tensorboardX`` is installed).
+- the step compiled before the progress bar starts (it prints the time; the ETA counts steps
+  only), with a persistent XLA compilation cache (:mod:`diffnas_jax.search.compile_cache`);
+- a finiteness check of losses, weights, BatchNorm statistics and architecture at every step:
+  the first non-finite step ends the run with ``"status": "diverged"`` (never checkpointed);
+- per-edge entropy and margin of the final mixing weights (:mod:`diffnas_jax.search.decision`)
+  and an :class:`UndecidedSearchWarning` when the search ends undecided.
+
+Outputs in ``out`` (every JSON strict, see :mod:`diffnas_jax._json`): ``result.json``,
+``metrics.jsonl``, ``run.json``, ``checkpoints/``, ``cell*.png``, ``arch_weights*.png`` (and
+``tensorboard/`` when ``tensorboardX`` is installed).
 """
 from __future__ import annotations
 
@@ -48,8 +57,8 @@ from .compile_cache import enable_compile_cache
 from .decision import summarize_decisions
 from .logging import MetricsLogger, read_jsonl, to_jsonable
 
-__all__ = ["SearchConfig", "search_to_dir", "run_search", "build_search", "UndecidedSearchWarning", "SearchSetup", "RunInUseError", "SPACE_PRESETS",
-           "make_space", "make_mesh", "shard_batch", "replicate"]
+__all__ = ["SearchConfig", "search_to_dir", "run_search", "build_search", "UndecidedSearchWarning", "SearchSetup",
+           "RunInUseError", "SPACE_PRESETS", "make_space", "make_mesh", "shard_batch", "replicate"]
 
 # fields that do not change the trajectory (outputs, resume, budgets): left out of the fingerprint
 _NOT_TRAJECTORY = ("out", "resume", "progress", "tensorboard", "plots", "max_steps", "checkpoint_every",
