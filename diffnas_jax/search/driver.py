@@ -628,9 +628,9 @@ def search_to_dir(config: SearchConfig, *, dataset: Any = None, space: Any = Non
         stored = _stored_result(out)
         if stored is not None and stored.get("status") in ("complete", "diverged"):
             return {**stored, "already_complete": True}
-    out.mkdir(parents=True, exist_ok=True)
     cache_dir = enable_compile_cache(config.compile_cache)
     setup = build_search(config, dataset, space)
+    out.mkdir(parents=True, exist_ok=True)  # after the data and flags are known good: no empty folders
     cfg = setup.config
     spe, total = setup.steps_per_epoch, setup.total_steps
     ckpt_dir = out / "checkpoints"
