@@ -359,7 +359,7 @@ def cmd_search(args) -> int:
         print(f"diffnas search: error: {line}", file=sys.stderr)
         return EXIT_IO
     if result["status"] == "diverged":
-        prefix = "the run in " + config.out + " already " if result.get("already_complete") else ""
+        prefix = f"the run in {config.out} already ended (left unchanged): " if result.get("already_complete") else ""
         print(f"diffnas search: error: {prefix}{result['message']}; result.json records it"
               f"{'' if result.get('last_checkpoint') else ' (no checkpoint was written before it)'}",
               file=sys.stderr)
