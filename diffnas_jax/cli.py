@@ -298,7 +298,8 @@ def _validate_search(args) -> str | None:
     except ValueError as e:
         return str(e)
     if args.cost not in ("flops", "params") and not (args.cost.endswith(".json") and os.path.isfile(args.cost)):
-        return f"--cost must be flops, params or an existing latency table .json (from `diffnas profile`), got {args.cost!r}"
+        return (f"--cost must be flops, params or an existing latency table .json (from `diffnas profile`), "
+                f"got {args.cost!r}")
     ds = args.dataset
     if ds.endswith(".npz") and not os.path.isfile(ds):
         return f"npz data set {ds} not found"
@@ -358,7 +359,7 @@ def cmd_search(args) -> int:
         print(f"diffnas search: error: {line}", file=sys.stderr)
         return EXIT_IO
     if result["status"] == "diverged":
-        prefix = "the run in " + config.out + " already " if result.get("already_complete") else ""
+        prefix = f"the run in {config.out} already ended (left unchanged): " if result.get("already_complete") else ""
         print(f"diffnas search: error: {prefix}{result['message']}; result.json records it"
               f"{'' if result.get('last_checkpoint') else ' (no checkpoint was written before it)'}",
               file=sys.stderr)
@@ -389,7 +390,8 @@ def cmd_search(args) -> int:
                             args.eval_epochs)
         evals = []
         for s in result["seeds"]:
-            r = train_and_evaluate(s["genotype"], ecfg, progress=not args.no_progress, desc=f"evaluate seed {s['seed']}")
+            r = train_and_evaluate(s["genotype"], ecfg, progress=not args.no_progress,
+                                   desc=f"evaluate seed {s['seed']}")
             r["search_seed"] = s["seed"]
             evals.append(r)
             print(f"seed {s['seed']}: test accuracy {r['test_accuracy']:.4f}, params {r['params']}, "

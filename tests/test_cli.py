@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -75,6 +77,10 @@ def test_search_writes_results_and_plots(searched):
     result = _strict_load(out / "result.json")
     assert result["genotype"].startswith("|") and result["space"] == "nb201"
     assert "default_space" not in json.dumps(result)
+    # the persistent compilation cache is on by default (here the test's private directory)
+    cache = pathlib.Path(os.environ["DIFFNAS_COMPILE_CACHE"])
+    assert result["compile"]["compile_cache"] == str(cache) and any(cache.iterdir())
+    assert result["compile"]["xla_compile_s"] >= 0 and result["compile"]["trace_s"] > 0
     d = result["seeds"][0]["decision"]
     assert len(d["edges"]["cell"]["margin"]) == 6 and len(d["edges"]["cell"]["entropy"]) == 6
     assert all(0.0 <= m <= 1.0 for m in d["edges"]["cell"]["margin"]) and isinstance(result["decided"], bool)

@@ -1,6 +1,7 @@
 """The search driver: one configuration in, a searched architecture and its records out.
 
-``run_search(SearchConfig(...))`` builds the four axes (space, relaxation from the method,
+``search_to_dir(SearchConfig(...))`` (old name ``run_search``) is the file I/O around the library
+loop :func:`diffnas_jax.search.loop.run_search`. It builds the four axes (space, relaxation from the method,
 hypergradient estimator, selector), the optax optimizers (SGD with a cosine schedule on the
 weights, Adam on the architecture, as DARTS, Liu et al. ICLR 2019), jit-compiles
 :func:`diffnas_jax.search.make_step`, and runs it over ``(train, val)`` batch pairs with:
@@ -17,8 +18,16 @@ weights, Adam on the architecture, as DARTS, Liu et al. ICLR 2019), jit-compiles
 - several seeds (``seeds=(0, 1, 2, 3)``) in one compiled program through ``jax.vmap`` over a
   leading seed axis of the state, the step keys and the batches (each seed its own data order).
 
-Outputs in ``out``: ``result.json``, ``metrics.jsonl``, ``checkpoints/``, ``cell*.png``,
-``arch_weights*.png`` (and ``tensorboard/`` when ``tensorboardX`` is installed).
+- the step compiled before the progress bar starts (it prints the time; the ETA counts steps
+  only), with a persistent XLA compilation cache (:mod:`diffnas_jax.search.compile_cache`);
+- a finiteness check of losses, weights, BatchNorm statistics and architecture at every step:
+  the first non-finite step ends the run with ``"status": "diverged"`` (never checkpointed);
+- per-edge entropy and margin of the final mixing weights (:mod:`diffnas_jax.search.decision`)
+  and an :class:`UndecidedSearchWarning` when the search ends undecided.
+
+Outputs in ``out`` (every JSON strict, see :mod:`diffnas_jax._json`): ``result.json``,
+``metrics.jsonl``, ``run.json``, ``checkpoints/``, ``cell*.png``, ``arch_weights*.png`` (and
+``tensorboard/`` when ``tensorboardX`` is installed).
 """
 from __future__ import annotations
 
@@ -48,8 +57,8 @@ from .compile_cache import enable_compile_cache
 from .decision import summarize_decisions
 from .logging import MetricsLogger, read_jsonl, to_jsonable
 
-__all__ = ["SearchConfig", "search_to_dir", "run_search", "build_search", "UndecidedSearchWarning", "SearchSetup", "RunInUseError", "SPACE_PRESETS",
-           "make_space", "make_mesh", "shard_batch", "replicate"]
+__all__ = ["SearchConfig", "search_to_dir", "run_search", "build_search", "UndecidedSearchWarning", "SearchSetup",
+           "RunInUseError", "SPACE_PRESETS", "make_space", "make_mesh", "shard_batch", "replicate"]
 
 # fields that do not change the trajectory (outputs, resume, budgets): left out of the fingerprint
 _NOT_TRAJECTORY = ("out", "resume", "progress", "tensorboard", "plots", "max_steps", "checkpoint_every",
@@ -564,14 +573,21 @@ def _epoch_records_before(logger_path: pathlib.Path, start_step: int, spe: int, 
     return acc
 
 
-def _compile(jstep: Callable, args: tuple, *, cached_dir) -> Callable:
-    """Compile the step ahead of the loop, saying so, so the progress ETA counts steps only."""
+def _compile(jstep: Callable, args: tuple) -> tuple[Callable, dict]:
+    """Compile the step ahead of the loop, saying so, so the progress ETA counts steps only.
+
+    Tracing (Python, every run) and XLA compilation (cached on disk) are timed apart: the
+    persistent cache removes the second part only.
+    """
     print("compiling the search step (first run only; cached afterwards) ...", end="", file=sys.stderr,
           flush=True)
     t0 = time.time()
-    compiled = jstep.lower(*args).compile()
-    print(f" {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
-    return compiled
+    lowered = jstep.lower(*args)
+    t1 = time.time()
+    compiled = lowered.compile()
+    t2 = time.time()
+    print(f" {t2 - t0:.1f} s (tracing {t1 - t0:.1f} s, XLA {t2 - t1:.1f} s)", file=sys.stderr, flush=True)
+    return compiled, {"trace_s": round(t1 - t0, 2), "xla_compile_s": round(t2 - t1, 2)}
 
 
 def search_to_dir(config: SearchConfig, *, dataset: Any = None, space: Any = None,
@@ -612,9 +628,9 @@ def search_to_dir(config: SearchConfig, *, dataset: Any = None, space: Any = Non
         stored = _stored_result(out)
         if stored is not None and stored.get("status") in ("complete", "diverged"):
             return {**stored, "already_complete": True}
-    out.mkdir(parents=True, exist_ok=True)
     cache_dir = enable_compile_cache(config.compile_cache)
     setup = build_search(config, dataset, space)
+    out.mkdir(parents=True, exist_ok=True)  # after the data and flags are known good: no empty folders
     cfg = setup.config
     spe, total = setup.steps_per_epoch, setup.total_steps
     ckpt_dir = out / "checkpoints"
@@ -639,7 +655,6 @@ def search_to_dir(config: SearchConfig, *, dataset: Any = None, space: Any = Non
     batch_axis = 1 if cfg.vmapped else 0
     stop_at = total if cfg.max_steps is None else min(total, cfg.max_steps)
     meta_base = {"fingerprint": cfg.fingerprint(), "steps_per_epoch": spe}
-    t_loop = time.time()
 
     def checkpoint(step_no, st):
         save_checkpoint(ckpt_dir, step_no, st, {**meta_base, "epoch": step_no // spe,
@@ -661,9 +676,12 @@ def search_to_dir(config: SearchConfig, *, dataset: Any = None, space: Any = Non
 
     it = itertools.islice(batches(), max(0, stop_at - start_step))
     first_batch = next(it, None)
+    compile_info = {"compile_cache": str(cache_dir) if cache_dir is not None else None}
     if first_batch is not None:
-        jstep = _compile(jstep, device_args(state, first_batch, start_step), cached_dir=cache_dir)
+        jstep, times = _compile(jstep, device_args(state, first_batch, start_step))
+        compile_info.update(times)
         it = itertools.chain([first_batch], it)
+    t_loop = time.time()  # search time counts steps, not the compilation above
 
     def step(state, batch, i):
         return jstep(*device_args(state, batch, i))
@@ -729,7 +747,7 @@ def search_to_dir(config: SearchConfig, *, dataset: Any = None, space: Any = Non
         return {"status": "interrupted", "reason": interrupted, "step": step_no, "out": str(out)}
     search_time = elapsed_before + time.time() - t_loop
     checkpoint(step_no, state)
-    return _finish(setup, state, out, search_time, time.time() - t_start, epoch_acc, mix_of)
+    return _finish(setup, state, out, search_time, time.time() - t_start, epoch_acc, mix_of, compile_info)
 
 
 run_search = search_to_dir
@@ -768,7 +786,7 @@ def _diverged(setup: SearchSetup, out: pathlib.Path, res, last_ckpt) -> dict:
 
 
 def _finish(setup: SearchSetup, state: Any, out: pathlib.Path, search_time: float, wall: float,
-            epoch_acc: dict, mix_of: Callable) -> dict:
+            epoch_acc: dict, mix_of: Callable, compile_info: dict | None = None) -> dict:
     cfg = setup.config
     host = jax.device_get(state)
     mix_all = mix_of(host.arch, int(np.max(host.step)))
@@ -795,7 +813,7 @@ def _finish(setup: SearchSetup, state: Any, out: pathlib.Path, search_time: floa
         "genotype": seeds[0]["genotype"] if len(seeds) == 1 else [s["genotype"] for s in seeds],
         "seeds": seeds,
         "decided": all(s["decision"]["decided"] for s in seeds),
-        "search_time_s": round(search_time, 2), "wall_time_s": round(wall, 2),
+        "search_time_s": round(search_time, 2), "wall_time_s": round(wall, 2), "compile": compile_info or {},
         "supernet_params": int(sum(np.prod(np.shape(a)) for a in jax.tree.leaves(w0))),
         **_run_record(setup),
     }
