@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from diffnas_jax import cost, methods, objectives, select  # noqa: E402
+from diffnas_jax import cost, methods, regularizers, select  # noqa: E402
 from diffnas_jax.data.batching import epoch_batches  # noqa: E402
 from diffnas_jax.data.digits import load_digits_splits  # noqa: E402
 from diffnas_jax.search import init_search_state, loop, make_step  # noqa: E402
@@ -51,7 +51,7 @@ def _objective(m, space, input_shape):
     """The method's loss as the search step's objective (FBNet multiplicative, ProxylessNAS
     additive relative cost, FairDARTS zero-one, SD-DARTS teachers) with the space's FLOPs."""
     term = m.regularizer() if m.regularizer.module else None
-    return objectives.as_objective(term, space=space, input_shape=input_shape)
+    return regularizers.as_objective(term, space=space, input_shape=input_shape)
 
 
 def run_method(name, data, args, space):

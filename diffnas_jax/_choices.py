@@ -5,10 +5,9 @@ a new estimator or strategy that is not listed here fails CI instead of being un
 """
 from __future__ import annotations
 
-__all__ = ["SPACES", "HYPERGRADIENTS", "SELECTIONS", "BASELINE_STRATEGIES", "SPACE_PRESETS"]
+__all__ = ["HYPERGRADIENTS", "SELECTIONS", "BASELINE_STRATEGIES"]
 
-SPACES = ("nb201", "darts", "mbconv")
-"""Built-in search spaces (``diffnas_jax.spaces.<name>.search_space``)."""
+# The space names and presets are read from `diffnas_jax.spaces.registry`, which imports no JAX.
 
 HYPERGRADIENTS = ("first_order", "single_level", "unrolled", "unrolled_k", "implicit", "rarts")
 """Estimator constructors of :mod:`diffnas_jax.hypergrad`."""
@@ -18,11 +17,3 @@ SELECTIONS = ("argmax", "perturbation")
 
 BASELINE_STRATEGIES = ("random", "local_search", "evolution", "bananas")
 """Black-box strategies of :mod:`diffnas_jax.baselines.strategies` offered by ``diffnas baseline``."""
-
-# Sizes that make the default digits search take about two minutes on a 2-core CPU (the driver's
-# `make_space` reads them; the CLI shows them in --help). To move into the spaces registry.
-SPACE_PRESETS: dict = {
-    "nb201": {"C": 8, "N": 1},
-    "darts": {"C": 8, "layers": 3},
-    "mbconv": {"widths": (8, 8, 16, 16, 32, 32), "stem_width": 8, "first_width": 8, "head_width": 64},
-}

@@ -18,7 +18,10 @@ import sys
 import warnings
 from typing import Sequence
 
-from ._choices import BASELINE_STRATEGIES, HYPERGRADIENTS, SELECTIONS, SPACE_PRESETS, SPACES
+from ._choices import BASELINE_STRATEGIES, HYPERGRADIENTS, SELECTIONS
+from .spaces import registry  # imports no JAX
+
+SPACES = registry.list_spaces()
 
 # exit statuses
 EXIT_USAGE = 2       # bad flag, file or configuration (nothing run)
@@ -81,13 +84,18 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _preset_help(key_c: str = "C") -> str:
-    return ", ".join(f"{name} {preset.get(key_c, preset.get('widths'))}" for name, preset in SPACE_PRESETS.items())
+def _size_help(generic: str) -> str:
+    """The search preset's value of ``channels`` / ``layers`` for each space that has that size."""
+    parts = []
+    for name in SPACES:
+        entry = registry.get_space(name)
+        own = entry.size_names.get(generic)
+        parts.append(f"{name} {entry.search_preset[own]}" if own else f"{name}: fixed")
+    return ", ".join(parts)
 
 
-_CHANNELS_HELP = "supernet channels C (default per space: " + _preset_help("C") + ")"
-_LAYERS_HELP = ("supernet depth (default per space: nb201 " + str(SPACE_PRESETS["nb201"]["N"]) +
-                " cell per stage, darts " + str(SPACE_PRESETS["darts"]["layers"]) + " cells; mbconv: fixed)")
+_CHANNELS_HELP = "supernet channels (default per space: " + _size_help("channels") + ")"
+_LAYERS_HELP = ("supernet depth, cells per stage for nb201 (default per space: " + _size_help("layers") + ")")
 
 
 def _positive(text: str) -> int:
@@ -221,10 +229,9 @@ def _add_profile(sub) -> None:
 
 def _cmd_profile(args) -> int:
     from diffnas_jax import cost
-    from diffnas_jax.spaces import mbconv, nb201
 
     shape = tuple(args.input)
-    space = mbconv.search_space() if args.space == "mbconv" else nb201.search_space()
+    space = registry.make_space(args.space)
     table = cost.profile_latency(space, shape, args.repeats, warmup=args.warmup, batch_size=args.batch)
     cost.save_table(table, args.out)
     meta = table.meta
@@ -542,9 +549,7 @@ def _guided_baseline(args, dataset, ecfg) -> int:
     from diffnas_jax.baselines.codec import codec_for
     from diffnas_jax.baselines.strategies import get_strategy
     from diffnas_jax.search import evaluate as ev
-    from diffnas_jax.search.driver import make_space
-
-    codec = codec_for(make_space(args.space, dataset.num_classes))
+    codec = codec_for(registry.make_space(args.space, dataset.num_classes))
     # train on train, "test" on val: the query answers a strategy sees
     selection = dataclasses.replace(dataset, x_val=dataset.x_val[:0], y_val=dataset.y_val[:0],
                                     x_test=dataset.x_val, y_test=dataset.y_val)

@@ -279,12 +279,12 @@ def test_profile_bad_input_is_one_line(capsys):
 
 def test_help_shows_size_defaults():
     text = build_parser()._subparsers._group_actions[0].choices["search"].format_help()
-    assert "default per space: nb201 8" in text and "darts 3 cells" in text
+    assert "default per space: nb201 8, darts 8" in text and "nb201 1, darts 3" in text
 
 
 def test_light_name_lists_match_the_library():
     import diffnas_jax.hypergrad as hg
-    from diffnas_jax._choices import HYPERGRADIENTS, SPACE_PRESETS, SPACES
+    from diffnas_jax._choices import HYPERGRADIENTS
     from diffnas_jax.search.driver import SearchConfig
 
     from diffnas_jax._choices import BASELINE_STRATEGIES
@@ -293,7 +293,6 @@ def test_light_name_lists_match_the_library():
     assert set(BASELINE_STRATEGIES) == set(STRATEGIES)
     estimators = {n for n in hg.__all__ if n[0].islower() and n != "dominant_eigenvalue"}
     assert set(HYPERGRADIENTS) == estimators
-    assert set(SPACES) == set(SPACE_PRESETS)
     for name in HYPERGRADIENTS:
         SearchConfig(hypergrad=name)
 

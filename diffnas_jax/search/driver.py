@@ -50,7 +50,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._choices import HYPERGRADIENTS, SELECTIONS, SPACE_PRESETS
+from .._choices import HYPERGRADIENTS, SELECTIONS
+from ..spaces import registry
+from ..spaces.registry import make_space
 from .._json import NON_FINITE_KEY, write_json
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, restore_checkpoint, save_checkpoint
 from .compile_cache import enable_compile_cache
@@ -58,7 +60,7 @@ from .decision import summarize_decisions
 from .logging import MetricsLogger, read_jsonl, to_jsonable
 
 __all__ = ["SearchConfig", "search_to_dir", "run_search", "build_search", "UndecidedSearchWarning", "SearchSetup",
-           "RunInUseError", "SPACE_PRESETS", "make_space", "make_mesh", "shard_batch", "replicate"]
+           "RunInUseError", "make_space", "make_mesh", "shard_batch", "replicate"]
 
 # fields that do not change the trajectory (outputs, resume, budgets): left out of the fingerprint
 _NOT_TRAJECTORY = ("out", "resume", "progress", "tensorboard", "plots", "max_steps", "checkpoint_every",
@@ -88,7 +90,7 @@ class SearchConfig:
       devices: number of devices of the batch-axis mesh.
       out: output folder; ``resume``: continue from its newest checkpoint.
       checkpoint_every: steps between checkpoints (0: only at the end and on signals).
-      channels, layers: supernet size (``None``: :data:`SPACE_PRESETS`); for NB201 ``layers``
+      channels, layers: supernet size (``None``: the space's search preset in :mod:`diffnas_jax.spaces.registry`); for NB201 ``layers``
         is the number of cells per stage ``N``.
       arch_lr, weight_lr: overrides of the method's learning rates.
       augment: random crop (and flip where the dataset allows) on training batches.
@@ -129,7 +131,7 @@ class SearchConfig:
     def __post_init__(self):
         from .._checks import check_choice
 
-        check_choice("space", self.space, tuple(SPACE_PRESETS))
+        check_choice("space", self.space, registry.list_spaces())
         check_choice("select", self.select, SELECTIONS)
         if self.cost not in ("flops", "params") and not (self.cost.endswith(".json") and os.path.isfile(self.cost)):
             raise ValueError(f"`cost` must be 'flops', 'params' or an existing latency table .json "
@@ -187,26 +189,6 @@ def _accepts(fn: Callable, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def make_space(name: str, num_classes: int, *, channels: int | None = None, layers: int | None = None,
-               **space_kwargs: Any) -> Any:
-    """A search space by name, sized by :data:`SPACE_PRESETS` unless ``channels``/``layers`` are given.
-
-    ``space_kwargs`` (e.g. a method's PC-DARTS switches) are passed where the constructor takes them.
-    """
-    import importlib
-
-    mod = importlib.import_module(f"diffnas_jax.spaces.{name}")
-    ctor = mod.search_space
-    kw = dict(SPACE_PRESETS[name])
-    if channels is not None:
-        kw["C"] = channels
-    if layers is not None:
-        kw["N" if name == "nb201" else "layers"] = layers
-    kw.update({k: v for k, v in space_kwargs.items() if k != "space"})
-    kw["num_classes"] = num_classes
-    return ctor(**{k: v for k, v in kw.items() if _accepts(ctor, k)})
 
 
 def make_mesh(devices: int) -> jax.sharding.Mesh:
@@ -315,7 +297,7 @@ def build_search(config: SearchConfig, dataset: Any = None, space: Any = None) -
     hfac = method.hypergrad_factory if config.hypergrad is None else Factory.of("hypergrad", config.hypergrad)
     hypergradient = _resolve_with(hfac, eta=schedule, weight_decay=method.weight_weight_decay,
                                   momentum=method.weight_momentum, **context)
-    from diffnas_jax.objectives import as_objective
+    from diffnas_jax.regularizers import as_objective
 
     term = _resolve_with(method.regularizer, **context) if method.regularizer.module else None
     if config.cost in ("flops", "params"):
@@ -493,7 +475,7 @@ def _mix_fn(setup: SearchSetup) -> Callable:
     stochastic relaxation it is the mean of :data:`MIX_SAMPLES` draws with fixed keys (an
     estimate of the expected mix; exact for deterministic relaxations, whose draws coincide).
     """
-    from ..spaces.base import ARCH_PASSTHROUGH_KEY
+    from ..spaces.base import is_passthrough_path
 
     relax = setup.relaxation
     keys = jax.random.split(jax.random.key(0), MIX_SAMPLES)
@@ -509,7 +491,7 @@ def _mix_fn(setup: SearchSetup) -> Callable:
     def mix(arch, step):
         out = {}
         for path, v in jax.tree_util.tree_leaves_with_path(jax.device_get(fn(arch, jnp.asarray(step)))):
-            if any(getattr(p, "key", None) == ARCH_PASSTHROUGH_KEY for p in path):
+            if is_passthrough_path(path):
                 continue
             out[_leaf_name(path)] = np.asarray(v)
         return out
@@ -833,10 +815,11 @@ def write_plots(setup: SearchSetup, out: pathlib.Path, seeds: Sequence[dict], ge
 
     cfg = setup.config
     records = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "epoch"]
-    op_names = getattr(setup.space, "op_names", None) or getattr(setup.space, "primitives", None)
-    edge_names = None
-    if hasattr(setup.space, "edge_keys"):
-        edge_names = {"cell": list(setup.space.edge_keys)}
+    from ..spaces.base import CATEGORICAL
+
+    op_names = {_leaf_name(path): setup.space.candidate_names(jax.tree_util.keystr(path))
+                for path, kind in jax.tree_util.tree_leaves_with_path(setup.space.arch_kinds)
+                if kind == CATEGORICAL}
     paths = []
     for i, (s, genotype) in enumerate(zip(seeds, genotypes)):
         suffix = f"_seed{s['seed']}" if cfg.vmapped else ""
@@ -851,6 +834,6 @@ def write_plots(setup: SearchSetup, out: pathlib.Path, seeds: Sequence[dict], ge
             hist = {k: np.stack([np.asarray(r["mix"][k])[i] if cfg.vmapped else np.asarray(r["mix"][k])
                                  for r in records]) for k in records[0]["mix"]}
             viz.plot_arch_history(steps, hist, out / f"arch_weights{suffix}.png", op_names=op_names,
-                                  edge_names=edge_names, title=f"mixing weights ({cfg.method}, seed {s['seed']})")
+                                  title=f"mixing weights ({cfg.method}, seed {s['seed']})")
             paths.append(out / f"arch_weights{suffix}.png")
     return [str(p) for p in paths]

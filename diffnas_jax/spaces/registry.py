@@ -19,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from .base import EvalNetwork, SearchSpace, check_size_kwargs
+if TYPE_CHECKING:  # the registry imports no JAX: the CLI reads it before JAX loads
+    from .base import EvalNetwork, SearchSpace
 
 __all__ = ["SpaceEntry", "register_space", "get_space", "list_spaces", "make_space", "make_eval_network",
            "name_of", "search_preset", "eval_preset"]
@@ -119,6 +120,8 @@ def make_space(name: str, num_classes: int | None = None, *, channels: int | Non
     kw = {**entry.search_preset, **entry._sizes(channels, layers), **kwargs}
     if num_classes is not None:
         kw["num_classes"] = num_classes
+    from .base import check_size_kwargs
+
     check_size_kwargs(f"space {name!r}", kw, entry.parameters())
     return entry.resolve()(**kw)
 
