@@ -12,11 +12,11 @@ from diffnas_jax.spaces import layers
 
 @pytest.mark.parametrize("k,stride,padding,dilation", [(3, 1, 1, 1), (5, 2, 2, 1), (3, 2, 2, 2), (5, 1, 4, 2),
                                                        (3, 2, 0, 1)])
-def test_depthwise_conv_equals_grouped_conv_values_and_gradients(k, stride, padding, dilation):
+def test_shifted_depthwise_conv_equals_grouped_conv_values_and_gradients(k, stride, padding, dilation):
     with jax.enable_x64():
         x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3), jnp.float64)
         kern = jax.random.normal(jax.random.key(1), (k, k, 1, 3), jnp.float64)
-        ours = lambda x, w: layers.depthwise_conv(x, w, stride, padding, dilation)  # noqa: E731
+        ours = lambda x, w: layers.depthwise_conv(x, w, stride, padding, dilation, "shifted")  # noqa: E731
         ref = lambda x, w: _grouped_depthwise(x, w, stride, padding, dilation)  # noqa: E731
         y, vjp = jax.vjp(ours, x, kern)
         y_ref, vjp_ref = jax.vjp(ref, x, kern)
@@ -35,6 +35,6 @@ def test_depthwise_conv_backward_keeps_only_the_input():
     # this is what took the DARTS supernet past 24 GB. The residuals of the VJP are its leaves.
     x = jnp.ones((2, 16, 16, 4))
     kern = jnp.ones((5, 5, 1, 4))
-    _, vjp = jax.vjp(lambda x, w: layers.depthwise_conv(x, w, 1, 2, 1), x, kern)
+    _, vjp = jax.vjp(lambda x, w: layers.depthwise_conv(x, w, 1, 2, 1, "shifted"), x, kern)
     saved = sum(leaf.size for leaf in jax.tree_util.tree_leaves(vjp))
     assert saved <= 1.1 * x.size + kern.size

@@ -31,6 +31,7 @@ from . import scaffold
 from .darts_ops import FactorizedReduce, ReLUConvBN, is_identity, make_op
 from .genotypes import (EVAL_OPS, GENOTYPES, PRIMITIVES, Genotype, format_genotype, get_genotype,
                         parse_genotype, validate_genotype)
+from .kernels import prefers_batched_input
 from .layers import BatchNorm2d, Conv2d, Linear, avg_pool, channel_shuffle, global_avg_pool, max_pool
 
 Array = jax.Array
@@ -140,7 +141,9 @@ class SearchCell(nn.Module):
         s1 = ReLUConvBN(self.C, 1, 1, 0, False, name="preprocess1")(s1, self.train)
         states = [s0, s1]
         partial: list[Array | None] = [None] * self.steps
-        group_cls = nn.vmap(MixedOp, in_axes=(None, 0), out_axes=0,
+        # The grouped depthwise convolution batches well only with a batched input (kernels.py).
+        batched_input = prefers_batched_input()
+        group_cls = nn.vmap(MixedOp, in_axes=(0 if batched_input else None, 0), out_axes=0,
                             variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True})
         for j in range(self.steps + 1):
             if j >= 2:
@@ -149,7 +152,8 @@ class SearchCell(nn.Module):
             idx = np.asarray(_group_edges(j, self.steps))
             stride = 2 if self.reduction and j < 2 else 1
             group = group_cls(self.C, stride, self.primitives, self.k, self.train, name=f"edges_from_{j}")
-            ys = group(states[j], w[idx])
+            xs = jnp.broadcast_to(states[j], (len(idx),) + states[j].shape) if batched_input else states[j]
+            ys = group(xs, w[idx])
             if w_edge is not None:
                 ys = ys * w_edge[idx].astype(ys.dtype)[:, None, None, None, None]
             for p, i in enumerate(targets):

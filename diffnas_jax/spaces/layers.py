@@ -7,11 +7,10 @@ transposed).  BatchNorm follows ``torch.nn.BatchNorm2d``: in train mode it norma
 eps 1e-5; running statistics live in the ``"batch_stats"`` collection as ``mean``, ``var`` and
 ``num_batches_tracked``.
 
-Two formulations are chosen for XLA on CPU rather than for brevity (shared/BENCHMARKS.md):
-the depthwise convolution is a sum of ``k*k`` shifted multiplies (``feature_group_count``
-convolutions compile to slow loops and become grouped convolutions under ``vmap``), and 1x1
-convolutions are ``dot_general`` contractions (``vmap`` over stacked weights then stays a
-batched matmul).  Results equal the direct convolutions up to float rounding.
+The depthwise convolution has two formulations (XLA's grouped convolution, or ``k*k`` shifted
+multiplies), chosen per backend in :mod:`diffnas_jax.spaces.kernels`; 1x1 convolutions are
+``dot_general`` contractions (``vmap`` over stacked weights then stays a batched matmul).
+Results equal the direct convolutions up to float rounding.
 
 References: the PyTorch modules ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.AvgPool2d`` and
 ``nn.MaxPool2d`` as used by DARTS (Liu et al., ICLR 2019) and NAS-Bench-201 (Dong & Yang, ICLR
@@ -28,6 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import kernels
+from .kernels import conv_out_size
+
 Array = jax.Array
 
 __all__ = [
@@ -35,11 +37,6 @@ __all__ = [
     "avg_pool", "max_pool", "channel_shuffle", "global_avg_pool", "depthwise_conv",
     "pointwise_conv", "conv_out_size", "batch_norm", "ReLUConvBN",
 ]
-
-
-def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
-    """Output length of a convolution / pooling window along one axis (PyTorch floor rule)."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def torch_uniform_init(fan_in: int) -> Callable[..., Array]:
@@ -59,41 +56,26 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 
 
 def depthwise_conv(x: Array, kernel: Array, stride: int | Sequence[int] = 1,
-                   padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1) -> Array:
-    """Depthwise 2-D convolution as a sum of shifted multiplies.
+                   padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+                   formulation: str | None = None) -> Array:
+    """Depthwise 2-D convolution, PyTorch ``Conv2d(C, C, k, groups=C)`` in NHWC.
 
     ``x``: (N, H, W, C); ``kernel``: (kh, kw, 1, C) (HWIO with one input channel per group, i.e.
-    PyTorch ``Conv2d(C, C, k, groups=C)`` OIHW (C, 1, kh, kw) transposed).  Zero padding, PyTorch
-    output size.  Equal to ``lax.conv_general_dilated(..., feature_group_count=C)``.
+    PyTorch OIHW (C, 1, kh, kw) transposed).  Zero padding, PyTorch output size; returns
+    (N, Ho, Wo, C) in ``x``'s dtype.
 
-    The backward pass rematerialises the shifted slices from ``x``: differentiated as written,
-    every one of the ``kh*kw`` slices is kept for the kernel gradient, ``kh*kw`` copies of the
-    input per convolution, which took the DARTS supernet (C=16, 8 layers, batch 32) past 24 GB.
+    ``formulation``: ``"grouped"`` (XLA's ``feature_group_count`` convolution) or ``"shifted"``
+    (``kh*kw`` shifted multiplies, rematerialised in the backward pass); ``None`` picks
+    :func:`diffnas_jax.spaces.kernels.default_formulation` for the backend at trace time.  The two
+    are equal up to float rounding (values, gradients, forward-over-reverse); they differ in
+    compile time, run time and how they batch (see :mod:`diffnas_jax.spaces.kernels`).
     """
-    return _depthwise_conv_remat(x, kernel, _pair(stride), _pair(padding), _pair(dilation))
-
-
-def _depthwise_conv(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int],
-                    dilation: tuple[int, int]) -> Array:
-    kh, kw = kernel.shape[0], kernel.shape[1]
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    n, h, w, c = x.shape
-    ho = conv_out_size(h, kh, sh, ph, dh)
-    wo = conv_out_size(w, kw, sw, pw, dw)
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    k = kernel.reshape(kh, kw, c).astype(x.dtype)
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            patch = lax.slice(xp, (0, i * dh, j * dw, 0),
-                              (n, i * dh + sh * (ho - 1) + 1, j * dw + sw * (wo - 1) + 1, c),
-                              (1, sh, sw, 1))
-            term = patch * k[i, j]
-            out = term if out is None else out + term
-    return out
-
-
-_depthwise_conv_remat = jax.checkpoint(_depthwise_conv, static_argnums=(2, 3, 4))
+    form = kernels._check_formulation(formulation)
+    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[3] != x.shape[-1]:
+        raise ValueError(f"depthwise_conv: `x` must be (N, H, W, C) and `kernel` (kh, kw, 1, C); "
+                         f"got x {x.shape}, kernel {kernel.shape}")
+    impl = kernels.depthwise_conv_grouped if form == "grouped" else kernels.depthwise_conv_shifted
+    return impl(x, kernel, _pair(stride), _pair(padding), _pair(dilation))
 
 
 def pointwise_conv(x: Array, kernel: Array) -> Array:

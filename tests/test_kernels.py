@@ -1,0 +1,119 @@
+"""The two depthwise-convolution formulations (spaces/kernels.py) against a direct numpy loop and
+against each other: values, gradients, forward-over-reverse, under vmap, and inside a DARTS cell."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffnas_jax.spaces import darts, kernels, layers
+
+CASES = [(3, 1, 1, 1), (5, 1, 2, 1), (3, 2, 2, 2), (5, 1, 4, 2), (5, 2, 2, 1), (3, 2, 0, 1)]
+
+
+def _numpy_depthwise(x, kern, stride, padding, dilation):
+    n, h, w, c = x.shape
+    k = kern.shape[0]
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    ho = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    wo = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    out = np.zeros((n, ho, wo, c))
+    for a in range(ho):
+        for b in range(wo):
+            for i in range(k):
+                for j in range(k):
+                    out[:, a, b, :] += xp[:, a * stride + i * dilation, b * stride + j * dilation, :] * kern[i, j, 0]
+    return out
+
+
+@pytest.mark.parametrize("formulation", kernels.FORMULATIONS)
+@pytest.mark.parametrize("k,stride,padding,dilation", CASES)
+def test_each_formulation_equals_a_direct_loop(formulation, k, stride, padding, dilation):
+    x = np.random.default_rng(0).normal(size=(2, 9, 8, 3))
+    kern = np.random.default_rng(1).normal(size=(k, k, 1, 3))
+    y = layers.depthwise_conv(jnp.asarray(x), jnp.asarray(kern), stride, padding, dilation, formulation)
+    np.testing.assert_allclose(y, _numpy_depthwise(x, kern, stride, padding, dilation), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation", CASES)
+def test_formulations_agree_in_gradients_and_forward_over_reverse(k, stride, padding, dilation):
+    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3), jnp.float64)
+    kern = jax.random.normal(jax.random.key(1), (k, k, 1, 3), jnp.float64)
+
+    def loss(form):
+        return lambda x, w: jnp.sum(jnp.sin(layers.depthwise_conv(x, w, stride, padding, dilation, form)))
+
+    g_s, g_g = jax.grad(loss("shifted"), (0, 1))(x, kern), jax.grad(loss("grouped"), (0, 1))(x, kern)
+    for a, b in zip(g_s, g_g):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
+    tangents = (jnp.cos(x), jnp.ones_like(kern))
+    hvp = [jax.jvp(jax.grad(loss(f), (0, 1)), (x, kern), tangents)[1] for f in ("shifted", "grouped")]
+    for a, b in zip(*hvp):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("input_batched", [False, True])
+def test_formulations_agree_under_vmap_over_kernels(input_batched):
+    # An edge group vmaps over its edges' kernels, with the state shared or broadcast.
+    x = jax.random.normal(jax.random.key(0), (2, 7, 7, 4), jnp.float64)
+    kerns = jax.random.normal(jax.random.key(1), (3, 3, 3, 1, 4), jnp.float64)
+    xs = jnp.broadcast_to(x, (3,) + x.shape) if input_batched else x
+
+    def run(form):
+        f = jax.vmap(lambda x, w: layers.depthwise_conv(x, w, 1, 2, 2, form), (0 if input_batched else None, 0))
+        return jax.value_and_grad(lambda w: jnp.sum(f(xs, w) ** 2))(kerns)
+
+    (v_s, g_s), (v_g, g_g) = run("shifted"), run("grouped")
+    np.testing.assert_allclose(v_s, v_g, rtol=1e-12)
+    np.testing.assert_allclose(g_s, g_g, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("formulation", kernels.FORMULATIONS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_depthwise_conv_keeps_the_input_dtype(formulation, dtype):
+    x = jnp.ones((1, 5, 5, 2), dtype)
+    y = jax.jit(lambda x: layers.depthwise_conv(x, jnp.ones((3, 3, 1, 2)), 1, 1, 1, formulation))(x)
+    assert y.dtype == dtype
+    assert float(y[0, 2, 2, 0]) == 9.0
+
+
+def test_depthwise_conv_names_bad_arguments():
+    x = jnp.ones((1, 5, 5, 2))
+    with pytest.raises(ValueError, match="formulation"):
+        layers.depthwise_conv(x, jnp.ones((3, 3, 1, 2)), formulation="im2col")
+    with pytest.raises(ValueError, match="kernel"):
+        layers.depthwise_conv(x, jnp.ones((3, 3, 2, 2)))
+    with pytest.raises(TypeError, match="backend"):
+        kernels.default_formulation(3)
+
+
+def test_nan_in_gives_nan_out():
+    x = jnp.ones((1, 5, 5, 1)).at[0, 2, 2, 0].set(jnp.nan)
+    for form in kernels.FORMULATIONS:
+        y = layers.depthwise_conv(x, jnp.ones((3, 3, 1, 1)), 1, 1, 1, form)
+        assert bool(jnp.isnan(y[0, 2, 2, 0])) and bool(jnp.isfinite(y[0, 0, 0, 0]))
+
+
+def test_darts_cell_is_the_same_function_under_either_formulation(monkeypatch):
+    # The cell broadcasts its states to the edge groups only for the grouped formulation; both
+    # programs must compute the same values and gradients (float64).
+    cell = darts.SearchCell(2, 2, 4, True, False, ("sep_conv_3x3", "dil_conv_3x3", "skip_connect"), 1, True)
+    s0 = jax.random.normal(jax.random.key(0), (2, 6, 6, 4), jnp.float64)
+    s1 = jax.random.normal(jax.random.key(1), (2, 6, 6, 4), jnp.float64)
+    w = jax.nn.softmax(jax.random.normal(jax.random.key(2), (5, 3), jnp.float64))
+    variables = cell.init(jax.random.key(3), s0, s1, w, None)
+
+    def loss(params, w):
+        y, _ = cell.apply({"params": params, "batch_stats": variables["batch_stats"]}, s0, s1, w, None,
+                          mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y))
+
+    results = {}
+    for form in kernels.FORMULATIONS:
+        monkeypatch.setattr(kernels, "default_formulation", lambda backend=None, form=form: form)
+        results[form] = jax.value_and_grad(loss, (0, 1))(variables["params"], w)
+    (v_s, g_s), (v_g, g_g) = results["shifted"], results["grouped"]
+    np.testing.assert_allclose(v_s, v_g, rtol=1e-12)
+    for a, b in zip(jax.tree_util.tree_leaves(g_s), jax.tree_util.tree_leaves(g_g)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
