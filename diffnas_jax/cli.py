@@ -271,14 +271,10 @@ def _eval_config(args, space: str, dataset: str, data_dir, data_seed: int, epoch
 
 def _resolved_size(space: str, kw: dict) -> dict:
     """Fill unset ``channels``/``layers`` with the evaluation preset, so eval.json records real values."""
-    from diffnas_jax.search.evaluate import EVAL_PRESETS
-
-    preset = EVAL_PRESETS.get(space, {})
-    depth_key = "N" if space == "nb201" else "layers"
-    if kw.get("channels") is None and "C" in preset:
-        kw["channels"] = preset["C"]
-    if kw.get("layers") is None and depth_key in preset:
-        kw["layers"] = preset[depth_key]
+    entry = registry.get_space(space)
+    for generic, own in entry.size_names.items():
+        if kw.get(generic) is None and own in entry.eval_preset:
+            kw[generic] = entry.eval_preset[own]
     return kw
 
 
