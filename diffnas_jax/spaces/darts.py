@@ -282,7 +282,7 @@ class DartsSearchSpace(SpaceDefaults):
             e_normal = edge_weights(mix[ARCH_PASSTHROUGH_KEY]["normal"], self.steps)
             e_reduce = edge_weights(mix[ARCH_PASSTHROUGH_KEY]["reduce"], self.steps)
         return scaffold.flax_apply(self.module(bool(train)), weights, state, x, mix["normal"], mix["reduce"],
-                                   e_normal, e_reduce, train=bool(train))
+                                   e_normal, e_reduce, update_state=bool(train))
 
     def genotype(self, arch: PyTree) -> Genotype:
         """The reference rule: per node the two incoming edges with the largest best non-``none``
@@ -658,7 +658,7 @@ class DartsEvalNetwork:
             raise ValueError("`rng` is required in train mode with drop_path_prob > 0 (drop-path is random)")
         rngs = {"drop_path": rng} if use_dp else {}
         (logits, aux), state = scaffold.flax_apply(self.module(bool(train), use_dp), weights, state, x,
-                                                   jnp.asarray(p, x.dtype), train=bool(train), rngs=rngs)
+                                                   jnp.asarray(p, x.dtype), update_state=bool(train), rngs=rngs)
         return ((logits, aux) if train and self.auxiliary and aux is not None else logits), state
 
     def num_params(self, weights: PyTree, auxiliary: bool = True) -> int:

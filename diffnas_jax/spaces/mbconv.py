@@ -269,7 +269,7 @@ class _Base:
         return scaffold.flax_init(lambda k: self.module.init(k, x, self._dummy_mix(x.dtype), False), key)
 
     def _run(self, weights, state, mix, x, train):
-        return scaffold.flax_apply(self.module, weights, state, x, mix, bool(train), train=bool(train))
+        return scaffold.flax_apply(self.module, weights, state, x, mix, bool(train), update_state=bool(train))
 
     def num_params(self, weights: PyTree) -> int:
         return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(weights)))

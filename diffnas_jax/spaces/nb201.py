@@ -369,7 +369,7 @@ class _NetworkBase:
     """Shared protocol code; subclasses define ``module``."""
 
     def _run(self, weights, state, mix, x, train):
-        return scaffold.flax_apply(self.module, weights, state, x, mix, bool(train), train=bool(train))
+        return scaffold.flax_apply(self.module, weights, state, x, mix, bool(train), update_state=bool(train))
 
     def _init(self, key, x, mix):
         return scaffold.flax_init(lambda k: self.module.init(k, x, mix, False), key)

@@ -113,17 +113,18 @@ def flax_init(init: Callable[[jax.Array], Mapping[str, Any]], key: jax.Array) ->
     return split_variables(torch_default_init(key, jax.eval_shape(init, jax.random.key(0))))
 
 
-def flax_apply(module: Any, weights: PyTree, state: PyTree, *args: Any, train: bool,
+def flax_apply(module: Any, weights: PyTree, state: PyTree, *args: Any, update_state: bool,
                rngs: Mapping[str, jax.Array] | None = None, collections: bool = False,
                extra: Mapping[str, Any] | None = None, **kwargs: Any) -> tuple[Any, PyTree]:
-    """``module.apply(*args, **kwargs)`` on ``(weights, state)``: in train mode the state is
-    mutable and its new value is returned; otherwise ``state`` comes back unchanged.
+    """``module.apply(*args, **kwargs)`` on ``(weights, state)``: with ``update_state`` (train
+    mode) the state is mutable and its new value is returned; otherwise ``state`` comes back
+    unchanged. (Not called ``train``: a user module may take its own ``train`` keyword.)
 
     ``state`` is the ``batch_stats`` tree, or with ``collections`` a dict ``{collection: tree}``
     of every mutable collection (user modules); ``extra`` adds read-only collections (``mix``)."""
     variables = {"params": weights, **(state if collections else {"batch_stats": state}), **(extra or {})}
     mutable = list(state) if collections else ["batch_stats"]
-    if train and mutable:
+    if update_state and mutable:
         out, upd = module.apply(variables, *args, rngs=rngs or {}, mutable=mutable, **kwargs)
         return out, (dict(upd) if collections else upd.get("batch_stats", state))
     return module.apply(variables, *args, rngs=rngs or {}, **kwargs), state

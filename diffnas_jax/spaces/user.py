@@ -98,7 +98,7 @@ class UserSpace(SpaceDefaults):
               rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
         check_mix_matches(self.arch_shapes, mix)
         with choice_mode(HARD if self.hard else MIXED):
-            return flax_apply(self.module, weights, state, x, train=bool(train), collections=True, extra={"mix": mix},
+            return flax_apply(self.module, weights, state, x, update_state=bool(train), collections=True, extra={"mix": mix},
                               rngs={"dropout": rng} if rng is not None else {}, **self._kwargs(bool(train)))
 
     def genotype(self, arch: Any) -> dict[str, Any]:
@@ -303,7 +303,7 @@ class FixedModel:
     def apply(self, weights: Any, state: Any, x: jax.Array, train: bool = False, *,
               rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
         with choice_mode(FIXED, genotype=self.genotype):
-            return flax_apply(self.module, weights, state, x, train=bool(train), collections=True,
+            return flax_apply(self.module, weights, state, x, update_state=bool(train), collections=True,
                               rngs={"dropout": rng} if rng is not None else {}, **self._kwargs(bool(train)))
 
 
