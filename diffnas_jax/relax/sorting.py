@@ -305,7 +305,7 @@ def _l2_projection(p, q, eps):
     start = _pav_l2(p, q, eps)
     blocks = _Blocks(start)
     pf, qf, rel = _relative(start, p, q, eps)
-    return blocks, (p - pf) / eps + qf - blocks.mean(rel), pf
+    return blocks, _diff(p, pf, 0.0, 0.0, eps) + qf - blocks.mean(rel), pf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,6 +336,7 @@ def _isotonic_l2_bwd(flat, g):
 
 
 _isotonic_l2_2d.defvjp(_isotonic_l2_fwd, _isotonic_l2_bwd)
+_isotonic_l2_2d = jax.jit(_isotonic_l2_2d)
 
 
 @jax.custom_vjp
@@ -357,6 +358,7 @@ def _isotonic_kl_bwd(res, g):
 
 
 _isotonic_kl_2d.defvjp(_isotonic_kl_fwd, _isotonic_kl_bwd)
+_isotonic_kl_2d = jax.jit(_isotonic_kl_2d)
 
 
 def _isotonic(kind: str, s, w, axis: int):
@@ -461,6 +463,7 @@ def _soft_rank_l2_bwd(res, g):
 
 
 _soft_rank_l2_2d.defvjp(_soft_rank_l2_fwd, _soft_rank_l2_bwd)
+_soft_rank_l2_2d = jax.jit(_soft_rank_l2_2d)  # one compilation per shape for eager calls
 
 
 def _sort_l2_forward(z, eps):
@@ -489,6 +492,7 @@ def _soft_sort_l2_bwd(res, g):
 
 
 _soft_sort_l2_2d.defvjp(_soft_sort_l2_fwd, _soft_sort_l2_bwd)
+_soft_sort_l2_2d = jax.jit(_soft_sort_l2_2d)  # one compilation per shape for eager calls
 
 
 # kl: the entropic projection works on theta = x / eps (rank) or w = rho / eps (sort) directly.
@@ -522,6 +526,7 @@ def _soft_rank_kl_bwd(res, g):
 
 
 _soft_rank_kl_2d.defvjp(_soft_rank_kl_fwd, _soft_rank_kl_bwd)
+_soft_rank_kl_2d = jax.jit(_soft_rank_kl_2d)  # one compilation per shape for eager calls
 
 
 def _sort_kl_forward(z, w):
@@ -550,6 +555,7 @@ def _soft_sort_kl_bwd(reference_vjp, res, g):
 
 
 _soft_sort_kl_2d.defvjp(_soft_sort_kl_fwd, _soft_sort_kl_bwd)
+_soft_sort_kl_2d = jax.jit(_soft_sort_kl_2d, static_argnums=(2,))
 
 
 # ----------------------------------------------------------------------------------------------
