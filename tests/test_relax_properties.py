@@ -31,7 +31,7 @@ from diffnas_jax.relax import (entmax15, gumbel_sigmoid, gumbel_softmax, gumbel_
                                ste_sign, straight_through)
 
 _COMMON = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
-settings.register_profile("ci", max_examples=6, **_COMMON)
+settings.register_profile("ci", max_examples=5, **_COMMON)
 settings.register_profile("long", max_examples=300, **_COMMON)
 PROFILE = os.environ.get("DIFFNAS_HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
