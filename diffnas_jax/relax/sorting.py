@@ -142,9 +142,6 @@ class _Blocks:
         m = jnp.where(jnp.isfinite(m), m, 0)
         return m + jnp.log(self.sum(jnp.exp(x - m)))
 
-    def softmax(self, x: jax.Array) -> jax.Array:
-        return jnp.exp(x - self.logsumexp(x))
-
 
 def _blocks_from(flat, shape):
     blocks = _Blocks.__new__(_Blocks)
@@ -206,29 +203,38 @@ def _merge_round_l2(a, b, pf, qf, eps) -> jax.Array:
     return jnp.concatenate([jnp.ones_like(reach[:, :1], dtype=bool), reach[:, :-1] < idx[:, 1:]], 1)
 
 
-def _merge_round_kl(a: jax.Array, b: jax.Array) -> jax.Array:
+def _merge_round_kl(ya, wa, yf, wf, ey) -> jax.Array:
     """One parallel pooling round for kl in block space; returns the surviving block starts.
 
-    Per block: ``a`` = logsumexp(y), ``b`` = logsumexp(w); the pooled value is ``a - b``.  The
-    window search is that of ``_merge_round_l2``, with pooled values relative to block j's own
-    as ratios of sums of exp(stat_k - stat_j): exps instead of logaddexps; an overflowing window
-    just stops there (a merge missed here is found in a later round).
+    Per block: ``ya`` = logsumexp over the block of ``y - y_first``, ``wa`` the same of ``w``,
+    ``yf``/``wf`` the (unscaled) first ``y * ey`` / ``w``; the pooled value is
+    ``logsumexp(y_B) - logsumexp(w_B)``.  Every comparison uses differences relative to block j
+    (as in ``_merge_round_l2``): a logsumexp of values of 1e8 would round its log|B| away in
+    float32 (tied soft ranks came out as 11 of 7).  The window search is that of
+    ``_merge_round_l2``, on ratios of sums of exp(stat_k - stat_j); an overflowing window just
+    stops there (a merge missed here is found in a later round).
     """
-    nb = a.shape[-1]
-    idx = lax.broadcasted_iota(jnp.int32, a.shape, 1)
-    value = a - b
-    last = jnp.where(value <= _shift(value, 1, jnp.nan) if nb > 1 else False, idx + 1, idx)
-    acc_a = jnp.ones_like(a)
-    acc_b = jnp.ones_like(b)
-    best = jnp.ones_like(a)
+    nb = ya.shape[-1]
+    idx = lax.broadcasted_iota(jnp.int32, ya.shape, 1)
+    if nb == 1:
+        return jnp.ones(ya.shape, bool)
+    acc_a = jnp.ones_like(ya)
+    acc_b = jnp.ones_like(wa)
+    best = jnp.ones_like(ya)
+    last = idx
     for t in range(1, min(_WINDOW, nb - 1) + 1):
-        acc_a = acc_a + jnp.exp(_shift(a, t, -jnp.inf) - a)
-        acc_b = acc_b + jnp.exp(_shift(b, t, -jnp.inf) - b)
+        # stat_{j+t} - stat_j for both sides; padded blocks (-inf) give exp(...) = 0 or NaN
+        da = _diff(_shift(yf, t, 0.0), yf, 0.0, 0.0, ey) + _shift(ya, t, -jnp.inf) - ya
+        db = _diff(_shift(wf, t, 0.0), wf, 0.0, 0.0, 1.0) + _shift(wa, t, -jnp.inf) - wa
+        acc_a = acc_a + jnp.exp(da)
+        acc_b = acc_b + jnp.exp(db)
         cand = jnp.where(jnp.isfinite(acc_a) & jnp.isfinite(acc_b), acc_a / acc_b, jnp.nan)
         if t == 1:
-            best = jnp.where(last > idx, cand, best)
+            merge = da >= db  # the plain PAV violation test: value_j <= value_{j+1}
+            last = jnp.where(merge, idx + 1, idx)
+            best = jnp.where(merge, cand, best)
             # a pooled pair whose ratio overflowed ends the window for that block
-            best = jnp.where((last > idx) & jnp.isnan(cand), jnp.inf, best)
+            best = jnp.where(merge & jnp.isnan(cand), jnp.inf, best)
             continue
         # strict: a far block whose exp terms underflow leaves acc_a / acc_b unchanged, an exact
         # "tie" that is no violation (pooling it was wrong by up to 1.9 in float64); true kl ties
@@ -279,23 +285,48 @@ def _pav_l2(p: jax.Array, q: jax.Array, eps) -> jax.Array:
     return start
 
 
-def _pav_kl(y: jax.Array, w: jax.Array) -> jax.Array:
-    """Block starts of ``argmin_{v_1 >= ... >= v_n} <exp(y - v), 1> + <exp(w), v>``
-    (block value = logsumexp(y_B) - logsumexp(w_B)).
+def _kl_stats(start, blocks, py, pw, ey):
+    """Per element ``y - y_first`` and ``w - w_first`` (``y = py / ey``), and their block
+    logsumexps broadcast to the elements."""
+    first = _first_index(start)
+    yrel = _diff(py, _take(py, first), 0.0, 0.0, ey)
+    wrel = _diff(pw, _take(pw, first), 0.0, 0.0, 1.0)
+    return yrel, wrel, blocks.logsumexp(yrel), blocks.logsumexp(wrel)
+
+
+def _pav_kl(py: jax.Array, pw: jax.Array, ey) -> jax.Array:
+    """Block starts of ``argmin_{v_1 >= ... >= v_n} <exp(y - v), 1> + <exp(w), v>``,
+    ``y = py / ey`` (block value = logsumexp(y_B) - logsumexp(w_B)), decided on differences
+    relative to each block's first element (see ``_merge_round_kl``).
     The loop carries no tangents (inputs are stop_gradient-ed), so it never needs transposing.
     """
-    y, w = lax.stop_gradient(y), lax.stop_gradient(w)
+    py, pw, ey = lax.stop_gradient(py), lax.stop_gradient(pw), lax.stop_gradient(ey)
+    iota = lax.broadcasted_iota(jnp.int32, py.shape, 1)
 
     def body(carry):
         start, _ = carry
         blocks = _Blocks(start)
-        keep = _merge_round_kl(blocks.block_logsumexp(y), blocks.block_logsumexp(w))
+        first = _first_index(start)
+        yrel = _diff(py, _take(py, first), 0.0, 0.0, ey)
+        wrel = _diff(pw, _take(pw, first), 0.0, 0.0, 1.0)
+        pos = blocks.block_sum(jnp.where(start, iota, 0))
+        keep = _merge_round_kl(blocks.block_logsumexp(yrel), blocks.block_logsumexp(wrel),
+                               _take(py, pos), _take(pw, pos), ey)
         new = start & jnp.take_along_axis(keep, blocks.ids, axis=1, mode="promise_in_bounds")
         return new, jnp.any(new != start)
 
-    start = _merge_round_kl(y, w)  # every element is its own block at first
+    zeros = jnp.zeros_like(py)
+    start = _merge_round_kl(zeros, zeros, py, pw, ey)  # every element is its own block at first
     start, _ = lax.while_loop(lambda c: c[1], body, (start, jnp.any(~start)))
     return start
+
+
+def _kl_solve(py, pw, ey):
+    start = _pav_kl(py, pw, ey)
+    blocks = _Blocks(start)
+    yrel, wrel, ya, wa = _kl_stats(start, blocks, py, pw, ey)
+    first = _first_index(start)
+    return blocks, yrel, wrel, ya, wa, first
 
 
 def _l2_projection(p, q, eps):
@@ -305,7 +336,7 @@ def _l2_projection(p, q, eps):
     start = _pav_l2(p, q, eps)
     blocks = _Blocks(start)
     pf, qf, rel = _relative(start, p, q, eps)
-    return blocks, (p - pf) / eps + qf - blocks.mean(rel), pf
+    return blocks, _diff(p, pf, 0.0, 0.0, eps) + qf - blocks.mean(rel), pf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,10 +344,12 @@ def _l2_projection(p, q, eps):
 
 
 def _isotonic_l2_value(s, w):
+    c = _row_scale(s, w)  # iso(s - w) = c iso(s / c - w / c), exactly for a power of two c
+    s, w = s / c, w / c
     start = _pav_l2(s, w, 1.0)
     pf, qf, rel = _relative(start, s, w, 1.0)
     blocks = _Blocks(start)
-    return blocks, (pf - qf) + blocks.mean(rel)
+    return blocks, ((pf - qf) + blocks.mean(rel)) * c
 
 
 @jax.custom_vjp
@@ -336,27 +369,33 @@ def _isotonic_l2_bwd(flat, g):
 
 
 _isotonic_l2_2d.defvjp(_isotonic_l2_fwd, _isotonic_l2_bwd)
+_isotonic_l2_2d = jax.jit(_isotonic_l2_2d)
+
+
+def _isotonic_kl_value(s, w):
+    blocks, yrel, wrel, ya, wa, first = _kl_solve(s, w, 1.0)
+    v = (_take(s, first) - _take(w, first)) + (ya - wa)
+    return blocks, v, jnp.exp(yrel - ya), jnp.exp(wrel - wa)
 
 
 @jax.custom_vjp
 def _isotonic_kl_2d(s, w):
-    blocks = _Blocks(_pav_kl(s, w))
-    return blocks.logsumexp(s) - blocks.logsumexp(w)
+    return _isotonic_kl_value(s, w)[1]
 
 
 def _isotonic_kl_fwd(s, w):
-    blocks = _Blocks(_pav_kl(s, w))
-    return blocks.logsumexp(s) - blocks.logsumexp(w), (blocks.flat, s, w)
+    blocks, v, soft_s, soft_w = _isotonic_kl_value(s, w)
+    return v, (blocks.flat, soft_s, soft_w)
 
 
 def _isotonic_kl_bwd(res, g):
-    flat, s, w = res
-    blocks = _blocks_from(flat, g.shape)
-    total = blocks.sum(g)
-    return blocks.softmax(s) * total, -blocks.softmax(w) * total
+    flat, soft_s, soft_w = res
+    total = _blocks_from(flat, g.shape).sum(g)
+    return soft_s * total, -soft_w * total
 
 
 _isotonic_kl_2d.defvjp(_isotonic_kl_fwd, _isotonic_kl_bwd)
+_isotonic_kl_2d = jax.jit(_isotonic_kl_2d)
 
 
 def _isotonic(kind: str, s, w, axis: int):
@@ -461,14 +500,29 @@ def _soft_rank_l2_bwd(res, g):
 
 
 _soft_rank_l2_2d.defvjp(_soft_rank_l2_fwd, _soft_rank_l2_bwd)
+_soft_rank_l2_2d = jax.jit(_soft_rank_l2_2d)  # one compilation per shape for eager calls
+
+
+def _row_scale(*arrays):
+    """Per row, a power of two ``c`` with ``|x| / c <= 2`` for every finite entry (1 for zero rows).
+
+    The projection commutes with scaling by ``c``, exactly so for a power of two: solving on
+    ``x / c`` keeps every within-block difference small (a pooled block of values 1e36 apart
+    is legitimate at a moderate strength) while the clipping in ``_diff`` only bounds the gaps
+    that separate blocks."""
+    a = functools.reduce(jnp.maximum, [jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0), axis=-1, keepdims=True)
+                                       for x in arrays])
+    _, e = jnp.frexp(lax.stop_gradient(a))
+    return jnp.ldexp(jnp.ones_like(a), jnp.maximum(e - 1, -125))
 
 
 def _sort_l2_forward(z, eps):
     perm = _argsort_descending(z)
     s = _take(z, perm)
     rho = _rho(s.shape, s.dtype)
-    blocks, out, pf = _l2_projection(rho, s, eps)
-    return perm, rho, blocks, out, pf
+    c = _row_scale(s)  # P_s(rho / eps) = c P_{s / c}(rho / (eps c))
+    blocks, out, pf = _l2_projection(rho, s / c, eps * c)
+    return perm, rho, blocks, out * c, pf
 
 
 @jax.custom_vjp
@@ -489,67 +543,75 @@ def _soft_sort_l2_bwd(res, g):
 
 
 _soft_sort_l2_2d.defvjp(_soft_sort_l2_fwd, _soft_sort_l2_bwd)
+_soft_sort_l2_2d = jax.jit(_soft_sort_l2_2d)  # one compilation per shape for eager calls
 
 
-# kl: the entropic projection works on theta = x / eps (rank) or w = rho / eps (sort) directly.
+# kl: as for l2, x = sign * values and eps enter the custom VJP; theta = x / eps is used only as
+# differences within a block, and logsumexps are taken relative to each block's first element.
 
 
-def _rank_kl_forward(theta):
-    perm = _argsort_descending(theta)
-    s = _take(theta, perm)
-    logw = jnp.log(_rho(s.shape, s.dtype))
-    blocks = _Blocks(_pav_kl(s, logw))
-    primal = jnp.exp(s - blocks.logsumexp(s) + blocks.logsumexp(logw))
-    return perm, s, blocks, primal
+def _rank_kl_forward(x, eps):
+    perm = _argsort_descending(x)
+    s = _take(x, perm)
+    rho = _rho(s.shape, s.dtype)
+    blocks, yrel, wrel, ya, wa, first = _kl_solve(s, jnp.log(rho), eps)
+    primal = jnp.exp(yrel - ya + wa) * _take(rho, first)  # exp(theta - lse_B theta + lse_B log rho)
+    return perm, s, blocks, primal, yrel, ya
 
 
 @jax.custom_vjp
-def _soft_rank_kl_2d(theta):
-    perm, _, _, primal = _rank_kl_forward(theta)
+def _soft_rank_kl_2d(x, eps):
+    perm, _, _, primal, _, _ = _rank_kl_forward(x, eps)
     return _untake(primal, perm)
 
 
-def _soft_rank_kl_fwd(theta):
-    perm, s, blocks, primal = _rank_kl_forward(theta)
-    return _untake(primal, perm), (perm, blocks.flat, primal, blocks.softmax(s))
+def _soft_rank_kl_fwd(x, eps):
+    perm, s, blocks, primal, yrel, ya = _rank_kl_forward(x, eps)
+    return _untake(primal, perm), (perm, blocks.flat, primal, jnp.exp(yrel - ya), yrel, eps)
 
 
 def _soft_rank_kl_bwd(res, g):
-    perm, flat, primal, weights = res
+    perm, flat, primal, soft, yrel, eps = res
     blocks = _blocks_from(flat, g.shape)
-    u = primal * _take(g, perm)  # diag(rank) (I - block softmax of s)
-    return (_untake(u - weights * blocks.sum(u), perm),)
+    u = primal * _take(g, perm)
+    r = u - soft * blocks.sum(u)  # d rank / d theta: diag(rank) (I - block softmax of theta)
+    # r sums to 0 on each block, so sum(r * theta) = sum(r * (theta - theta_first))
+    return _untake(r, perm) / eps, -jnp.sum(r * yrel) / eps
 
 
 _soft_rank_kl_2d.defvjp(_soft_rank_kl_fwd, _soft_rank_kl_bwd)
+_soft_rank_kl_2d = jax.jit(_soft_rank_kl_2d)  # one compilation per shape for eager calls
 
 
-def _sort_kl_forward(z, w):
+def _sort_kl_forward(z, eps):
     perm = _argsort_descending(z)
     s = _take(z, perm)
-    blocks = _Blocks(_pav_kl(w, s))
-    return perm, s, blocks, w - blocks.logsumexp(w) + blocks.logsumexp(s)
+    rho = _rho(s.shape, s.dtype)
+    blocks, yrel, wrel, ya, wa, first = _kl_solve(rho, s, eps)
+    out = yrel - ya + _take(s, first) + wa  # rho / eps - lse_B(rho / eps) + lse_B(s)
+    return perm, blocks, out, jnp.exp(yrel - ya), jnp.exp(wrel - wa), yrel
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _soft_sort_kl_2d(z, w, reference_vjp):
-    return _sort_kl_forward(z, w)[3]
+def _soft_sort_kl_2d(z, eps, reference_vjp):
+    return _sort_kl_forward(z, eps)[2]
 
 
-def _soft_sort_kl_fwd(z, w, reference_vjp):
-    perm, s, blocks, out = _sort_kl_forward(z, w)
-    ws = blocks.softmax(w)
-    return out, (perm, blocks.flat, ws if reference_vjp else blocks.softmax(s), ws)
+def _soft_sort_kl_fwd(z, eps, reference_vjp):
+    perm, blocks, out, soft_w, soft_s, wrel = _sort_kl_forward(z, eps)
+    return out, (perm, blocks.flat, soft_w if reference_vjp else soft_s, soft_w, wrel, eps)
 
 
 def _soft_sort_kl_bwd(reference_vjp, res, g):
-    perm, flat, weights_s, weights_w = res
+    perm, flat, weights_s, weights_w, wrel, eps = res
     blocks = _blocks_from(flat, g.shape)
     total = blocks.sum(g)
-    return _untake(weights_s * total, perm), g - weights_w * total
+    gw = g - weights_w * total  # d out / d (rho / eps); sums to 0 on each block
+    return _untake(weights_s * total, perm), -jnp.sum(gw * wrel) / eps
 
 
 _soft_sort_kl_2d.defvjp(_soft_sort_kl_fwd, _soft_sort_kl_bwd)
+_soft_sort_kl_2d = jax.jit(_soft_sort_kl_2d, static_argnums=(2,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,11 +623,6 @@ def _mask_nan_rows(x):
     zeros so that the NaN cannot steer the shared while loop or the sort."""
     nan_rows = jnp.any(jnp.isnan(x), axis=-1, keepdims=True)
     return jnp.where(nan_rows, 0, x), nan_rows
-
-
-def _clip_finite(x):
-    big = jnp.finfo(x.dtype).max / (64 * max(x.shape[-1], 1))
-    return jnp.clip(x, -big, big)
 
 
 def _prepare(values, direction, regularization_strength, regularization, axis):
@@ -614,7 +671,7 @@ def soft_rank(
     if regularization == "l2":
         out = _soft_rank_l2_2d(sign * x, eps)
     else:
-        out = _soft_rank_kl_2d(_clip_finite(sign * x / eps))
+        out = _soft_rank_kl_2d(sign * x, eps)
     out = jnp.where(nan_rows, jnp.nan, out)
     return _from_2d(out, lead, axis, values.ndim).astype(dtype)
 
@@ -660,7 +717,6 @@ def soft_sort(
     if regularization == "l2":
         out = sign * _soft_sort_l2_2d(sign * x, eps)
     else:
-        w = _clip_finite(_rho(x.shape, x.dtype) / eps)
-        out = sign * _soft_sort_kl_2d(sign * x, w, kl_vjp == "reference")
+        out = sign * _soft_sort_kl_2d(sign * x, eps, kl_vjp == "reference")
     out = jnp.where(nan_rows, jnp.nan, out)
     return _from_2d(out, lead, axis, values.ndim).astype(dtype)
