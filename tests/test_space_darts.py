@@ -119,6 +119,15 @@ def test_init_shapes_vmap():
     sd = sp.to_reference(jax.tree_util.tree_map(lambda a: a[0], w), jax.tree_util.tree_map(lambda a: a[0], s))
     assert sd["cells.0._ops.4._ops.4.op.1.weight"].shape == (4, 1, 3, 3)
     assert sd["classifier.weight"].shape == (10, 32)  # multiplier 2 x C 16 after two reductions
+    # PyTorch's default init per copy: U(+-1/sqrt(fan_in)), fan_in without the stacked edge axis
+    for path, k in jax.tree_util.tree_flatten_with_path(jax.tree_util.tree_map(lambda a: a[0], w))[0]:
+        keys = [p.key for p in path]
+        if keys[-1] != "kernel" or k.size < 64:
+            continue
+        lead = int(any(str(n).startswith("edges_from_") for n in keys))
+        bound = 1.0 / np.sqrt(np.prod(k.shape[lead:-1]))
+        m = float(np.abs(np.asarray(k)).max())
+        assert 0.8 * bound < m <= bound, (jax.tree_util.keystr(path), m, bound)
     arch = sp.init_arch(jax.random.key(1))
     assert arch["normal"].shape == (5, 8)
     assert np.abs(np.asarray(arch["normal"])).max() < 1e-2

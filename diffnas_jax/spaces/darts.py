@@ -454,15 +454,24 @@ def _dummy_mix(space: DartsSearchSpace, dtype) -> dict:
     return jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, dtype), space.arch_shapes)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init_search(space: DartsSearchSpace, key: Array, x: Array):
+def _module_init_search(space: DartsSearchSpace, key: Array, x: Array):
     mix = _dummy_mix(space, x.dtype)
     beta = mix.get(ARCH_PASSTHROUGH_KEY)
-    variables = space.module(False).init(
+    return space.module(False).init(
         {"params": key}, x, mix["normal"], mix["reduce"],
         None if beta is None else edge_weights(beta["normal"], space.steps),
         None if beta is None else edge_weights(beta["reduce"], space.steps))
-    return scaffold.split_variables(variables)
+
+
+def _edge_group_axes(path: tuple[str, ...]) -> int:
+    """Leaves of a vmapped edge group (``edges_from_j``) stack one copy per edge on axis 0."""
+    return int(any(k.startswith("edges_from_") for k in path))
+
+
+def _init_search(space: DartsSearchSpace, key: Array, x: Array):
+    # Shapes by eval_shape and one uniform draw (scaffold.torch_default_init): jitting
+    # module.init compiled the whole forward pass plus a PRNG kernel per parameter, minutes on CPU.
+    return scaffold.flax_init(lambda k: _module_init_search(space, k, x), key, _edge_group_axes)
 
 
 @functools.lru_cache(maxsize=16)
@@ -676,10 +685,8 @@ class DartsEvalNetwork:
                                        optional=())
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _init_eval(net: DartsEvalNetwork, key: Array, x: Array):
-    variables = net.module(False, False).init({"params": key}, x, jnp.zeros((), x.dtype))
-    return scaffold.split_variables(variables)
+    return scaffold.flax_init(lambda k: net.module(False, False).init({"params": k}, x, jnp.zeros((), x.dtype)), key)
 
 
 @functools.lru_cache(maxsize=16)

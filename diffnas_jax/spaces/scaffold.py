@@ -58,7 +58,8 @@ def path_keys(path) -> tuple[str, ...]:
     return tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
 
 
-def torch_default_init(key: jax.Array, shapes: PyTree) -> PyTree:
+def torch_default_init(key: jax.Array, shapes: PyTree,
+                       stacked_axes: Callable[[tuple[str, ...]], int] | None = None) -> PyTree:
     """Fill a Flax variable-shape tree (``{"params": ..., "batch_stats": ...}`` from
     ``jax.eval_shape(module.init, ...)``) with PyTorch's default initialisation: every
     ``kernel`` (HWIO conv or (in, out) linear) and the ``bias`` beside it U(-1/sqrt(fan_in),
@@ -66,14 +67,18 @@ def torch_default_init(key: jax.Array, shapes: PyTree) -> PyTree:
 
     All random numbers come from one ``uniform`` draw that is then sliced, so the compiled program
     is small (running ``module.init`` compiles the forward pass and one PRNG kernel per
-    parameter, which dominates start-up time on CPU) and ``vmap`` over keys is cheap."""
+    parameter, which dominates start-up time on CPU) and ``vmap`` over keys is cheap.
+
+    ``stacked_axes(path)``: how many leading axes of the leaves under ``path`` (the tuple of
+    keys) stack independent copies (``nn.vmap`` over edges); they do not count in ``fan_in``."""
     flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
     treedef = jax.tree_util.tree_structure(shapes)
     fan_in = {}
     for path, leaf in flat:
         n = path_keys(path)
         if n[-1] == "kernel":
-            fan_in[n[:-1]] = int(np.prod(leaf.shape[:-1]))
+            lead = stacked_axes(n) if stacked_axes is not None else 0
+            fan_in[n[:-1]] = int(np.prod(leaf.shape[lead:-1]))
     plan, total = [], 0
     for path, leaf in flat:
         n = path_keys(path)
@@ -107,10 +112,12 @@ def split_variables(variables: Mapping[str, Any]) -> tuple[PyTree, PyTree]:
     return dict(variables.get("params", {})), dict(variables.get("batch_stats", {}))
 
 
-def flax_init(init: Callable[[jax.Array], Mapping[str, Any]], key: jax.Array) -> tuple[PyTree, PyTree]:
+def flax_init(init: Callable[[jax.Array], Mapping[str, Any]], key: jax.Array,
+              stacked_axes: Callable[[tuple[str, ...]], int] | None = None) -> tuple[PyTree, PyTree]:
     """``(weights, state)`` with PyTorch's default initialisation for the variables ``init(key)``
-    would create (only their shapes are traced: ``jax.eval_shape``)."""
-    return split_variables(torch_default_init(key, jax.eval_shape(init, jax.random.key(0))))
+    would create (only their shapes are traced: ``jax.eval_shape``); ``stacked_axes`` as in
+    :func:`torch_default_init`."""
+    return split_variables(torch_default_init(key, jax.eval_shape(init, jax.random.key(0)), stacked_axes))
 
 
 def flax_apply(module: Any, weights: PyTree, state: PyTree, *args: Any, update_state: bool,
