@@ -336,3 +336,16 @@ def test_logged_mix_is_the_relaxations_not_softmax(tiny, tmp_path):
         assert abs(float(np.sum(mix[name])) - 1.0) > 1e-3  # not a softmax
     d = res["seeds"][0]["decision"]
     assert 0.0 <= d["mean_entropy"] <= 1.0 and 0.0 <= d["mean_margin"] <= 1.0
+
+
+def test_scaled_arch_lr_keeps_the_papers_step_budget():
+    from diffnas_jax.methods import get_method
+    from diffnas_jax.search.driver import MAX_SCALED_ARCH_LR, scaled_arch_lr
+
+    darts = get_method("darts")  # 3e-4 over 50 epochs x 391 CIFAR steps
+    assert scaled_arch_lr(darts, 19_550) == pytest.approx(3e-4)
+    assert scaled_arch_lr(darts, 10**7) == pytest.approx(3e-4)  # never below the paper's
+    assert scaled_arch_lr(darts, 275) == pytest.approx(3e-4 * 19_550 / 275)  # the digits default
+    assert scaled_arch_lr(darts, 1) == MAX_SCALED_ARCH_LR
+    pc = get_method("pcdarts")  # 15 of 50 epochs warm-up, batch 256
+    assert scaled_arch_lr(pc, 35 * 98) == pytest.approx(pc.arch_lr)

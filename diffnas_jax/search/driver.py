@@ -92,7 +92,8 @@ class SearchConfig:
       checkpoint_every: steps between checkpoints (0: only at the end and on signals).
       channels, layers: supernet size (``None``: the space's search preset in :mod:`diffnas_jax.spaces.registry`); for NB201 ``layers``
         is the number of cells per stage ``N``.
-      arch_lr, weight_lr: overrides of the method's learning rates.
+      arch_lr, weight_lr: overrides of the method's learning rates (``arch_lr=None``: the
+        method's, scaled to the search length by :func:`scaled_arch_lr`).
       augment: random crop (and flip where the dataset allows) on training batches.
       progress, tensorboard, plots: outputs.
       max_steps: stop (with a checkpoint) after this many steps in total (for tests / budgets).
@@ -191,6 +192,31 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+PAPER_SEARCH_TRAIN_SIZE = 25_000
+"""Training images of a paper's search (CIFAR-10's 50,000 split in half for the bilevel problem)."""
+
+MAX_SCALED_ARCH_LR = 3e-2
+"""Ceiling of the scaled architecture lr (unless the paper's own is larger): on digits the margins
+still grew at 3e-2 and oscillated at 1e-1 (``benchmarks/digits_quality.py``)."""
+
+
+def scaled_arch_lr(method: Any, steps: int) -> float:
+    """The method's architecture learning rate, scaled up so that a shorter search keeps the
+    paper's architecture-step budget ``lr x steps``.
+
+    Adam moves a logit by about ``lr`` per step, so DARTS' 3e-4 over its 50 x 391 = 19,550 CIFAR
+    steps lets the logits travel ~6, but over the default digits search (275 steps) only ~0.08:
+    the mixing weights end within 0.19-0.21 of uniform and the genotype is argmax over noise.
+    The factor is ``paper steps / steps`` (never below 1, so longer searches keep the paper's lr)
+    and the result at most :data:`MAX_SCALED_ARCH_LR`; both step counts exclude the warm-up. On the default digits search DARTS gets
+    2.1e-2 (measured: mean margin between the chosen op and the runner-up 0.06-0.15 over three
+    seeds, against 0.003-0.006 at 3e-4; ``benchmarks/digits_quality.py``).
+    """
+    lr = float(method.arch_lr)
+    paper_steps = max(method.epochs - method.warmup_epochs, 1) * -(-PAPER_SEARCH_TRAIN_SIZE // method.batch_size)
+    return max(lr, min(lr * paper_steps / max(int(steps), 1), MAX_SCALED_ARCH_LR))
+
+
 def make_mesh(devices: int) -> jax.sharding.Mesh:
     """A 1-D mesh named ``"batch"`` over the first ``devices`` devices."""
     avail = jax.devices()
@@ -271,13 +297,7 @@ def build_search(config: SearchConfig, dataset: Any = None, space: Any = None) -
 
     if dataset is None:
         dataset = load_dataset(config.dataset, data_dir=config.data_dir, seed=config.data_seed)
-    overrides = {"epochs": config.epochs, "batch_size": config.batch_size}
-    if config.arch_lr is not None:
-        overrides["arch_lr"] = config.arch_lr
-    if config.weight_lr is not None:
-        overrides["weight_lr"] = config.weight_lr
     base = get_method(config.method)
-    method = get_method(config.method, **overrides)
     steps_per_epoch = min(num_batches(len(dataset.y_train), config.batch_size),
                           num_batches(len(dataset.y_val), config.batch_size))
     if steps_per_epoch < 1:
@@ -286,6 +306,11 @@ def build_search(config: SearchConfig, dataset: Any = None, space: Any = None) -
     total = steps_per_epoch * config.epochs
     # a paper's warm-up (e.g. PC-DARTS 15 of 50 epochs) keeps its fraction of the search
     warmup = int(round(base.warmup_epochs / base.epochs * config.epochs)) * steps_per_epoch
+    overrides = {"epochs": config.epochs, "batch_size": config.batch_size,
+                 "arch_lr": config.arch_lr if config.arch_lr is not None else scaled_arch_lr(base, total - warmup)}
+    if config.weight_lr is not None:
+        overrides["weight_lr"] = config.weight_lr
+    method = get_method(config.method, **overrides)
     space_name = None if space is None else (getattr(space, "name", None) or type(space).__name__)
     if space is None:
         space = make_space(config.space, dataset.num_classes, channels=config.channels, layers=config.layers,
