@@ -23,7 +23,6 @@ import json
 import pathlib
 import re
 import sys
-import tempfile
 import time
 from typing import Any, Sequence
 
@@ -117,16 +116,24 @@ def _ops(genotype: str) -> list[str]:
     return re.findall(r"\|([a-z_0-9]+)~\d+", genotype)
 
 
-def search(p: Preset, seeds: Sequence[int], dataset: Any, out: pathlib.Path) -> dict:
-    """Search once per seed (vmapped) with preset ``p``; genotype and decision statistics per seed."""
+def search(p: Preset, seeds: Sequence[int], dataset: Any, out: pathlib.Path) -> dict | None:
+    """Search once per seed (vmapped) with preset ``p``; genotype and decision statistics per seed.
+
+    ``out`` keeps the run: a finished one is read back, an interrupted one resumed from its
+    checkpoint (``None`` is returned while it is still unfinished)."""
     from diffnas_jax.search.driver import SearchConfig, run_search
 
-    cfg = SearchConfig(method=_method_name(p), epochs=p.epochs, batch_size=p.batch_size, arch_lr=p.arch_lr,
-                       seeds=tuple(seeds) if len(seeds) > 1 else None, seed=seeds[0], out=str(out),
-                       progress=False, tensorboard=False, plots=False, checkpoint_every=0)
-    t0 = time.time()
-    res = run_search(cfg, dataset=dataset)
-    wall = time.time() - t0
+    if (out / "result.json").is_file():
+        res, wall = json.loads((out / "result.json").read_text()), float("nan")
+    else:
+        cfg = SearchConfig(method=_method_name(p), epochs=p.epochs, batch_size=p.batch_size, arch_lr=p.arch_lr,
+                           seeds=tuple(seeds) if len(seeds) > 1 else None, seed=seeds[0], out=str(out),
+                           resume=True, progress=False, tensorboard=False, plots=False, checkpoint_every=55)
+        t0 = time.time()
+        res = run_search(cfg, dataset=dataset)
+        wall = time.time() - t0
+        if res["status"] != "complete":
+            return None
     rows = []
     for s in res["seeds"]:
         (leaf, probs), = s["mix"].items()  # NB201: one (edges, ops) leaf
@@ -140,12 +147,13 @@ def search(p: Preset, seeds: Sequence[int], dataset: Any, out: pathlib.Path) -> 
                      "param_free_ops": sum(o in ("none", "skip_connect", "avg_pool_3x3") for o in ops),
                      "supernet_val_acc": s["final_metrics"].get("val_acc")})
     return {"preset": dataclasses.asdict(p), "label": p.label(), "steps": res["steps"],
-            "search_time_s": res["search_time_s"], "wall_time_s": round(wall, 1), "seeds": rows}
+            "search_time_s": res["search_time_s"], "wall_time_s": round(wall, 1) if np.isfinite(wall) else None, "seeds": rows}
 
 
 def print_search(r: dict) -> None:
-    print(f"\n{r['label']} ({r['steps']} steps, {len(r['seeds'])} seed(s) vmapped, search {r['search_time_s']:.0f} s, "
-          f"wall {r['wall_time_s']:.0f} s incl. compile)")
+    wall = "" if r["wall_time_s"] is None else f", wall {r['wall_time_s']:.0f} s incl. compile"
+    print(f"\n{r['label']} ({r['steps']} steps, {len(r['seeds'])} seed(s) vmapped, search {r['search_time_s']:.0f} s"
+          f"{wall})")
     print("| seed | genotype | weights min-max | mean entropy | mean margin | min margin | decided | param-free ops |")
     print("|---|---|---|---|---|---|---|---|")
     for s in r["seeds"]:
@@ -170,9 +178,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     help="presets arch_lr:epochs[:warmup[:batch]], comma-separated "
                          "(default: old 3e-4:25 and recommended 1e-2:25)")
     ap.add_argument("--sweep", default=None, help="like --configs, but search only (no training from scratch)")
+    ap.add_argument("--train", default=None,
+                    help="indices (0-based, comma-separated) of the presets whose cells are trained from scratch "
+                         "(default: all)")
     ap.add_argument("--random", type=int, default=None, help="random genotypes (default 8)")
     ap.add_argument("--eval-epochs", type=int, default=None, help="from-scratch epochs (default: EvalConfig's 30)")
     ap.add_argument("--json", default=None, help="write every figure to this (strict) JSON file")
+    ap.add_argument("--workdir", default="runs/digits_quality",
+                    help="keeps searches and from-scratch results: rerunning continues where a run stopped")
     args = ap.parse_args(argv)
 
     from diffnas_jax.data import load_dataset
@@ -188,23 +201,36 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ds = load_dataset("digits", seed=0)
     report: dict[str, Any] = {"seeds": list(seeds), "criterion": {"mean_margin": MEAN_MARGIN, "min_margin": MIN_MARGIN},
                               "eval_config": dataclasses.asdict(ecfg), "searches": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, p in enumerate(presets):
-            r = search(p, seeds, ds, pathlib.Path(tmp) / f"search{i}")
-            print_search(r)
-            report["searches"].append(r)
+    work = pathlib.Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    # a search resumed after an interruption reuses its compiled step instead of compiling again
+    jax.config.update("jax_compilation_cache_dir", str(work / "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 5.0)
+    for p in presets:
+        tag = f"lr{p.arch_lr:g}_e{p.epochs}_w{p.warmup}_b{p.batch_size}_s{'-'.join(map(str, seeds))}"
+        r = search(p, seeds, ds, work / tag)
+        if r is None:
+            print(f"search {p.label()} stopped before the end; rerun to continue it", file=sys.stderr)
+            sys.exit(1)
+        print_search(r)
+        report["searches"].append(r)
     if not args.sweep:
         print(f"\nfrom-scratch training: {ecfg.epochs} epochs on train + val ({len(ds.y_train) + len(ds.y_val)} "
               f"images), test on {len(ds.y_test)} held-out images (one image = {100 / len(ds.y_test):.2f} pp)")
-        cache: dict[str, float] = {}
+        # one file per evaluation protocol: {genotype: test accuracy}, written after each training
+        cache_file = work / f"evals_e{ecfg.epochs}_seed{ecfg.seed}.json"
+        cache: dict[str, float] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
 
         def test_acc(g: str) -> float:
             if g not in cache:
                 cache[g] = float(train_and_evaluate(g, ecfg, ds)["test_accuracy"])
+                cache_file.write_text(json.dumps(cache, indent=1, allow_nan=False))
+                print(f"  trained {g}: test accuracy {cache[g]:.4f}", flush=True)
             return cache[g]
 
-        for r in report["searches"]:
-            for s in r["seeds"]:
+        train = range(len(presets)) if args.train is None else [int(i) for i in args.train.split(",")]
+        for i in train:
+            for s in report["searches"][i]["seeds"]:
                 s["test_accuracy"] = test_acc(s["genotype"])
         rand = [{"genotype": str(g), "test_accuracy": test_acc(str(g))}
                 for g in random_genotypes("nb201", n_random, seed=0, num_classes=ds.num_classes)]
@@ -213,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print("\n| cells | n | test accuracy mean +- std | per cell | decided seeds |")
         print("|---|---|---|---|---|")
         for r in report["searches"]:
+            if "test_accuracy" not in r["seeds"][0]:
+                continue
             accs = [s["test_accuracy"] for s in r["seeds"]]
             print(f"| searched, {r['label']} | {len(accs)} | {_stats(accs)} | "
                   f"{', '.join(f'{a:.4f}' for a in accs)} | {sum(s['decided'] for s in r['seeds'])}/{len(accs)} |")
