@@ -146,7 +146,17 @@ def search(p: Preset, seeds: Sequence[int], dataset: Any, out: pathlib.Path) -> 
                      "max_weight": float(np.max(probs)),
                      "param_free_ops": sum(o in ("none", "skip_connect", "avg_pool_3x3") for o in ops),
                      "supernet_val_acc": s["final_metrics"].get("val_acc")})
-    return {"preset": dataclasses.asdict(p), "label": p.label(), "steps": res["steps"],
+    # how the decision builds up: per epoch, the seeds' mean margin and supernet train accuracy
+    from diffnas_jax.search.logging import read_jsonl
+
+    trace = []
+    for rec in read_jsonl(out / "metrics.jsonl"):
+        if rec.get("event") == "epoch":
+            (probs,) = rec["mix"].values()
+            margin = decision_stats(jnp.asarray(probs, jnp.float32))["margin"]
+            trace.append({"epoch": rec["epoch"] + 1, "mean_margin": float(jnp.mean(margin)),
+                          "train_acc": float(np.mean(rec["train_acc"]))})
+    return {"preset": dataclasses.asdict(p), "label": p.label(), "steps": res["steps"], "trace": trace,
             "search_time_s": res["search_time_s"], "wall_time_s": round(wall, 1) if np.isfinite(wall) else None, "seeds": rows}
 
 
@@ -154,6 +164,9 @@ def print_search(r: dict) -> None:
     wall = "" if r["wall_time_s"] is None else f", wall {r['wall_time_s']:.0f} s incl. compile"
     print(f"\n{r['label']} ({r['steps']} steps, {len(r['seeds'])} seed(s) vmapped, search {r['search_time_s']:.0f} s"
           f"{wall})")
+    every = max(1, len(r["trace"]) // 5)
+    print("mean margin (over edges and seeds) by epoch: " + ", ".join(
+        f"{t['epoch']}: {t['mean_margin']:.3f} (train acc {t['train_acc']:.2f})" for t in r["trace"][every - 1::every]))
     print("| seed | genotype | weights min-max | mean entropy | mean margin | min margin | decided | param-free ops |")
     print("|---|---|---|---|---|---|---|---|")
     for s in r["seeds"]:
