@@ -3,8 +3,8 @@
     python benchmarks/digits_quality.py [--quick] [--seeds 0,1,2] [--random 8] [--json FILE]
     python benchmarks/digits_quality.py --sweep "3e-4:25:0,1e-2:25:0" --seeds 0,1,2   # decision only
 
-Default mode: for each search preset of ``--configs`` (``arch_lr:epochs:warmup_epochs``; by
-default the old DARTS preset and the recommended one) the NB201-style cell is searched on
+Default mode: for each search preset of ``--configs`` (``arch_lr:epochs[:warmup[:batch]]``;
+by default the old DARTS preset 3e-4:25 and the recommended 3e-2:25) the NB201-style cell is searched on
 scikit-learn digits with DARTS first order for every seed of ``--seeds`` (one vmapped program,
 ``SearchConfig(seeds=...)``); each found genotype and ``--random`` uniformly random genotypes are
 then trained from scratch with the same evaluation preset (:class:`EvalConfig`, 30 epochs on
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import pathlib
 import re
@@ -137,6 +138,8 @@ def search(p: Preset, seeds: Sequence[int], dataset: Any, out: pathlib.Path) -> 
     rows = []
     for s in res["seeds"]:
         (leaf, probs), = s["mix"].items()  # NB201: one (edges, ops) leaf
+        if not np.all(np.isfinite(probs)):
+            raise FloatingPointError(f"search {p.label()} seed {s['seed']} diverged: non-finite mixing weights")
         st = {k: np.asarray(v, np.float64) for k, v in decision_stats(jnp.asarray(probs, jnp.float32)).items()}
         ops = _ops(s["genotype"])
         rows.append({"seed": s["seed"], "genotype": s["genotype"], "entropy": st["entropy"].tolist(),
@@ -231,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"\nfrom-scratch training: {ecfg.epochs} epochs on train + val ({len(ds.y_train) + len(ds.y_val)} "
               f"images), test on {len(ds.y_test)} held-out images (one image = {100 / len(ds.y_test):.2f} pp)")
         # one file per evaluation protocol: {genotype: test accuracy}, written after each training
-        cache_file = work / f"evals_e{ecfg.epochs}_seed{ecfg.seed}.json"
+        proto = hashlib.sha256(json.dumps(dataclasses.asdict(ecfg), sort_keys=True).encode()).hexdigest()[:12]
+        cache_file = work / f"evals_{proto}.json"
         cache: dict[str, float] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
 
         def test_acc(g: str) -> float:
