@@ -165,7 +165,8 @@ def search(p: Preset, seeds: Sequence[int], dataset: Any, out: pathlib.Path) -> 
 
 def print_search(r: dict) -> None:
     wall = "" if r["wall_time_s"] is None else f", wall {r['wall_time_s']:.0f} s incl. compile"
-    print(f"\n{r['label']} ({r['steps']} steps, {len(r['seeds'])} seed(s) vmapped, search {r['search_time_s']:.0f} s"
+    seeds = f"{len(r['seeds'])} seeds vmapped" if len(r["seeds"]) > 1 else f"seed {r['seeds'][0]['seed']}"
+    print(f"\n{r['label']} ({r['steps']} steps, {seeds}, search {r['search_time_s']:.0f} s"
           f"{wall})")
     every = max(1, len(r["trace"]) // 5)
     print("mean margin (over edges and seeds) by epoch: " + ", ".join(

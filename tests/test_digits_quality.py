@@ -72,3 +72,20 @@ def test_preset_parse():
     assert dq.Preset.parse("3e-3:40:10:32") == dq.Preset(3e-3, 40, 10, 32)
     with pytest.raises(Exception, match="arch_lr"):
         dq.Preset.parse("1e-2")
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(tmp_path):
+    # one 2-epoch search and three 2-epoch trainings (minutes on a 2-core CPU)
+    report = dq.main(["--quick", "--random", "2", "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    (search,) = report["searches"]
+    (seed,) = search["seeds"]
+    assert len(seed["margin"]) == len(seed["entropy"]) == 6
+    assert all(0.0 <= m <= 1.0 for m in seed["margin"])
+    assert all(0.0 <= e <= np.log(5) + 1e-6 for e in seed["entropy"])
+    assert seed["decided"] == dq.decided(seed["margin"])
+    assert 0.0 <= seed["test_accuracy"] <= 1.0 and len(report["random"]) == 2
+    assert (tmp_path / "r.json").is_file()
+    # a rerun reads the finished search and the trainings back instead of repeating them
+    again = dq.main(["--quick", "--random", "2", "--workdir", str(tmp_path)])
+    assert again["searches"][0]["seeds"][0]["test_accuracy"] == seed["test_accuracy"]
