@@ -137,7 +137,7 @@ def search(p: Preset, seeds: Sequence[int], dataset: Any, out: pathlib.Path) -> 
             return None
     rows = []
     for s in res["seeds"]:
-        (leaf, probs), = s["mix"].items()  # NB201: one (edges, ops) leaf
+        (probs,) = s["mix"].values()  # NB201: one (edges, ops) leaf
         if not np.all(np.isfinite(probs)):
             raise FloatingPointError(f"search {p.label()} seed {s['seed']} diverged: non-finite mixing weights")
         st = {k: np.asarray(v, np.float64) for k, v in decision_stats(jnp.asarray(probs, jnp.float32)).items()}
@@ -160,7 +160,8 @@ def search(p: Preset, seeds: Sequence[int], dataset: Any, out: pathlib.Path) -> 
             trace.append({"epoch": rec["epoch"] + 1, "mean_margin": float(jnp.mean(margin)),
                           "train_acc": float(np.mean(rec["train_acc"]))})
     return {"preset": dataclasses.asdict(p), "label": p.label(), "steps": res["steps"], "trace": trace,
-            "search_time_s": res["search_time_s"], "wall_time_s": round(wall, 1) if np.isfinite(wall) else None, "seeds": rows}
+            "search_time_s": res["search_time_s"], "wall_time_s": round(wall, 1) if np.isfinite(wall) else None,
+            "seeds": rows}
 
 
 def print_search(r: dict) -> None:
