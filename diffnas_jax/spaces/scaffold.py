@@ -115,14 +115,16 @@ def flax_init(init: Callable[[jax.Array], Mapping[str, Any]], key: jax.Array) ->
 
 def flax_apply(module: Any, weights: PyTree, state: PyTree, *args: Any, train: bool,
                rngs: Mapping[str, jax.Array] | None = None, collections: bool = False,
-               extra: Mapping[str, Any] | None = None, **kwargs: Any) -> tuple[Any, PyTree]:
-    """``module.apply(*args, **kwargs)`` on ``(weights, state)``: in train mode the state is
+               extra: Mapping[str, Any] | None = None, call_kwargs: Mapping[str, Any] | None = None
+               ) -> tuple[Any, PyTree]:
+    """``module.apply(*args, **call_kwargs)`` on ``(weights, state)``: in train mode the state is
     mutable and its new value is returned; otherwise ``state`` comes back unchanged.
 
     ``state`` is the ``batch_stats`` tree, or with ``collections`` a dict ``{collection: tree}``
     of every mutable collection (user modules); ``extra`` adds read-only collections (``mix``)."""
     variables = {"params": weights, **(state if collections else {"batch_stats": state}), **(extra or {})}
     mutable = list(state) if collections else ["batch_stats"]
+    kwargs = dict(call_kwargs or {})
     if train and mutable:
         out, upd = module.apply(variables, *args, rngs=rngs or {}, mutable=mutable, **kwargs)
         return out, (dict(upd) if collections else upd.get("batch_stats", state))

@@ -99,7 +99,7 @@ class UserSpace(SpaceDefaults):
         check_mix_matches(self.arch_shapes, mix)
         with choice_mode(HARD if self.hard else MIXED):
             return flax_apply(self.module, weights, state, x, train=bool(train), collections=True, extra={"mix": mix},
-                              rngs={"dropout": rng} if rng is not None else {}, **self._kwargs(bool(train)))
+                              rngs={"dropout": rng} if rng is not None else {}, call_kwargs=self._kwargs(bool(train)))
 
     def genotype(self, arch: Any) -> dict[str, Any]:
         """``{choice path: chosen}``: a candidate name (``Choice``), a width (``WidthChoice``, int)
@@ -304,7 +304,7 @@ class FixedModel:
               rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
         with choice_mode(FIXED, genotype=self.genotype):
             return flax_apply(self.module, weights, state, x, train=bool(train), collections=True,
-                              rngs={"dropout": rng} if rng is not None else {}, **self._kwargs(bool(train)))
+                              rngs={"dropout": rng} if rng is not None else {}, call_kwargs=self._kwargs(bool(train)))
 
 
 def from_module(module: nn.Module, example_input: Any, *, hard: bool = False) -> UserSpace:
