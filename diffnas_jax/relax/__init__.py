@@ -33,9 +33,9 @@ _EXPORTS = {
     "soft_topk_mask": "topk",
     "hard_topk_mask": "topk",
     # perturbed optimizers (Berthet et al. 2020)
-    "perturbed": "perturbed",
-    "perturbed_argmax": "perturbed",
-    "perturbed_topk": "perturbed",
+    "perturbed": "perturbations",
+    "perturbed_argmax": "perturbations",
+    "perturbed_topk": "perturbations",
     # sparse simplex maps
     "sparsemax": "sparse",
     "entmax15": "sparse",
