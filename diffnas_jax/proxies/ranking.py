@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from diffnas_jax.spaces.base import SearchSpace
 
 
 def _pair(a, b):
@@ -73,7 +74,7 @@ def top_k_precision(pred: Sequence[float], true: Sequence[float], k: int | float
     return len(top_p & top_t) / kk
 
 
-def supernet_scores(space: Any, weights: Any, state: Any, genotypes: Sequence[Any],
+def supernet_scores(space: SearchSpace, weights: Any, state: Any, genotypes: Sequence[Any],
                     batch: tuple[jax.Array, jax.Array], *, train: bool = False) -> np.ndarray:
     """Accuracy of each genotype *inside the supernet* (one-hot mix from
     ``space.arch_from_genotype``, weights shared), evaluated in one ``vmap`` over architectures."""

@@ -58,6 +58,7 @@ from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, re
 from .compile_cache import enable_compile_cache
 from .decision import summarize_decisions
 from .logging import MetricsLogger, read_jsonl, to_jsonable
+from ..spaces.base import SearchSpace
 
 __all__ = ["SearchConfig", "search_to_dir", "run_search", "build_search", "UndecidedSearchWarning", "SearchSetup",
            "RunInUseError", "make_space", "make_mesh", "shard_batch", "replicate"]
@@ -261,7 +262,7 @@ class SearchSetup:
     config: SearchConfig
     dataset: Any
     method: Any
-    space: Any
+    space: SearchSpace
     relaxation: Callable
     hypergradient: Any
     weight_opt: Any
@@ -284,7 +285,7 @@ def _resolve_with(factory, **context) -> Any:
     return factory(**extra)
 
 
-def build_search(config: SearchConfig, dataset: Any = None, space: Any = None) -> SearchSetup:
+def build_search(config: SearchConfig, dataset: Any = None, space: SearchSpace | None = None) -> SearchSetup:
     """Load data and build space, relaxation, estimator, optimizers and the pure step.
 
     ``dataset`` / ``space`` replace the ones ``config`` names (e.g. a user-defined space from
@@ -597,7 +598,7 @@ def _compile(jstep: Callable, args: tuple) -> tuple[Callable, dict]:
     return compiled, {"trace_s": round(t1 - t0, 2), "xla_compile_s": round(t2 - t1, 2)}
 
 
-def search_to_dir(config: SearchConfig, *, dataset: Any = None, space: Any = None,
+def search_to_dir(config: SearchConfig, *, dataset: Any = None, space: SearchSpace | None = None,
                   on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run (or resume) a search with all its files in ``config.out``; return ``result.json``'s content.
 

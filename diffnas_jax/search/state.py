@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from ..hypergrad import Hypergradient
+from ..spaces.base import SearchSpace
 
 PyTree = Any
 
@@ -46,7 +47,7 @@ class SearchState:
     objective_state: PyTree = ()
 
 
-def init_search_state(key: jax.Array, space: Any, x: jax.Array, weight_opt: optax.GradientTransformation,
+def init_search_state(key: jax.Array, space: SearchSpace, x: jax.Array, weight_opt: optax.GradientTransformation,
                       arch_opt: optax.GradientTransformation,
                       hypergradient: Hypergradient | None = None, objective: Any = None) -> SearchState:
     """Initialise weights, BN state and architecture of ``space`` and both optimizer states.
