@@ -28,7 +28,7 @@ import optax
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import digits  # noqa: E402
 
-from diffnas_jax import hypergrad, relaxations  # noqa: E402
+from diffnas_jax import hypergrad, mixing  # noqa: E402
 from diffnas_jax.nn import Choice, WidthChoice  # noqa: E402
 from diffnas_jax.search import init_search_state, make_step  # noqa: E402
 from diffnas_jax.spaces import from_module  # noqa: E402
@@ -63,7 +63,7 @@ def main(quick: bool = False, method: str = "gdas", estimator: str = "first_orde
     (xs, ys), (xv, yv) = (xtr[n_val:], ytr[n_val:]), (xtr[:n_val], ytr[:n_val])
     search_steps, train_steps = (40, 300) if quick else (300, 800)
     space = from_module(CNN(), xs[:2], hard=(method == "gdas"))
-    relax = relaxations.gdas(total_steps=search_steps) if method == "gdas" else relaxations.softmax()
+    relax = mixing.gdas(total_steps=search_steps) if method == "gdas" else mixing.softmax()
     est = hypergrad.first_order() if estimator == "first_order" else hypergrad.implicit(solver="cg", maxiter=5)
     w_opt, a_opt = optax.adam(3e-3), optax.adam(3e-2)
     step = jax.jit(make_step(space, relax, est, w_opt, a_opt))

@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffnas_jax import hypergrad, relaxations
+from diffnas_jax import hypergrad, mixing
 from diffnas_jax.nn import Choice
 from diffnas_jax.search import init_search_state, make_step
+from diffnas_jax.search.objective import standard
 from diffnas_jax.spaces import from_module
 
 VOCAB, LENGTH, DIM = 16, 8, 32
@@ -79,7 +80,7 @@ def main(quick: bool = False) -> dict:
     space = from_module(model, xtr[:2])
     w_opt, a_opt = optax.adam(3e-3), optax.adam(3e-2)
     est = hypergrad.first_order()
-    step = jax.jit(make_step(space, relaxations.softmax(), est, w_opt, a_opt, loss_fn=seq_xent))
+    step = jax.jit(make_step(space, mixing.softmax(), est, w_opt, a_opt, objective=standard(seq_xent)))
     state = init_search_state(jax.random.PRNGKey(0), space, xtr[:2], w_opt, a_opt, est)
     for i in range(search_steps):
         k = jax.random.fold_in(jax.random.PRNGKey(1), i)
