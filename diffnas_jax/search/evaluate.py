@@ -11,6 +11,7 @@ the held-out test split with BatchNorm running statistics.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any
 
@@ -170,6 +171,13 @@ def train_and_evaluate(genotype: Any, config: EvalConfig, dataset: Any = None, *
     def predict(w, s, x):
         return jnp.argmax(_logits(net.apply(w, s, None, x, False)[0]), -1)
 
+    # compile before the bar and the clock start, so the ETA and train_time count steps only
+    xb0, yb0 = next(epoch_batches(x_tr, y_tr, config.batch_size, seed=config.seed, epoch=0))
+    t_compile = time.time()
+    train_step = train_step.lower(weights, state, opt_state, xb0, yb0, jax.random.fold_in(key, 1), 0).compile()
+    if progress:
+        print(f"compiling the training step (first run only; cached afterwards) ... "
+              f"{time.time() - t_compile:.1f} s", file=sys.stderr)
     bar = None
     if progress:
         from tqdm.auto import tqdm
