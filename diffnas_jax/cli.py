@@ -53,14 +53,23 @@ def _seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def _nonnegative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {v}")
-    return v
+def _int_at_least(minimum: int, what: str):
+    """An argparse type: an int >= ``minimum`` (``what`` names it in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+
+    return parse
+
+
+_nonnegative = _int_at_least(0, "an int >= 0")
+_positive = _int_at_least(1, "a positive int")
 
 
 def _rate(text: str) -> float:
@@ -97,15 +106,6 @@ def _size_help(generic: str) -> str:
 _CHANNELS_HELP = "supernet channels (default per space: " + _size_help("channels") + ")"
 _LAYERS_HELP = ("supernet depth, cells per stage for nb201 (default per space: " + _size_help("layers") + ")")
 
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {v}")
-    return v
 
 
 def _data_args(p: argparse.ArgumentParser, dataset_default: str | None = "digits") -> None:

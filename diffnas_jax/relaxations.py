@@ -2,19 +2,6 @@
 
 Attribute access forwards to :mod:`diffnas_jax.mixing` with a ``DeprecationWarning``.
 """
-from __future__ import annotations
+from diffnas_jax._deprecated import forward_module
 
-import importlib
-import warnings
-from typing import Any
-
-
-def __getattr__(name: str) -> Any:
-    if name.startswith("__"):
-        raise AttributeError(name)
-    warnings.warn(f"diffnas_jax.relaxations is deprecated; use diffnas_jax.mixing.{name}", DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module("diffnas_jax.mixing"), name)
-
-
-def __dir__() -> list[str]:
-    return dir(importlib.import_module("diffnas_jax.mixing"))
+__getattr__, __dir__ = forward_module("diffnas_jax.relaxations", "diffnas_jax.mixing")
