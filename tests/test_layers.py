@@ -38,3 +38,32 @@ def test_depthwise_conv_backward_keeps_only_the_input():
     _, vjp = jax.vjp(lambda x, w: layers.depthwise_conv(x, w, 1, 2, 1, "shifted"), x, kern)
     saved = sum(leaf.size for leaf in jax.tree_util.tree_leaves(vjp))
     assert saved <= 1.1 * x.size + kern.size
+
+
+def _pool_reference(x, k, stride, padding, kind):
+    """Direct loops: PyTorch's AvgPool2d(count_include_pad=False) / MaxPool2d on NHWC."""
+    n, h, w, c = x.shape
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    out = np.zeros((n, ho, wo, c))
+    for i in range(ho):
+        for j in range(wo):
+            r0, c0 = i * stride - padding, j * stride - padding
+            win = x[:, max(r0, 0):min(r0 + k, h), max(c0, 0):min(c0 + k, w), :]
+            out[:, i, j, :] = win.mean(axis=(1, 2)) if kind == "avg" else win.max(axis=(1, 2))
+    return out
+
+
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (2, 2, 0), (5, 3, 0), (3, 2, 1)])
+def test_pools_equal_direct_loops_with_exact_gradients(k, stride, padding):
+    from jax.test_util import check_grads
+    with jax.enable_x64():
+        x = jax.random.normal(jax.random.key(3), (2, 7, 6, 3), jnp.float64)
+        for kind, pool in (("avg", layers.avg_pool), ("max", layers.max_pool)):
+            f = jax.jit(lambda x: pool(x, k, stride, padding))  # noqa: B023
+            np.testing.assert_allclose(f(x), _pool_reference(np.asarray(x), k, stride, padding, kind),
+                                       rtol=1e-12, atol=1e-12)
+            # both pools are piecewise linear: first order is the whole derivative
+            check_grads(f, (x,), order=1, modes=("fwd", "rev"))
+            # vmapped over stacked inputs (the DARTS cell vmaps edges) equals the loop
+            xs = jnp.stack([x, 2 * x])
+            np.testing.assert_allclose(jax.vmap(f)(xs)[1], f(2 * x), rtol=1e-12)
