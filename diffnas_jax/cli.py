@@ -30,15 +30,26 @@ EXIT_IO = 4          # a file could not be written (disk full, permissions)
 EXIT_INTERRUPTED = 130
 
 
-def _quiet_xla_logs() -> None:
-    """Keep XLA's C++ log lines (e.g. the "Very slow compile?" alarm) out of the terminal.
+def _configure_logging() -> None:
+    """``DIFFNAS_LOG_LEVEL`` (default WARNING) sets the level of the ``diffnas_jax`` loggers.
 
-    They come from XLA's C++ logger, which reads ``TF_CPP_MIN_LOG_LEVEL`` once when jaxlib loads,
-    so this must run before jax is imported. A user who sets the variable keeps their value
-    (``TF_CPP_MIN_LOG_LEVEL=0`` shows everything).
+    XLA's native log lines during a compile (e.g. the "Very slow compile?" alarm) are routed to
+    the ``diffnas_jax.xla`` logger at DEBUG (:mod:`diffnas_jax.search.native_log`), so
+    ``DIFFNAS_LOG_LEVEL=DEBUG`` shows them and the default keeps them out of the terminal.
     """
-    if "jax" not in sys.modules:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import logging
+
+    level = os.environ.get("DIFFNAS_LOG_LEVEL", "WARNING").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        print(f"diffnas: error: DIFFNAS_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {level!r}",
+              file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+    log = logging.getLogger("diffnas_jax")
+    log.setLevel(level)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(handler)
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -330,7 +341,7 @@ def cmd_search(args) -> int:
         print(f"diffnas search: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     _force_host_devices(args.devices)
-    _quiet_xla_logs()
+    _configure_logging()
     from diffnas_jax.search.checkpoint import CheckpointError, CheckpointWriteError
     from diffnas_jax.search.driver import RunInUseError, SearchConfig, UndecidedSearchWarning, search_to_dir
 
@@ -416,7 +427,7 @@ def _guess_space(genotype: str) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    _quiet_xla_logs()
+    _configure_logging()
     from diffnas_jax.search.evaluate import train_and_evaluate
 
     data_seed = 0 if args.data_seed is None else args.data_seed
@@ -491,7 +502,7 @@ def _previous_baseline(path: pathlib.Path, ecfg, strategy: str, num: int, seed: 
 
 
 def cmd_baseline(args) -> int:
-    _quiet_xla_logs()
+    _configure_logging()
     from diffnas_jax.data import load_dataset
     from diffnas_jax.search.evaluate import random_genotypes, train_and_evaluate
 

@@ -56,6 +56,7 @@ from ..spaces.registry import make_space
 from .._json import NON_FINITE_KEY, write_json
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, restore_checkpoint, save_checkpoint
 from .compile_cache import enable_compile_cache
+from .native_log import xla_log_to_debug
 from .decision import summarize_decisions
 from .logging import MetricsLogger, read_jsonl, to_jsonable
 from ..spaces.base import SearchSpace
@@ -592,7 +593,8 @@ def _compile(jstep: Callable, args: tuple) -> tuple[Callable, dict]:
     t0 = time.time()
     lowered = jstep.lower(*args)
     t1 = time.time()
-    compiled = lowered.compile()
+    with xla_log_to_debug():  # XLA's "Very slow compile?" alarm: a DEBUG log line, not terminal noise
+        compiled = lowered.compile()
     t2 = time.time()
     print(f" {t2 - t0:.1f} s (tracing {t1 - t0:.1f} s, XLA {t2 - t1:.1f} s)", file=sys.stderr, flush=True)
     return compiled, {"trace_s": round(t1 - t0, 2), "xla_compile_s": round(t2 - t1, 2)}

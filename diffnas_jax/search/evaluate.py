@@ -21,6 +21,7 @@ import numpy as np
 
 from diffnas_jax.spaces import registry
 from diffnas_jax.spaces.base import EvalNetwork
+from .native_log import xla_log_to_debug
 
 __all__ = ["EvalConfig", "make_eval_network", "train_and_evaluate", "count_flops",
            "random_genotypes"]
@@ -174,7 +175,9 @@ def train_and_evaluate(genotype: Any, config: EvalConfig, dataset: Any = None, *
     # compile before the bar and the clock start, so the ETA and train_time count steps only
     xb0, yb0 = next(epoch_batches(x_tr, y_tr, config.batch_size, seed=config.seed, epoch=0))
     t_compile = time.time()
-    train_step = train_step.lower(weights, state, opt_state, xb0, yb0, jax.random.fold_in(key, 1), 0).compile()
+    lowered = train_step.lower(weights, state, opt_state, xb0, yb0, jax.random.fold_in(key, 1), 0)
+    with xla_log_to_debug():
+        train_step = lowered.compile()
     if progress:
         print(f"compiling the training step (first run only; cached afterwards) ... "
               f"{time.time() - t_compile:.1f} s", file=sys.stderr)
