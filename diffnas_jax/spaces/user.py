@@ -81,8 +81,7 @@ class UserSpace(SpaceDefaults):
     # -- protocol ------------------------------------------------------------------------------
     def init(self, key: jax.Array, x: jax.Array) -> tuple[Any, Any]:
         """Weights (``"params"``) and state (every other mutable collection, e.g. batch_stats)."""
-        with choice_mode(MIXED):
-            variables = self.module.init({"params": key, "dropout": key}, x, **self._kwargs(False))
+        variables = _jitted_init(self.module, key, x, self._kwargs(False), mode=MIXED)
         weights = variables.get("params", {})
         state = {k: v for k, v in variables.items() if k not in _RESERVED}
         return weights, state
@@ -266,6 +265,17 @@ class UserEvalNetwork:
         return self.model.apply(weights, state, x, train, rng=rng)
 
 
+def _jitted_init(module: nn.Module, key: jax.Array, x: Any, kwargs: dict, **choice_context: Any) -> Any:
+    """``module.init`` as one compiled program: run eagerly, every initializer of a new shape
+    compiled its own small program (a user CNN spent most of its start in ~100
+    ``_truncated_normal`` compiles). The choice mode is set while the function is traced."""
+    def init(key, x):
+        with choice_mode(**choice_context):
+            return module.init({"params": key, "dropout": key}, x, **kwargs)
+
+    return jax.jit(init)(key, x)
+
+
 class _ReadTracking(dict):
     """A genotype dict that records which choice paths the traced module looked up."""
 
@@ -293,8 +303,7 @@ class FixedModel:
 
     def init(self, key: jax.Array, x: jax.Array) -> tuple[Any, Any]:
         seen = _ReadTracking(self.genotype)
-        with choice_mode(FIXED, genotype=seen):
-            variables = self.module.init({"params": key, "dropout": key}, x, **self._kwargs(False))
+        variables = _jitted_init(self.module, key, x, self._kwargs(False), mode=FIXED, genotype=seen)
         unknown = sorted(set(self.genotype) - seen.read)
         if unknown:
             raise ValueError(f"genotype names choices the module does not have: {unknown}")
