@@ -107,6 +107,13 @@ def test_choice_labels_of_every_registered_space_match_the_rows():
     assert base.choice_labels(registry.make_space("mbconv", 10), "['layers']")[0] == "layers[0]"
     with pytest.raises(ValueError, match="leaf"):
         base.choice_labels(darts, "['cell']")
+    # a space without the optional member gets indexed labels
+    import types
+
+    bare = types.SimpleNamespace(arch_shapes={"a": jax.ShapeDtypeStruct((2, 3, 4), np.float32),
+                                              "b": jax.ShapeDtypeStruct((5,), np.float32)})
+    assert base.choice_labels(bare, "['a']") == ("a[0,0]", "a[0,1]", "a[0,2]", "a[1,0]", "a[1,1]", "a[1,2]")
+    assert base.choice_labels(bare, "['b']") == ("b",)
 
 
 def test_plot_errors_name_the_argument():

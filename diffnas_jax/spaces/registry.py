@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the registry imports no JAX: the CLI reads it before JAX lo
     from .base import EvalNetwork, SearchSpace
 
 __all__ = ["SpaceEntry", "register_space", "get_space", "list_spaces", "make_space", "make_eval_network",
-           "name_of", "search_preset", "eval_preset", "latency_profiler", "spaces_with_latency_profiler"]
+           "name_of", "eval_preset", "latency_profiler", "spaces_with_latency_profiler"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,11 +105,8 @@ def get_space(name: str) -> SpaceEntry:
     return _REGISTRY[name]
 
 
-def search_preset(name: str) -> dict[str, Any]:
-    return dict(get_space(name).search_preset)
-
-
 def eval_preset(name: str) -> dict[str, Any]:
+    """The evaluation preset of ``name`` (a copy)."""
     return dict(get_space(name).eval_preset)
 
 
