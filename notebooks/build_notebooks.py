@@ -12,15 +12,20 @@ import nbformat
 
 HERE = pathlib.Path(__file__).parent
 
-# Wall time of a fresh top-to-bottom run of each notebook (default settings, SCALE = 1) on the
-# project's 2-core CPU, measured with `python notebooks/time_notebooks.py` (fresh kernel, JAX's
-# compile cache cold) while other jobs shared the CPU (load average 10-12, so inflated; the idle
-# machine was not available). Update them when a notebook changes.
+# A fresh top-to-bottom run of each notebook with its full settings (QUICK off, SCALE = 1), measured
+# with `python notebooks/time_notebooks.py` (fresh kernel, JAX's compile cache cold) on the
+# project's 2-core CPU while other jobs shared it (so the wall times are inflated; the kernel's
+# CPU time, all threads, is the steadier figure). Update them when a notebook changes.
+_CLAIM = ("{wall} wall ({cpu} s of CPU time) for the whole notebook with the settings below,\n"
+          "# on a 2-core CPU shared with other jobs (load average {load}); faster on an idle machine")
 MEASURED = {
-    "01_relaxed_operators.ipynb": "160 s (2 min 40 s) wall for the whole notebook on a 2-core CPU shared with other jobs (load average ~11); faster on an idle machine",
-    "02_darts_search.ipynb": "475 s (7 min 55 s) wall for the whole notebook on a 2-core CPU shared with other jobs (load average ~11); faster on an idle machine",
-    "03_implicit_hypergradients.ipynb": "130 s (2 min 10 s) wall for the whole notebook on a 2-core CPU shared with other jobs (load average ~11); faster on an idle machine",
-    "04_hardware_aware.ipynb": "326 s (5 min 26 s) wall for the whole notebook on a 2-core CPU shared with other jobs (load average ~11); faster on an idle machine",
+    "01_relaxed_operators.ipynb": _CLAIM.format(wall="83 s", cpu=41, load="5-6"),
+    "02_darts_search.ipynb": _CLAIM.format(wall="344 s (5 min 44 s)", cpu=133, load="~11"),
+    "03_implicit_hypergradients.ipynb": _CLAIM.format(wall="86 s", cpu=40, load="6-9"),
+    # a whole run at load 8-14 was stopped at 720 s; measured in parts with the notebook's code
+    "04_hardware_aware.ipynb": ("about 700 s (~12 min) wall, in parts: the notebook's code with 2 of its 4 lambdas took\n"
+                                "# 395 s, each further lambda 151 s (3.8 s per step), on a 2-core CPU shared with other "
+                                "jobs\n# (load average 7-9); faster on an idle machine"),
 }
 
 INSTALL = '''# Install diffnas_jax if this kernel lacks it. It is NOT published on PyPI, so this cell installs,
