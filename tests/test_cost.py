@@ -185,6 +185,13 @@ def test_latency_profiler_comes_from_the_registry_entry():
         assert table.constant == 1.25 and table.meta["space"] == "darts" and table.unit == "ms"
     finally:
         registry.register_space(entry, overwrite=True)
+    with pytest.warns(DeprecationWarning, match="latency_profiler"):  # the old entry point sets the field
+        cost.register_latency_profiler("darts", fake)
+    try:
+        assert registry.get_space("darts").latency_profiler is fake
+    finally:
+        registry.register_space(entry, overwrite=True)
+    assert registry.get_space("darts").latency_profiler is None
 
 
 def test_darts_cost_equals_counting_the_built_eval_network():
