@@ -493,6 +493,8 @@ plt.title("accuracy-cost trade-off (ProxylessNAS additive form)"); plt.show()'''
 def main() -> None:
     for name, cells in NOTEBOOKS.items():
         nb = nbformat.v4.new_notebook()
+        for i, cell in enumerate(cells):
+            cell["id"] = f"cell-{i:02d}"  # stable ids: regenerating leaves unchanged cells unchanged
         nb.cells = cells
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nb.metadata["colab"] = {"provenance": []}
