@@ -9,11 +9,14 @@ scikit-learn digits with DARTS first order for every seed of ``--seeds`` (one vm
 ``SearchConfig(seeds=...)``); each found genotype and ``--random`` uniformly random genotypes are
 then trained from scratch with the same evaluation preset (:class:`EvalConfig`, 30 epochs on
 train + val) and tested once on the held-out test split. The script prints, per preset and seed,
-the decision statistics of the final mixing weights (:func:`decision_stats`: per-edge entropy
-and margin between the chosen op and the runner-up) and a markdown table "searched vs random"
-(mean +- std of test accuracy). ``--sweep`` runs the searches only (no training from scratch).
+the decision statistics of the final mixing weights (the library's
+:func:`diffnas_jax.search.decision.edge_decisions`: per-edge entropy, normalised to [0, 1] by
+``ln num_ops``, and margin between the chosen op and the runner-up) and a markdown table "searched
+vs random" (mean +- std of test accuracy). ``--sweep`` runs the searches only (no training from
+scratch). The searches run through the driver :func:`diffnas_jax.search.driver.search_to_dir`.
 
-Decision criterion (:func:`decided`): mean margin >= 0.1 and every edge's margin >= 0.05.
+Decision criterion (:func:`decided`): mean margin >= 0.1 and every edge's margin >= 0.05 (stricter
+than the driver's undecided warning, which looks at the mean margin only).
 """
 from __future__ import annotations
 
@@ -28,43 +31,12 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+
+from diffnas_jax.search.decision import edge_decisions
 
 MEAN_MARGIN = 0.1
 MIN_MARGIN = 0.05
-
-
-def decision_stats(probs: jax.Array) -> dict[str, jax.Array]:
-    """How clearly a set of mixing weights picks one op per edge.
-
-    Args:
-      probs: ``(..., num_ops)`` mixing weights (each row on the simplex), e.g. the
-        ``(num_edges, num_ops)`` softmax of a DARTS / NB201 cell's architecture logits
-        (Liu et al., DARTS, ICLR 2019).
-
-    Returns:
-      ``{"entropy": (...,), "margin": (...,)}``: the Shannon entropy of each row in nats (``ln
-      num_ops`` for uniform weights, 0 for one-hot) and the margin ``p_(1) - p_(2)`` between the
-      largest and the second-largest weight (0 when the argmax is a tie, 1 for one-hot), both in
-      the dtype of ``probs``. NaN anywhere in a row gives NaN for that row.
-
-    Raises:
-      TypeError: ``probs`` is not a floating array.
-      ValueError: ``probs`` is a scalar or has fewer than two ops on its last axis.
-    """
-    probs = jnp.asarray(probs)
-    if not jnp.issubdtype(probs.dtype, jnp.floating):
-        raise TypeError(f"`probs` must be a floating array, got dtype {probs.dtype}")
-    if probs.ndim < 1 or probs.shape[-1] < 2:
-        raise ValueError(f"`probs` must have at least two ops on its last axis, got shape {probs.shape}")
-    # 0 log 0 = 0; a NaN row stays NaN through the sum
-    plogp = jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1)), jnp.zeros_like(probs))
-    plogp = jnp.where(jnp.isnan(probs), probs, plogp)
-    top2 = jax.lax.top_k(probs, 2)[0]
-    margin = top2[..., 0] - top2[..., 1]
-    margin = jnp.where(jnp.any(jnp.isnan(probs), axis=-1), jnp.nan, margin).astype(probs.dtype)
-    return {"entropy": -jnp.sum(plogp, axis=-1), "margin": margin}
 
 
 def decided(margin: Any, mean_margin: float = MEAN_MARGIN, min_margin: float = MIN_MARGIN) -> bool:
@@ -117,12 +89,32 @@ def _ops(genotype: str) -> list[str]:
     return re.findall(r"\|([a-z_0-9]+)~\d+", genotype)
 
 
+def seed_row(seed: dict) -> dict:
+    """Decision statistics of one seed of a driver result (``result.json``'s ``seeds`` entry).
+
+    Raises:
+      FloatingPointError: the seed's mixing weights are not finite (a diverged search).
+    """
+    (probs,) = seed["mix"].values()  # NB201: one (edges, ops) leaf
+    probs = np.asarray(probs, np.float64)
+    if not np.all(np.isfinite(probs)):
+        raise FloatingPointError(f"seed {seed['seed']} diverged: non-finite mixing weights")
+    st = edge_decisions(probs)
+    ops = _ops(seed["genotype"])
+    return {"seed": seed["seed"], "genotype": seed["genotype"], "entropy": st["entropy"].tolist(),
+            "margin": st["margin"].tolist(), "mean_entropy": float(st["entropy"].mean()),
+            "mean_margin": float(st["margin"].mean()), "min_margin": float(st["margin"].min()),
+            "decided": decided(st["margin"]), "min_weight": float(np.min(probs)), "max_weight": float(np.max(probs)),
+            "param_free_ops": sum(o in ("none", "skip_connect", "avg_pool_3x3") for o in ops),
+            "supernet_val_acc": seed.get("final_metrics", {}).get("val_acc")}
+
+
 def search(p: Preset, seeds: Sequence[int], dataset: Any, out: pathlib.Path) -> dict | None:
     """Search once per seed (vmapped) with preset ``p``; genotype and decision statistics per seed.
 
     ``out`` keeps the run: a finished one is read back, an interrupted one resumed from its
     checkpoint (``None`` is returned while it is still unfinished)."""
-    from diffnas_jax.search.driver import SearchConfig, run_search
+    from diffnas_jax.search.driver import SearchConfig, search_to_dir
 
     if (out / "result.json").is_file():
         res, wall = json.loads((out / "result.json").read_text()), float("nan")
@@ -131,24 +123,14 @@ def search(p: Preset, seeds: Sequence[int], dataset: Any, out: pathlib.Path) -> 
                            seeds=tuple(seeds) if len(seeds) > 1 else None, seed=seeds[0], out=str(out),
                            resume=True, progress=False, tensorboard=False, plots=False, checkpoint_every=55)
         t0 = time.time()
-        res = run_search(cfg, dataset=dataset)
+        res = search_to_dir(cfg, dataset=dataset)
         wall = time.time() - t0
         if res["status"] != "complete":
             return None
-    rows = []
-    for s in res["seeds"]:
-        (probs,) = s["mix"].values()  # NB201: one (edges, ops) leaf
-        if not np.all(np.isfinite(probs)):
-            raise FloatingPointError(f"search {p.label()} seed {s['seed']} diverged: non-finite mixing weights")
-        st = {k: np.asarray(v, np.float64) for k, v in decision_stats(jnp.asarray(probs, jnp.float32)).items()}
-        ops = _ops(s["genotype"])
-        rows.append({"seed": s["seed"], "genotype": s["genotype"], "entropy": st["entropy"].tolist(),
-                     "margin": st["margin"].tolist(), "mean_entropy": float(st["entropy"].mean()),
-                     "mean_margin": float(st["margin"].mean()), "min_margin": float(st["margin"].min()),
-                     "decided": decided(st["margin"]), "min_weight": float(np.min(probs)),
-                     "max_weight": float(np.max(probs)),
-                     "param_free_ops": sum(o in ("none", "skip_connect", "avg_pool_3x3") for o in ops),
-                     "supernet_val_acc": s["final_metrics"].get("val_acc")})
+    try:
+        rows = [seed_row(s) for s in res["seeds"]]
+    except FloatingPointError as e:
+        raise FloatingPointError(f"search {p.label()}: {e}") from None
     # how the decision builds up: per epoch, the seeds' mean margin and supernet train accuracy
     from diffnas_jax.search.logging import read_jsonl
 
@@ -156,8 +138,8 @@ def search(p: Preset, seeds: Sequence[int], dataset: Any, out: pathlib.Path) -> 
     for rec in read_jsonl(out / "metrics.jsonl"):
         if rec.get("event") == "epoch":
             (probs,) = rec["mix"].values()
-            margin = decision_stats(jnp.asarray(probs, jnp.float32))["margin"]
-            trace.append({"epoch": rec["epoch"] + 1, "mean_margin": float(jnp.mean(margin)),
+            margin = edge_decisions(np.asarray(probs))["margin"]
+            trace.append({"epoch": rec["epoch"] + 1, "mean_margin": float(np.mean(margin)),
                           "train_acc": float(np.mean(rec["train_acc"]))})
     return {"preset": dataclasses.asdict(p), "label": p.label(), "steps": res["steps"], "trace": trace,
             "search_time_s": res["search_time_s"], "wall_time_s": round(wall, 1) if np.isfinite(wall) else None,
@@ -172,7 +154,8 @@ def print_search(r: dict) -> None:
     every = max(1, len(r["trace"]) // 5)
     print("mean margin (over edges and seeds) by epoch: " + ", ".join(
         f"{t['epoch']}: {t['mean_margin']:.3f} (train acc {t['train_acc']:.2f})" for t in r["trace"][every - 1::every]))
-    print("| seed | genotype | weights min-max | mean entropy | mean margin | min margin | decided | param-free ops |")
+    print("| seed | genotype | weights min-max | mean entropy (1 = uniform) | mean margin | min margin | decided | "
+          "param-free ops |")
     print("|---|---|---|---|---|---|---|---|")
     for s in r["seeds"]:
         print(f"| {s['seed']} | `{s['genotype']}` | {s['min_weight']:.3f}-{s['max_weight']:.3f} | "

@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_profile(sub) -> None:
     p = sub.add_parser("profile", help="measure a latency look-up table of a space's candidate ops on this device")
-    p.add_argument("--space", default="mbconv", choices=("mbconv", "nb201"))
+    p.add_argument("--space", default="mbconv", choices=registry.spaces_with_latency_profiler(),
+                   help="a registered space whose entry has a latency profiler (default mbconv)")
     p.add_argument("--input", type=_shape, default=(32, 32, 3), help="H,W,C of one example (default 32,32,3)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per op (median reported)")
     p.add_argument("--warmup", type=int, default=3)

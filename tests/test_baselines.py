@@ -20,8 +20,8 @@ def _toy_codec():
     # a smooth landscape with a unique optimum at (3, 1, 4, 1, 5): count of matching decisions
     target = (3, 1, 4, 1, 5)
     codec = CategoricalCodec((6,) * 5, decode_fn=lambda p: p, encode_fn=lambda g: g, name="toy")
-    objective = lambda g: {"accuracy": float(sum(a == b for a, b in zip(g, target)))}
-    return codec, objective
+    evaluate = lambda g: {"accuracy": float(sum(a == b for a, b in zip(g, target)))}
+    return codec, evaluate
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda f: f.__name__)
@@ -52,6 +52,16 @@ def test_minimisation_mode_and_bad_arguments():
         random_search(codec, objective, 0, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="metric"):
         random_search(codec, objective, 3, jax.random.PRNGKey(0), metric="loss")
+
+
+def test_evaluator_is_the_black_box_name_and_objective_a_deprecated_alias():
+    from diffnas_jax.baselines import Evaluator, strategies
+
+    codec, evaluate = _toy_codec()
+    h = random_search(codec, evaluate=evaluate, budget=3, key=jax.random.PRNGKey(0))
+    assert len(h) == 3
+    with pytest.warns(DeprecationWarning, match="Evaluator"):
+        assert strategies.Objective is Evaluator
 
 
 def test_nb201_codec_round_trip_and_neighbourhood():

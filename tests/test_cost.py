@@ -153,6 +153,47 @@ def test_latency_table_profile_save_load(nb201, tmp_path):
         cost.profile_latency(object(), (8, 8, 3))
 
 
+def test_latency_profiler_comes_from_the_registry_entry():
+    # a space without one is refused by name; giving its entry a profiler makes it profilable
+    # (and offered by `diffnas profile`) without touching diffnas_jax.cost
+    import dataclasses
+
+    from diffnas_jax.cli import build_parser
+    from diffnas_jax.spaces import registry
+
+    darts = registry.make_space("darts", 10, channels=4, layers=3)
+    with pytest.raises(ValueError, match="space 'darts' has no latency profiler"):
+        cost.profile_latency(darts, (8, 8, 3))
+    assert "darts" not in registry.spaces_with_latency_profiler()
+    with pytest.raises(SystemExit):  # the CLI offers only spaces with a profiler
+        build_parser().parse_args(["profile", "--space", "darts"])
+    assert {"nb201", "mbconv"} <= set(registry.spaces_with_latency_profiler())
+    seen = []
+
+    def fake(space, input_shape, batch_size, repeats, warmup, dtype):
+        seen.append((space, input_shape, batch_size))
+        per = {k: np.full(v.shape, 0.5) for k, v in space.arch_shapes.items()}
+        return per, 1.25, {"fixed": 1.25}
+
+    entry = registry.get_space("darts")
+    registry.register_space(dataclasses.replace(entry, latency_profiler=fake), overwrite=True)
+    try:
+        assert "darts" in registry.spaces_with_latency_profiler()
+        assert build_parser().parse_args(["profile", "--space", "darts"]).space == "darts"
+        table = cost.profile_latency(darts, (8, 8, 3), repeats=1, warmup=1, batch_size=2)
+        assert seen == [(darts, (8, 8, 3), 2)]
+        assert table.constant == 1.25 and table.meta["space"] == "darts" and table.unit == "ms"
+    finally:
+        registry.register_space(entry, overwrite=True)
+    with pytest.warns(DeprecationWarning, match="latency_profiler"):  # the old entry point sets the field
+        cost.register_latency_profiler("darts", fake)
+    try:
+        assert registry.get_space("darts").latency_profiler is fake
+    finally:
+        registry.register_space(entry, overwrite=True)
+    assert registry.get_space("darts").latency_profiler is None
+
+
 def test_darts_cost_equals_counting_the_built_eval_network():
     darts = pytest.importorskip("diffnas_jax.spaces.darts")
     x = jnp.ones((2, 16, 16, 3), jnp.float32)

@@ -68,6 +68,54 @@ def test_plot_arch_history_uniform_level_follows_num_ops(tmp_path):
     assert np.allclose(uniform.get_ydata(), 1 / 8) and ax.get_ylim() == (0.0, 1.0)
 
 
+def test_plot_arch_history_takes_labels_from_the_space():
+    # panels named by the space's choice labels (NB201 edges "1<-0"), legends by its candidates
+    from diffnas_jax.spaces import registry
+
+    space = registry.make_space("nb201", 10, channels=2, layers=1)
+    steps, hist = _history()
+    fig = viz.plot_arch_history(steps, hist, space=space)
+    titles = [ax.get_title() for ax in fig.axes if ax.lines]
+    assert titles == ["1<-0", "2<-0", "2<-1", "3<-0", "3<-1", "3<-2"]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[:5] == list(space.op_names)
+    # explicit names still win
+    fig = viz.plot_arch_history(steps, hist, space=space, edge_names={"cell": list("abcdef")})
+    assert [ax.get_title() for ax in fig.axes if ax.lines] == list("abcdef")
+
+
+def test_choice_labels_of_every_registered_space_match_the_rows():
+    import math
+
+    import jax
+
+    from diffnas_jax.spaces import base, registry
+
+    tiny = {"nb201": dict(channels=2, layers=1), "darts": dict(channels=4, layers=3),
+            "pcdarts": dict(channels=4, layers=3), "mbconv": {}}
+    for name in registry.list_spaces():
+        space = registry.make_space(name, 10, **tiny.get(name, {}))
+        labels = base.arch_labels(space)
+        shapes = {base.leaf_name(p): s.shape for p, s in jax.tree_util.tree_leaves_with_path(space.arch_shapes)}
+        assert labels, name
+        for leaf, (rows, ops) in labels.items():
+            assert len(rows) == math.prod(shapes[leaf][:-1]) and len(set(rows)) == len(rows), (name, leaf)
+            assert len(ops) == shapes[leaf][-1], (name, leaf)
+    darts = registry.make_space("darts", 10, **tiny["darts"])
+    assert base.choice_labels(darts, "['normal']")[:5] == ("0<-c_{k-2}", "0<-c_{k-1}", "1<-c_{k-2}", "1<-c_{k-1}",
+                                                            "1<-0")
+    assert base.choice_labels(registry.make_space("mbconv", 10), "['layers']")[0] == "layers[0]"
+    with pytest.raises(ValueError, match="leaf"):
+        base.choice_labels(darts, "['cell']")
+    # a space without the optional member gets indexed labels
+    import types
+
+    bare = types.SimpleNamespace(arch_shapes={"a": jax.ShapeDtypeStruct((2, 3, 4), np.float32),
+                                              "b": jax.ShapeDtypeStruct((5,), np.float32)})
+    assert base.choice_labels(bare, "['a']") == ("a[0,0]", "a[0,1]", "a[0,2]", "a[1,0]", "a[1,1]", "a[1,2]")
+    assert base.choice_labels(bare, "['b']") == ("b",)
+
+
 def test_plot_errors_name_the_argument():
     with pytest.raises(ValueError, match="history"):
         viz.plot_arch_history([0, 1], {"cell": np.zeros((3, 2, 2))})

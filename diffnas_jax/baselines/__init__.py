@@ -2,9 +2,11 @@
 search, regularised evolution and BANANAS-style predictor-guided search."""
 from .codec import (CategoricalCodec, codec_for, darts_codec, layerwise_codec, nb201_codec, numpy_rng,
                     user_codec)
-from .strategies import STRATEGIES, History, bananas, get_strategy, local_search, random_search, regularized_evolution
+from .strategies import (STRATEGIES, Evaluator, History, bananas, get_strategy, local_search, random_search,
+                         regularized_evolution)
 
 __all__ = [
     "CategoricalCodec", "codec_for", "darts_codec", "layerwise_codec", "nb201_codec", "user_codec", "numpy_rng",
-    "History", "random_search", "local_search", "regularized_evolution", "bananas", "get_strategy", "STRATEGIES",
+    "Evaluator", "History", "random_search", "local_search", "regularized_evolution", "bananas", "get_strategy",
+    "STRATEGIES",
 ]

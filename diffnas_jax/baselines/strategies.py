@@ -7,9 +7,10 @@ Loss Landscape in Neural Architecture Search", UAI 2021); regularised evolution 
 "Regularized Evolution for Image Classifier Architecture Search", AAAI 2019; BANANAS is White,
 Neiswanger & Savani, "BANANAS: Bayesian Optimization with Neural Architectures for NAS", AAAI 2021.
 
-All strategies take ``objective(genotype) -> dict of metrics`` (train from scratch, query a
-table, anything), maximise ``metrics[metric]`` (``mode="min"`` to minimise), spend at most
-``budget`` *distinct* queries (a repeated architecture is answered from the cache and costs
+All strategies take an :data:`Evaluator`, ``evaluate(genotype) -> dict of metrics`` (train from
+scratch, query a table, anything; a black box, unlike the differentiable search's
+:class:`~diffnas_jax.search.objective.Objective`), maximise ``metrics[metric]`` (``mode="min"``
+to minimise), spend at most ``budget`` *distinct* queries (a repeated architecture is answered from the cache and costs
 nothing), are deterministic under the PRNG key, and return a :class:`History`.
 """
 from __future__ import annotations
@@ -26,7 +27,11 @@ import optax
 from diffnas_jax._checks import check_choice, check_int_in_range
 from diffnas_jax.baselines.codec import CategoricalCodec, Point, numpy_rng
 
-Objective = Callable[[Any], Mapping[str, float]]
+Evaluator = Callable[[Any], Mapping[str, float]]
+"""A black-box evaluation of a discrete architecture: ``evaluate(genotype) -> {metric: value}``."""
+
+__all__ = ["Evaluator", "History", "STRATEGIES", "get_strategy", "random_search", "local_search",
+           "regularized_evolution", "bananas"]
 
 
 @dataclasses.dataclass
@@ -52,11 +57,11 @@ class History:
         return len(self.values)
 
 
-class _Evaluator:
+class _Queries:
     """Caches queries and enforces the budget of distinct architectures."""
 
-    def __init__(self, codec: CategoricalCodec, objective: Objective, budget: int, metric: str, mode: str):
-        self.codec, self.objective, self.budget, self.metric = codec, objective, budget, metric
+    def __init__(self, codec: CategoricalCodec, evaluate: Evaluator, budget: int, metric: str, mode: str):
+        self.codec, self.evaluate, self.budget, self.metric = codec, evaluate, budget, metric
         self.sign = 1.0 if mode == "max" else -1.0
         self.cache: dict[Point, float] = {}
         self.history = History()
@@ -69,9 +74,9 @@ class _Evaluator:
         if point in self.cache:
             return self.cache[point]
         genotype = self.codec.decode(point)
-        metrics = dict(self.objective(genotype))
+        metrics = dict(self.evaluate(genotype))
         if self.metric not in metrics:
-            raise ValueError(f"objective returned {sorted(metrics)}; `metric` {self.metric!r} is missing")
+            raise ValueError(f"`evaluate` returned {sorted(metrics)}; `metric` {self.metric!r} is missing")
         value = self.sign * float(metrics[self.metric])
         self.cache[point] = value
         h = self.history
@@ -84,17 +89,17 @@ def _check(budget: int, mode: str) -> None:
     check_choice("mode", mode, ("max", "min"))
 
 
-def random_search(codec: CategoricalCodec, objective: Objective, budget: int, key: jax.Array, *,
+def random_search(codec: CategoricalCodec, evaluate: Evaluator, budget: int, key: jax.Array, *,
                   metric: str = "accuracy", mode: str = "max") -> History:
     """Uniform random sampling of ``budget`` distinct architectures."""
     _check(budget, mode)
-    rng, ev = numpy_rng(key), _Evaluator(codec, objective, budget, metric, mode)
+    rng, ev = numpy_rng(key), _Queries(codec, evaluate, budget, metric, mode)
     while not ev.exhausted:
         ev(codec.random(rng))
     return ev.history
 
 
-def local_search(codec: CategoricalCodec, objective: Objective, budget: int, key: jax.Array, *,
+def local_search(codec: CategoricalCodec, evaluate: Evaluator, budget: int, key: jax.Array, *,
                  metric: str = "accuracy", mode: str = "max", num_init: int = 10,
                  first_improvement: bool = False) -> History:
     """Hill climbing over one-decision neighbourhoods with random restarts (White et al. 2021).
@@ -105,7 +110,7 @@ def local_search(codec: CategoricalCodec, objective: Objective, budget: int, key
     """
     _check(budget, mode)
     check_int_in_range("num_init", num_init, 1, 10**9)
-    rng, ev = numpy_rng(key), _Evaluator(codec, objective, budget, metric, mode)
+    rng, ev = numpy_rng(key), _Queries(codec, evaluate, budget, metric, mode)
     current, current_value = None, -np.inf
     for _ in range(num_init):
         if ev.exhausted:
@@ -134,7 +139,7 @@ def local_search(codec: CategoricalCodec, objective: Objective, budget: int, key
     return ev.history
 
 
-def regularized_evolution(codec: CategoricalCodec, objective: Objective, budget: int, key: jax.Array, *,
+def regularized_evolution(codec: CategoricalCodec, evaluate: Evaluator, budget: int, key: jax.Array, *,
                           metric: str = "accuracy", mode: str = "max", population_size: int = 20,
                           sample_size: int = 5) -> History:
     """Aging evolution (Real et al. 2019): tournament of ``sample_size`` from the population,
@@ -142,7 +147,7 @@ def regularized_evolution(codec: CategoricalCodec, objective: Objective, budget:
     _check(budget, mode)
     check_int_in_range("population_size", population_size, 1, 10**9)
     check_int_in_range("sample_size", sample_size, 1, population_size)
-    rng, ev = numpy_rng(key), _Evaluator(codec, objective, budget, metric, mode)
+    rng, ev = numpy_rng(key), _Queries(codec, evaluate, budget, metric, mode)
     population: list[tuple[Point, float]] = []
     while len(population) < population_size and not ev.exhausted:
         p = codec.random(rng)
@@ -205,7 +210,7 @@ def _make_ensemble_fit(sizes, num_ensemble, steps, lr):
     return fit_and_predict
 
 
-def bananas(codec: CategoricalCodec, objective: Objective, budget: int, key: jax.Array, *,
+def bananas(codec: CategoricalCodec, evaluate: Evaluator, budget: int, key: jax.Array, *,
             metric: str = "accuracy", mode: str = "max", num_init: int = 10, num_ensemble: int = 5,
             num_candidates: int = 100, batch_size: int = 5, hidden: int = 32, train_steps: int = 200,
             learning_rate: float = 1e-2) -> History:
@@ -220,7 +225,7 @@ def bananas(codec: CategoricalCodec, objective: Objective, budget: int, key: jax
     _check(budget, mode)
     check_int_in_range("num_init", num_init, 1, 10**9)
     check_int_in_range("num_ensemble", num_ensemble, 2, 1000)
-    rng, ev = numpy_rng(key), _Evaluator(codec, objective, budget, metric, mode)
+    rng, ev = numpy_rng(key), _Queries(codec, evaluate, budget, metric, mode)
     while len(ev.history) < min(num_init, budget) and not ev.exhausted:
         ev(codec.random(rng))
     dim = sum(codec.cardinalities)
@@ -279,3 +284,14 @@ def get_strategy(name: str) -> Callable[..., History]:
     """A strategy by name: ``random``, ``local_search``, ``evolution``, ``bananas``."""
     check_choice("strategy", name, tuple(STRATEGIES))
     return STRATEGIES[name]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Objective":
+        import warnings
+
+        warnings.warn("diffnas_jax.baselines.strategies.Objective is deprecated: it is now `Evaluator` "
+                      "(\"objective\" is the differentiable search's loss, diffnas_jax.search.objective)",
+                      DeprecationWarning, stacklevel=2)
+        return Evaluator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

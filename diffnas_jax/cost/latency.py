@@ -59,7 +59,8 @@ def _device() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', '')}"
 
 
-def _nb201_profile(space, input_shape, batch_size, repeats, warmup, dtype):
+def nb201_profiler(space, input_shape, batch_size, repeats, warmup, dtype):
+    """NB201: each op timed at each stage's shape (the registry entry's ``latency_profiler``)."""
     from diffnas_jax.spaces import nb201
     from .analytic import _nb201_stages
 
@@ -84,7 +85,8 @@ def _nb201_profile(space, input_shape, batch_size, repeats, warmup, dtype):
     return {"cell": np.tile(row, (space.num_edges, 1))}, const, entries
 
 
-def _mbconv_profile(space, input_shape, batch_size, repeats, warmup, dtype):
+def mbconv_profiler(space, input_shape, batch_size, repeats, warmup, dtype):
+    """MBConv: each allowed candidate timed at its layer's shape (the registry entry's ``latency_profiler``)."""
     from diffnas_jax.spaces import mbconv
 
     specs = space.layer_specs(input_shape)
@@ -116,13 +118,17 @@ def _mbconv_profile(space, input_shape, batch_size, repeats, warmup, dtype):
     return {"layers": table}, const, entries
 
 
-_PROFILERS = {"nb201": _nb201_profile, "mbconv": _mbconv_profile}
-
-
 def register_latency_profiler(kind: str, profiler: Callable[..., Any]) -> None:
-    """Add a profiler for a registered space name (:mod:`diffnas_jax.spaces.registry`): ``profiler(space, input_shape, batch_size, repeats, warmup,
-    dtype) -> (per_choice, constant_ms, entries)``."""
-    _PROFILERS[kind] = profiler
+    """Deprecated: give the space's registry entry a ``latency_profiler``
+    (:class:`diffnas_jax.spaces.registry.SpaceEntry`); this sets it on the entry of ``kind``."""
+    import dataclasses
+    import warnings
+
+    from diffnas_jax.spaces import registry
+
+    warnings.warn("register_latency_profiler is deprecated: set SpaceEntry.latency_profiler "
+                  "(diffnas_jax.spaces.registry)", DeprecationWarning, stacklevel=2)
+    registry.register_space(dataclasses.replace(registry.get_space(kind), latency_profiler=profiler), overwrite=True)
 
 
 def profile_latency(space: SearchSpace, input_shape: Sequence[int], repeats: int = 20, *, warmup: int = 3,
@@ -135,8 +141,8 @@ def profile_latency(space: SearchSpace, input_shape: Sequence[int], repeats: int
     network (its decisions all set to the empty op where the space has one).
 
     Args:
-      space: a space of :mod:`diffnas_jax.spaces` with a registered profiler (``nb201``,
-        ``mbconv`` when available, see :func:`register_latency_profiler`).
+      space: a space whose registry entry has a ``latency_profiler`` (``nb201``, ``mbconv``;
+        :func:`diffnas_jax.spaces.registry.spaces_with_latency_profiler` lists them).
       input_shape: ``(H, W, C_in)`` of one example.
       repeats: timed runs per op (median reported).
       warmup: untimed runs first (the first compiles).
@@ -146,21 +152,18 @@ def profile_latency(space: SearchSpace, input_shape: Sequence[int], repeats: int
     Returns:
       A :class:`CostTable` with ``metric="latency"``, ``unit="ms"`` and ``meta`` holding the device,
       shapes and the raw per-op entries; save it with :func:`diffnas_jax.cost.save_table`.
+
+    Raises:
+      ValueError: the space has no latency profiler (named), or a bad ``input_shape``.
     """
-    from diffnas_jax.spaces.registry import name_of
+    from diffnas_jax.spaces.registry import latency_profiler
 
     check_int_in_range("batch_size", batch_size, 1, 1 << 20)
     if len(tuple(input_shape)) != 3:
         raise ValueError(f"`input_shape` must be (H, W, C_in), got {tuple(input_shape)}")
-    try:
-        kind = name_of(space)
-    except ValueError:
-        kind = type(space).__name__
-    if kind not in _PROFILERS:
-        raise ValueError(f"no latency profiler for {kind!r} spaces; available: {sorted(_PROFILERS)} "
-                         "(register_latency_profiler adds one for a registered space name)")
-    per_choice, const, entries = _PROFILERS[kind](space, tuple(int(v) for v in input_shape), batch_size,
-                                                  repeats, warmup, dtype)
+    kind, profiler = latency_profiler(space)
+    per_choice, const, entries = profiler(space, tuple(int(v) for v in input_shape), batch_size, repeats, warmup,
+                                          dtype)
     meta = {"device": _device(), "jax": jax.__version__, "space": kind, "input_shape": list(input_shape),
             "batch_size": batch_size, "repeats": repeats, "warmup": warmup, "dtype": jnp.dtype(dtype).name,
             "entries": entries}

@@ -487,10 +487,6 @@ class _SignalGuard:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def _leaf_name(path) -> str:
-    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
-
-
 MIX_SAMPLES = 16
 """Samples averaged for the logged mixing weights of a stochastic relaxation (GDAS, SNAS, DrNAS)."""
 
@@ -502,7 +498,7 @@ def _mix_fn(setup: SearchSetup) -> Callable:
     stochastic relaxation it is the mean of :data:`MIX_SAMPLES` draws with fixed keys (an
     estimate of the expected mix; exact for deterministic relaxations, whose draws coincide).
     """
-    from ..spaces.base import is_passthrough_path
+    from ..spaces.base import is_passthrough_path, leaf_name
 
     relax = setup.relaxation
     keys = jax.random.split(jax.random.key(0), MIX_SAMPLES)
@@ -520,7 +516,7 @@ def _mix_fn(setup: SearchSetup) -> Callable:
         for path, v in jax.tree_util.tree_leaves_with_path(jax.device_get(fn(arch, jnp.asarray(step)))):
             if is_passthrough_path(path):
                 continue
-            out[_leaf_name(path)] = np.asarray(v)
+            out[leaf_name(path)] = np.asarray(v)
         return out
 
     return mix
@@ -843,11 +839,6 @@ def write_plots(setup: SearchSetup, out: pathlib.Path, seeds: Sequence[dict], ge
 
     cfg = setup.config
     records = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "epoch"]
-    from ..spaces.base import CATEGORICAL
-
-    op_names = {_leaf_name(path): setup.space.candidate_names(jax.tree_util.keystr(path))
-                for path, kind in jax.tree_util.tree_leaves_with_path(setup.space.arch_kinds)
-                if kind == CATEGORICAL}
     paths = []
     for i, (s, genotype) in enumerate(zip(seeds, genotypes)):
         suffix = f"_seed{s['seed']}" if cfg.vmapped else ""
@@ -861,7 +852,7 @@ def write_plots(setup: SearchSetup, out: pathlib.Path, seeds: Sequence[dict], ge
             steps = [r["step"] for r in records]
             hist = {k: np.stack([np.asarray(r["mix"][k])[i] if cfg.vmapped else np.asarray(r["mix"][k])
                                  for r in records]) for k in records[0]["mix"]}
-            viz.plot_arch_history(steps, hist, out / f"arch_weights{suffix}.png", op_names=op_names,
+            viz.plot_arch_history(steps, hist, out / f"arch_weights{suffix}.png", space=setup.space,
                                   title=f"mixing weights ({cfg.method}, seed {s['seed']})")
             paths.append(out / f"arch_weights{suffix}.png")
     return [str(p) for p in paths]

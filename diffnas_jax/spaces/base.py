@@ -27,6 +27,14 @@ never asks which space it holds (no ``hasattr``, no module names). The members:
   the network size (an argument the network does not take is a ``ValueError``).
 - ``cost_table(input_shape=None, metric="flops", **size) -> CostTable`` and
   ``network_cost(genotype, input_shape=None, **size) -> Cost``: FLOPs / parameter models.
+
+Optional members (a space may leave them out; :func:`choice_labels` and the registry are how
+the rest of the library reaches them, so nothing outside ``spaces/`` asks whether they exist):
+
+- ``choice_labels(leaf) -> tuple[str, ...]``: a human label for each row (choice) of categorical
+  leaf ``leaf``, e.g. NB201's edges ``"1<-0"``; :class:`SpaceDefaults` labels them ``name[i]``.
+- a latency profiler, named by the space's registry entry
+  (:attr:`diffnas_jax.spaces.registry.SpaceEntry.latency_profiler`), for ``diffnas profile``.
 """
 from __future__ import annotations
 
@@ -45,6 +53,7 @@ __all__ = [
     "ARCH_PASSTHROUGH_KEY", "CATEGORICAL", "PASSTHROUGH", "SearchSpace", "EvalNetwork", "check_mix_matches",
     "arch_kinds", "is_passthrough_path", "choice_leaves", "map_choices", "replace_choice_leaves",
     "strip_passthrough", "check_size_kwargs", "leaf_candidates", "leaf_key", "SpaceDefaults",
+    "leaf_name", "choice_labels", "arch_labels",
 ]
 
 
@@ -189,8 +198,50 @@ def leaf_key(*keys: str) -> str:
     return jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in keys))
 
 
+def leaf_name(path: Iterable[Any]) -> str:
+    """A key path as ``"/"``-joined keys (``"cell"``, ``"beta/normal"``): how logs and plots name
+    an arch leaf (the keys of the ``mix`` records in ``metrics.jsonl``)."""
+    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def _indexed_labels(space: Any, leaf: str) -> tuple[str, ...]:
+    """``name[i]`` (``name[i,j]``, ...) for each row of leaf ``leaf``; ``(name,)`` for a vector."""
+    import itertools
+
+    for path, shape in jax.tree_util.tree_leaves_with_path(space.arch_shapes):
+        if jax.tree_util.keystr(path) == leaf:
+            rows, name = tuple(shape.shape)[:-1], leaf_name(path)
+            if not rows:
+                return (name,)
+            return tuple(f"{name}[{','.join(map(str, i))}]" for i in itertools.product(*(range(n) for n in rows)))
+    raise ValueError(f"`leaf` {leaf!r} is not an arch leaf of this space")
+
+
+def choice_labels(space: SearchSpace, leaf: str) -> tuple[str, ...]:
+    """Human labels of the rows of categorical leaf ``leaf`` (a ``keystr`` path), in row-major
+    order: the space's optional ``choice_labels(leaf)`` member, else ``name[i]``."""
+    own = getattr(space, "choice_labels", None)
+    return tuple(own(leaf)) if own is not None else _indexed_labels(space, leaf)
+
+
+def arch_labels(space: SearchSpace) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """``{leaf name: (row labels, candidate names)}`` for every categorical arch leaf, keyed by
+    :func:`leaf_name` (as the driver logs mixes): what plots put on their panels and legends."""
+    out = {}
+    for path, kind in jax.tree_util.tree_leaves_with_path(space.arch_kinds):
+        if kind == CATEGORICAL:
+            key = jax.tree_util.keystr(path)
+            out[leaf_name(path)] = (choice_labels(space, key), tuple(space.candidate_names(key)))
+    return out
+
+
 class SpaceDefaults:
     """Members of :class:`SearchSpace` that most spaces share; a space overrides what differs."""
+
+    def choice_labels(self, leaf: str) -> tuple[str, ...]:
+        """Row labels ``name[i]`` of categorical leaf ``leaf`` (a keystr path); spaces whose rows
+        mean something (edges between nodes) override this."""
+        return _indexed_labels(self, leaf)
 
     @property
     def arch_kinds(self) -> PyTree:

@@ -373,6 +373,13 @@ class DartsSearchSpace(SpaceDefaults):
 
         return darts_codec(self.primitives, self.steps)
 
+    def choice_labels(self, leaf: str) -> tuple[str, ...]:
+        """The edges ``"i<-j"`` of the ``"normal"`` / ``"reduce"`` leaves in row order: node ``i``
+        of the cell from ``c_{k-2}``, ``c_{k-1}`` (the two cell inputs) or an earlier node ``j``."""
+        leaf_candidates("darts.choice_labels", leaf, {leaf_key("normal"): (), leaf_key("reduce"): ()})
+        inputs = lambda j: ("c_{k-2}", "c_{k-1}")[j] if j < 2 else str(j - 2)  # noqa: E731
+        return tuple(f"{i}<-{inputs(j)}" for i in range(self.steps) for j in range(i + 2))
+
     def candidate_names(self, leaf: str) -> tuple[str, ...]:
         """The primitives of the ``"normal"`` and ``"reduce"`` leaves (keystr paths)."""
         return leaf_candidates("darts.candidate_names", leaf,

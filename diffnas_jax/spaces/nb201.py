@@ -496,6 +496,11 @@ class NB201Space(SpaceDefaults, _NetworkBase):
         """The op names of the ``"cell"`` leaf (``leaf`` is its keystr, ``"['cell']"``)."""
         return leaf_candidates("nb201.candidate_names", leaf, {leaf_key("cell"): self.op_names})
 
+    def choice_labels(self, leaf: str) -> tuple[str, ...]:
+        """The edges ``"i<-j"`` (node ``i`` from node ``j``) of the ``"cell"`` leaf, in row order."""
+        leaf_candidates("nb201.choice_labels", leaf, {leaf_key("cell"): ()})
+        return self.edge_keys
+
     def eval_network(self, genotype: str, **size: Any) -> "NB201EvalNetwork":
         """The discrete ``TinyNetwork`` of ``genotype`` (an arch string) with this space's ``C``,
         ``N`` and classes unless ``size`` overrides them (``C``, ``N``, ``num_classes``)."""

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the registry imports no JAX: the CLI reads it before JAX lo
     from .base import EvalNetwork, SearchSpace
 
 __all__ = ["SpaceEntry", "register_space", "get_space", "list_spaces", "make_space", "make_eval_network",
-           "name_of", "search_preset", "eval_preset"]
+           "name_of", "eval_preset", "latency_profiler", "spaces_with_latency_profiler"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,10 @@ class SpaceEntry:
       eval_preset: ``space.eval_network`` keywords of the default from-scratch network.
       size_names: ``{"channels": ..., "layers": ...}``: the space's own names of the generic sizes.
       space_type: ``"module:Class"`` of the space objects (for :func:`name_of`), optional.
+      latency_profiler: ``"module:function"`` or a callable ``profiler(space, input_shape,
+        batch_size, repeats, warmup, dtype) -> (per_choice, constant_ms, entries)`` that times the
+        space's candidate ops (see :func:`diffnas_jax.cost.profile_latency`); optional: a space
+        without one cannot be profiled (``diffnas profile`` offers only spaces that have one).
     """
 
     name: str
@@ -49,6 +53,7 @@ class SpaceEntry:
     eval_preset: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     size_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
     space_type: str | None = None
+    latency_profiler: str | Callable[..., Any] | None = None
 
     def resolve(self) -> Callable[..., SearchSpace]:
         """The constructor (imports its module)."""
@@ -100,11 +105,8 @@ def get_space(name: str) -> SpaceEntry:
     return _REGISTRY[name]
 
 
-def search_preset(name: str) -> dict[str, Any]:
-    return dict(get_space(name).search_preset)
-
-
 def eval_preset(name: str) -> dict[str, Any]:
+    """The evaluation preset of ``name`` (a copy)."""
     return dict(get_space(name).eval_preset)
 
 
@@ -138,6 +140,31 @@ def make_eval_network(name: str, genotype: Any, num_classes: int | None = None, 
     return space.eval_network(genotype, **kw)
 
 
+def spaces_with_latency_profiler() -> tuple[str, ...]:
+    """The registered names whose entry has a latency profiler (imports nothing)."""
+    return tuple(n for n, e in _REGISTRY.items() if e.latency_profiler is not None)
+
+
+def latency_profiler(space: SearchSpace) -> tuple[str, Callable[..., Any]]:
+    """``(registered name, profiler)`` of ``space``'s type.
+
+    Raises:
+      ValueError: naming the space when its type is not registered or its entry has no profiler.
+    """
+    try:
+        name = name_of(space)
+    except ValueError:
+        raise ValueError(f"no latency profiler for a {type(space).__name__}: it is not a registered space type; "
+                         f"register one with register_space(SpaceEntry(..., space_type=..., latency_profiler=...)) "
+                         f"(spaces with one: {list(spaces_with_latency_profiler())})") from None
+    entry = _REGISTRY[name]
+    if entry.latency_profiler is None:
+        raise ValueError(f"space {name!r} has no latency profiler (spaces with one: "
+                         f"{list(spaces_with_latency_profiler())}); give its SpaceEntry a `latency_profiler`")
+    fn = entry.latency_profiler
+    return name, (_import(fn) if isinstance(fn, str) else fn)
+
+
 def name_of(space: SearchSpace) -> str:
     """The registered name of ``space``'s type (``ValueError`` for an unregistered type, e.g. a
     user-defined space)."""
@@ -151,7 +178,7 @@ def name_of(space: SearchSpace) -> str:
 # minutes on a 2-core CPU, and a from-scratch network of the same family.
 register_space(SpaceEntry(
     "nb201", "diffnas_jax.spaces.nb201:search_space", {"C": 8, "N": 1}, {"C": 8, "N": 1},
-    {"channels": "C", "layers": "N"}, "diffnas_jax.spaces.nb201:NB201Space"))
+    {"channels": "C", "layers": "N"}, "diffnas_jax.spaces.nb201:NB201Space", "diffnas_jax.cost.latency:nb201_profiler"))
 register_space(SpaceEntry(
     "darts", "diffnas_jax.spaces.darts:search_space", {"C": 8, "layers": 3},
     {"C": 8, "layers": 3, "auxiliary": False, "drop_path_prob": 0.0}, {"channels": "C", "layers": "layers"},
@@ -164,4 +191,4 @@ register_space(SpaceEntry(
     "mbconv", "diffnas_jax.spaces.mbconv:search_space",
     {"widths": (8, 8, 16, 16, 32, 32), "stem_width": 8, "first_width": 8, "head_width": 64},
     {"widths": (8, 8, 16, 16, 32, 32), "stem_width": 8, "first_width": 8, "head_width": 64},
-    {}, "diffnas_jax.spaces.mbconv:MBConvSpace"))
+    {}, "diffnas_jax.spaces.mbconv:MBConvSpace", "diffnas_jax.cost.latency:mbconv_profiler"))

@@ -15,13 +15,13 @@ import optax
 
 from diffnas_jax._checks import check_choice, check_int_in_range, check_positive
 from diffnas_jax.baselines.codec import CategoricalCodec
-from diffnas_jax.baselines.strategies import History, Objective, _Evaluator
+from diffnas_jax.baselines.strategies import Evaluator, History, _Queries
 
 
-def reinforce_search(codec: CategoricalCodec, objective: Objective, budget: int, key: jax.Array, *,
+def reinforce_search(codec: CategoricalCodec, evaluate: Evaluator, budget: int, key: jax.Array, *,
                      metric: str = "accuracy", mode: str = "max", learning_rate: float = 0.2,
                      batch_size: int = 4, baseline_decay: float = 0.9, max_samples: int | None = None) -> History:
-    """Optimise independent categorical logits (one per decision) by REINFORCE against ``objective``.
+    """Optimise independent categorical logits (one per decision) by REINFORCE against ``evaluate``.
 
     Each round samples ``batch_size`` architectures from ``softmax(logits)``, queries them
     (cached repeats are free), and takes an Adam step on ``-E[(value - baseline) log p(arch)]``.
@@ -31,7 +31,7 @@ def reinforce_search(codec: CategoricalCodec, objective: Objective, budget: int,
     check_int_in_range("batch_size", batch_size, 1, 10**6)
     check_positive("learning_rate", learning_rate)
     check_choice("mode", mode, ("max", "min"))
-    ev = _Evaluator(codec, objective, budget, metric, mode)
+    ev = _Queries(codec, evaluate, budget, metric, mode)
     width = max(codec.cardinalities)
     # one padded (D, width) logit table; impossible options masked to -inf
     valid = np.arange(width)[None, :] < np.asarray(codec.cardinalities)[:, None]

@@ -12,7 +12,8 @@ from ._mpl import new_figure, save
 def plot_arch_history(steps: Sequence[int], history: Mapping[str, np.ndarray],
                       path: str | os.PathLike | None = None,
                       op_names: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
-                      edge_names: Mapping[str, Sequence[str]] | None = None, title: str = "") -> Any:
+                      edge_names: Mapping[str, Sequence[str]] | None = None, title: str = "",
+                      space: Any = None) -> Any:
     """Draw one panel per edge with each op's mixing weight against the step; return the Figure.
 
     Every panel has the same fixed y-axis [0, 1] and a dashed line at the uniform weight
@@ -28,13 +29,27 @@ def plot_arch_history(steps: Sequence[int], history: Mapping[str, np.ndarray],
         [0, 1], e.g. the mix the relaxation returned, recorded at the end of each epoch.
       path: if given, the figure is also written there (format from the extension, e.g. ``.png``;
         works without a display).
-      op_names: op labels, one list for all leaves or one per leaf.
-      edge_names: per leaf, the edge labels (defaults to ``leaf[e]``).
+      op_names: op labels, one list for all leaves or one per leaf (default: the space's
+        ``candidate_names`` when ``space`` is given, else ``op0``, ``op1``, ...).
+      edge_names: per leaf, the edge labels (default: the space's
+        :func:`~diffnas_jax.spaces.base.choice_labels`, e.g. ``1<-0``, when ``space`` is given,
+        else ``leaf[e]``).
       title: figure title.
+      space: the :class:`~diffnas_jax.spaces.base.SearchSpace` searched; its labels name the
+        panels and ops of the leaves of ``history`` (keyed as
+        :func:`~diffnas_jax.spaces.base.leaf_name`, as the driver logs them).
 
     Returns:
       The ``matplotlib.figure.Figure``.
     """
+    if space is not None:
+        from diffnas_jax.spaces.base import arch_labels
+
+        labels = arch_labels(space)
+        if op_names is None:
+            op_names = {leaf: ops for leaf, (_, ops) in labels.items()}
+        if edge_names is None:
+            edge_names = {leaf: rows for leaf, (rows, _) in labels.items()}
     panels = []
     for leaf, arr in history.items():
         arr = np.asarray(arr, dtype=np.float64)
