@@ -57,7 +57,8 @@ def test_gradient_proxies_equal_direct_formulas():
         parts = jnp.split(v, np.cumsum(sizes)[:-1])
         return {k: p.reshape(shapes[k]) for k, p in zip(sorted(W), parts)}
 
-    hess = jax.hessian(lambda v: xent(mlp(unflat(v), X), Y))(flat_w)
+    # jitted: eagerly, the Hessian's vmapped forward-over-reverse dispatched hundreds of small programs
+    hess = jax.jit(jax.hessian(lambda v: xent(mlp(unflat(v), X), Y)))(flat_w)
     np.testing.assert_allclose(grasp(mlp, W, (X, Y)), flat_w @ (hess @ flat_g), rtol=1e-8)
 
 
@@ -123,5 +124,7 @@ def test_score_population_vmaps_over_architectures():
     archs = jnp.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.2, 0.8]])
     for name in PROXIES:
         together = score_population(name, gated, w, (X, Y), archs)
-        alone = [float(get_proxy(name)(lambda w_, x, a=a: gated(w_, x, a), w, (X, Y))) for a in archs]
+        # one compiled program per proxy, called per architecture (eager dispatch dominated this test)
+        one = jax.jit(lambda w_, a, proxy=get_proxy(name): proxy(lambda w2, x: gated(w2, x, a), w_, (X, Y)))
+        alone = [float(one(w, a)) for a in archs]
         np.testing.assert_allclose(np.asarray(together), alone, rtol=1e-6, atol=1e-9, err_msg=name)

@@ -242,7 +242,8 @@ def score_population(name: str, apply_fn: Callable[[Any, jax.Array, Any], jax.Ar
     if len(sizes) != 1 or None in sizes:
         raise ValueError("`archs` must stack the architectures on a leading axis shared by every leaf")
 
-    def one(w, arch):
-        return proxy(lambda w_, x: apply_fn(w_, x, arch), w, batch)
+    def one(w, arch, data):
+        return proxy(lambda w_, x: apply_fn(w_, x, arch), w, data)
 
-    return jax.vmap(one, in_axes=(weights_axis, 0))(weights, archs)
+    # jitted, so the population is one compiled program (an eager vmap dispatched every op)
+    return jax.jit(jax.vmap(one, in_axes=(weights_axis, 0, None)))(weights, archs, batch)
