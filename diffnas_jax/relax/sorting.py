@@ -190,9 +190,11 @@ def _long_range_last(num, den, own, anchor, log_domain: bool) -> jax.Array:
     pooling chains: a block absorbing its neighbours one window at a time took n / _WINDOW
     rounds (3425 rounds for kl soft_sort at n = 10^4).
     """
-    nb = num.shape[-1]
+    rows, nb = num.shape
     idx = lax.broadcasted_iota(jnp.int32, num.shape, 1)
-    cn, cd = _segmented_cumsum(num, anchor), _segmented_cumsum(den, anchor)
+    # one scan for both sums: every scan unrolls into ~log2(n) levels of ops at compile time
+    both = _segmented_cumsum(jnp.concatenate([num, den]), jnp.concatenate([anchor, anchor]))
+    cn, cd = both[:rows], both[rows:]
     pooled = jnp.log(cn) - jnp.log(cd) if log_domain else cn / cd
     before = jnp.concatenate([jnp.full_like(pooled[:, :1], jnp.nan), pooled[:, :-1]], axis=1)
     rises = (own > before) & jnp.isfinite(pooled)  # False on NaN (padded blocks, overflow)
@@ -213,22 +215,22 @@ def _long_range(stats, size, last, log_domain: bool) -> jax.Array:
     batch, nb = size.shape
     idx = lax.broadcasted_iota(jnp.int32, size.shape, 1)
     real = size > 0
-    anchor = (idx == 0) | (size > 1)
-    seg = lax.cummax(jnp.where(anchor, idx, 0), axis=1)
-    last = jnp.maximum(last, _long_range_last(*stats(seg, False), anchor, log_domain))
-    # backwards: flip the rows; the anchor's group is K..anchor with K the first minimiser of
-    # the suffix value, i.e. the first maximiser of its negation on the flipped row
-    nreal = jnp.sum(real, axis=1, keepdims=True)
-    anchor_b = (real & (size > 1)) | (idx == nreal - 1)
     fl = lambda x: x[:, ::-1]  # noqa: E731
-    seg_b = lax.cummax(jnp.where(fl(anchor_b), idx, 0), axis=1)  # flipped positions
-    k_flipped = _long_range_last(*stats(fl(nb - 1 - seg_b), True), fl(anchor_b), log_domain)
-    k = fl(nb - 1 - k_flipped)  # per backward anchor g: the first block K of its group
+    anchor = (idx == 0) | (size > 1)
+    # backwards: on the flipped row the anchor's group is anchor..K with K the end of the run
+    # over which the suffix value keeps falling, i.e. the negated value keeps rising
+    anchor_b = (real & (size > 1)) | (idx == jnp.sum(real, axis=1, keepdims=True) - 1)
+    both = jnp.concatenate([anchor, fl(anchor_b)])  # forwards and flipped rows in one batch
+    seg = lax.cummax(jnp.where(both, jnp.concatenate([idx, idx]), 0), axis=1)
+    fwd, bwd = stats(seg[:batch], False), stats(fl(nb - 1 - seg[batch:]), True)
+    end = _long_range_last(*(jnp.concatenate([u, v]) for u, v in zip(fwd, bwd)), both, log_domain)
+    last = jnp.maximum(last, end[:batch])
+    k = fl(nb - 1 - end[batch:])  # per backward anchor g: the first block K of its group
     rows = lax.broadcasted_iota(jnp.int32, size.shape, 0)
     return last.at[rows, k].max(jnp.where(anchor_b, idx, -1), mode="promise_in_bounds")
 
 
-def _merge_round_l2(a, b, pf, qf, eps) -> jax.Array:
+def _merge_round_l2(a, b, pf, qf, eps, long_range: bool = True) -> jax.Array:
     """One parallel pooling round for l2 in block space; returns the surviving block starts.
 
     Per block (batch, nb; padded blocks empty): ``a`` = sum over the block of ``y - y_first``,
@@ -269,12 +271,13 @@ def _merge_round_l2(a, b, pf, qf, eps) -> jax.Array:
         own = a / b + offset  # NaN for padded blocks
         return (-num[:, ::-1], b[:, ::-1], -own[:, ::-1]) if backward else (num, b, own)
 
-    last = _long_range(stats, b, last, log_domain=False)
+    if long_range:
+        last = _long_range(stats, b, last, log_domain=False)
     reach = lax.cummax(last, axis=1)
     return jnp.concatenate([jnp.ones_like(reach[:, :1], dtype=bool), reach[:, :-1] < idx[:, 1:]], 1)
 
 
-def _merge_round_kl(ya, wa, yf, wf, ey, size) -> jax.Array:
+def _merge_round_kl(ya, wa, yf, wf, ey, size, long_range: bool = True) -> jax.Array:
     """One parallel pooling round for kl in block space; returns the surviving block starts.
 
     Per block: ``ya`` = logsumexp over the block of ``y - y_first``, ``wa`` the same of ``w``,
@@ -322,7 +325,8 @@ def _merge_round_kl(ya, wa, yf, wf, ey, size) -> jax.Array:
         own = jnp.where(size > 0, da - db, jnp.nan)
         return (eb[:, ::-1], ea[:, ::-1], -own[:, ::-1]) if backward else (ea, eb, own)
 
-    last = _long_range(stats, size, last, log_domain=True)
+    if long_range:
+        last = _long_range(stats, size, last, log_domain=True)
     reach = lax.cummax(last, axis=1)
     return jnp.concatenate([jnp.ones_like(reach[:, :1], dtype=bool), reach[:, :-1] < idx[:, 1:]], 1)
 
@@ -361,7 +365,8 @@ def _pav_l2(p: jax.Array, q: jax.Array, eps) -> jax.Array:
         new = start & jnp.take_along_axis(keep, blocks.ids, axis=1, mode="promise_in_bounds")
         return new, jnp.any(new != start)
 
-    start = _merge_round_l2(jnp.zeros_like(p), jnp.ones_like(p), p, q, eps)  # singletons at first
+    # singletons at first; the loop's first round starts the long-range scans (compiled once)
+    start = _merge_round_l2(jnp.zeros_like(p), jnp.ones_like(p), p, q, eps, long_range=False)
     start, _ = lax.while_loop(lambda c: c[1], body, (start, jnp.any(~start)))
     return start
 
@@ -397,7 +402,8 @@ def _pav_kl(py: jax.Array, pw: jax.Array, ey) -> jax.Array:
         return new, jnp.any(new != start)
 
     zeros = jnp.zeros_like(py)
-    start = _merge_round_kl(zeros, zeros, py, pw, ey, jnp.ones_like(py))  # every element is its own block at first
+    # every element is its own block at first
+    start = _merge_round_kl(zeros, zeros, py, pw, ey, jnp.ones_like(py), long_range=False)
     start, _ = lax.while_loop(lambda c: c[1], body, (start, jnp.any(~start)))
     return start
 
