@@ -150,6 +150,10 @@ def _blocks_from(flat, shape):
 
 
 _WINDOW = 8  # blocks a block may absorb per round; 8 cut the rounds ~8x on long pooling chains
+# The long-range step cut l2 rounds (79 -> 3 at n = 10^4) but cost more per round than it saved
+# on the benchmark inputs (l2 soft_sort (16, 1000) 80 -> 147 ms, same process, loaded machine)
+# and ~3 s of compile per core; kl needs it (408 -> 1 rounds).  See notes/relax_speed.md.
+_LONG_RANGE_L2 = False
 
 
 def _shift(x: jax.Array, t: int, fill: float) -> jax.Array:
@@ -361,7 +365,7 @@ def _pav_l2(p: jax.Array, q: jax.Array, eps) -> jax.Array:
         _, _, rel = _relative(start, p, q, eps)
         pos = blocks.block_sum(jnp.where(start, iota, 0))
         keep = _merge_round_l2(blocks.block_sum(rel), blocks.block_sum(jnp.ones_like(rel)),
-                               _take(p, pos), _take(q, pos), eps)
+                               _take(p, pos), _take(q, pos), eps, long_range=_LONG_RANGE_L2)
         new = start & jnp.take_along_axis(keep, blocks.ids, axis=1, mode="promise_in_bounds")
         return new, jnp.any(new != start)
 
