@@ -150,6 +150,10 @@ def _blocks_from(flat, shape):
 
 
 _WINDOW = 8  # blocks a block may absorb per round; 8 cut the rounds ~8x on long pooling chains
+# The long-range step cut l2 rounds (79 -> 3 at n = 10^4) but cost more per round than it saved
+# on the benchmark inputs (l2 soft_sort (16, 1000) 80 -> 147 ms, same process, loaded machine)
+# and ~3 s of compile per core; kl needs it (408 -> 1 rounds).  See notes/relax_speed.md.
+_LONG_RANGE_L2 = False
 
 
 def _shift(x: jax.Array, t: int, fill: float) -> jax.Array:
@@ -165,7 +169,72 @@ def _diff(p1, p0, q1, q0, eps):
     return jnp.clip(jnp.where(jnp.isnan(d), 0, d), -big, big)
 
 
-def _merge_round_l2(a, b, pf, qf, eps) -> jax.Array:
+def _segmented_cumsum(x: jax.Array, head: jax.Array) -> jax.Array:
+    """Inclusive sums along axis 1 that restart at every ``head``; a tree of pairwise sums, so
+    the rounding grows with log n rather than n."""
+    def op(u, v):
+        return jnp.where(v[1], v[0], u[0] + v[0]), u[1] | v[1]
+    return lax.associative_scan(op, (x, head), axis=1)[0]
+
+
+def _long_range_last(num, den, own, anchor, log_domain: bool) -> jax.Array:
+    """Per anchor block j, the last block K of the run j..K over which the pooled value keeps
+    rising strictly (each next block's own value above the pooled value before it), stopping at
+    the next anchor or a padded block; ``idx`` elsewhere.  The pooled value of j..k is
+    ``sum(num[j..k]) / sum(den[j..k])`` (its log for ``log_domain``), ``own[k]`` block k's own
+    value on the same scale, all relative to the block's anchor.
+
+    Why pooling j..K is a valid PAV step: running PAV to completion on the sub-problem j..K
+    (its atoms the current blocks) is a sequence of merges of adjacent violators of the whole
+    problem, so each block of that solution lies inside one block of the whole solution; its
+    first block is j..K', K' the last maximiser of the pooled value, here K' = K.  The test
+    compares each block's own value to the pooled one, not pooled values to each other: the
+    pooled value rises by amounts below float32 resolution along a long chain (exp terms of
+    far blocks underflow), while the block's own value is far above it.  This is what breaks
+    pooling chains: a block absorbing its neighbours one window at a time took n / _WINDOW
+    rounds (3425 rounds for kl soft_sort at n = 10^4).
+    """
+    rows, nb = num.shape
+    idx = lax.broadcasted_iota(jnp.int32, num.shape, 1)
+    # one scan for both sums: every scan unrolls into ~log2(n) levels of ops at compile time
+    both = _segmented_cumsum(jnp.concatenate([num, den]), jnp.concatenate([anchor, anchor]))
+    cn, cd = both[:rows], both[rows:]
+    pooled = jnp.log(cn) - jnp.log(cd) if log_domain else cn / cd
+    before = jnp.concatenate([jnp.full_like(pooled[:, :1], jnp.nan), pooled[:, :-1]], axis=1)
+    rises = (own > before) & jnp.isfinite(pooled)  # False on NaN (padded blocks, overflow)
+    stop = anchor | ~rises
+    nxt = lax.cummin(jnp.where(stop, idx, nb), axis=1, reverse=True)  # first stop at or after k
+    end = jnp.concatenate([nxt[:, 1:], jnp.full_like(nxt[:, :1], nb)], axis=1) - 1
+    return jnp.where(anchor, end, idx)
+
+
+def _long_range(stats, size, last, log_domain: bool) -> jax.Array:
+    """``last`` (per block, the last block it pools with) extended by ``_long_range_last``
+    forwards from the row's first block and every pooled block, and backwards (the mirror
+    image: the last block of the sub-problem on a segment ending at an anchor) from the row's
+    last block and every pooled block, since a pooling chain can grow either way.
+
+    ``stats(seg, backward)`` returns the (num, den, own) terms of ``_long_range_last`` relative
+    to block ``seg`` (in the given order); padded blocks (size 0) must give (0, 0, NaN)."""
+    batch, nb = size.shape
+    idx = lax.broadcasted_iota(jnp.int32, size.shape, 1)
+    real = size > 0
+    fl = lambda x: x[:, ::-1]  # noqa: E731
+    anchor = (idx == 0) | (size > 1)
+    # backwards: on the flipped row the anchor's group is anchor..K with K the end of the run
+    # over which the suffix value keeps falling, i.e. the negated value keeps rising
+    anchor_b = (real & (size > 1)) | (idx == jnp.sum(real, axis=1, keepdims=True) - 1)
+    both = jnp.concatenate([anchor, fl(anchor_b)])  # forwards and flipped rows in one batch
+    seg = lax.cummax(jnp.where(both, jnp.concatenate([idx, idx]), 0), axis=1)
+    fwd, bwd = stats(seg[:batch], False), stats(fl(nb - 1 - seg[batch:]), True)
+    end = _long_range_last(*(jnp.concatenate([u, v]) for u, v in zip(fwd, bwd)), both, log_domain)
+    last = jnp.maximum(last, end[:batch])
+    k = fl(nb - 1 - end[batch:])  # per backward anchor g: the first block K of its group
+    rows = lax.broadcasted_iota(jnp.int32, size.shape, 0)
+    return last.at[rows, k].max(jnp.where(anchor_b, idx, -1), mode="promise_in_bounds")
+
+
+def _merge_round_l2(a, b, pf, qf, eps, long_range: bool = True) -> jax.Array:
     """One parallel pooling round for l2 in block space; returns the surviving block starts.
 
     Per block (batch, nb; padded blocks empty): ``a`` = sum over the block of ``y - y_first``,
@@ -199,11 +268,20 @@ def _merge_round_l2(a, b, pf, qf, eps) -> jax.Array:
         better = cand >= best
         best = jnp.where(better, cand, best)
         last = jnp.where(better, idx + t, last)
+
+    def stats(seg, backward):
+        offset = _diff(pf, _take(pf, seg), qf, _take(qf, seg), eps)  # y_first(k) - y_first(anchor)
+        num = jnp.where(b > 0, a + b * offset, 0)  # block sum of y - y_first(anchor)
+        own = a / b + offset  # NaN for padded blocks
+        return (-num[:, ::-1], b[:, ::-1], -own[:, ::-1]) if backward else (num, b, own)
+
+    if long_range:
+        last = _long_range(stats, b, last, log_domain=False)
     reach = lax.cummax(last, axis=1)
     return jnp.concatenate([jnp.ones_like(reach[:, :1], dtype=bool), reach[:, :-1] < idx[:, 1:]], 1)
 
 
-def _merge_round_kl(ya, wa, yf, wf, ey) -> jax.Array:
+def _merge_round_kl(ya, wa, yf, wf, ey, size, long_range: bool = True) -> jax.Array:
     """One parallel pooling round for kl in block space; returns the surviving block starts.
 
     Per block: ``ya`` = logsumexp over the block of ``y - y_first``, ``wa`` the same of ``w``,
@@ -242,6 +320,17 @@ def _merge_round_kl(ya, wa, yf, wf, ey) -> jax.Array:
         better = cand > best
         best = jnp.where(better, cand, best)
         last = jnp.where(better, idx + t, last)
+
+    def stats(seg, backward):
+        # exp(stat_k - stat_anchor) for both sides; the pooled value is log(sum_a / sum_b)
+        da = _diff(yf, _take(yf, seg), 0.0, 0.0, ey) + ya - _take(ya, seg)
+        db = _diff(wf, _take(wf, seg), 0.0, 0.0, 1.0) + wa - _take(wa, seg)
+        ea, eb = (jnp.where(size > 0, jnp.exp(d), 0) for d in (da, db))
+        own = jnp.where(size > 0, da - db, jnp.nan)
+        return (eb[:, ::-1], ea[:, ::-1], -own[:, ::-1]) if backward else (ea, eb, own)
+
+    if long_range:
+        last = _long_range(stats, size, last, log_domain=True)
     reach = lax.cummax(last, axis=1)
     return jnp.concatenate([jnp.ones_like(reach[:, :1], dtype=bool), reach[:, :-1] < idx[:, 1:]], 1)
 
@@ -276,11 +365,12 @@ def _pav_l2(p: jax.Array, q: jax.Array, eps) -> jax.Array:
         _, _, rel = _relative(start, p, q, eps)
         pos = blocks.block_sum(jnp.where(start, iota, 0))
         keep = _merge_round_l2(blocks.block_sum(rel), blocks.block_sum(jnp.ones_like(rel)),
-                               _take(p, pos), _take(q, pos), eps)
+                               _take(p, pos), _take(q, pos), eps, long_range=_LONG_RANGE_L2)
         new = start & jnp.take_along_axis(keep, blocks.ids, axis=1, mode="promise_in_bounds")
         return new, jnp.any(new != start)
 
-    start = _merge_round_l2(jnp.zeros_like(p), jnp.ones_like(p), p, q, eps)  # singletons at first
+    # singletons at first; the loop's first round starts the long-range scans (compiled once)
+    start = _merge_round_l2(jnp.zeros_like(p), jnp.ones_like(p), p, q, eps, long_range=False)
     start, _ = lax.while_loop(lambda c: c[1], body, (start, jnp.any(~start)))
     return start
 
@@ -311,12 +401,15 @@ def _pav_kl(py: jax.Array, pw: jax.Array, ey) -> jax.Array:
         wrel = _diff(pw, _take(pw, first), 0.0, 0.0, 1.0)
         pos = blocks.block_sum(jnp.where(start, iota, 0))
         keep = _merge_round_kl(blocks.block_logsumexp(yrel), blocks.block_logsumexp(wrel),
-                               _take(py, pos), _take(pw, pos), ey)
+                               _take(py, pos), _take(pw, pos), ey, blocks.block_sum(jnp.ones_like(yrel)))
         new = start & jnp.take_along_axis(keep, blocks.ids, axis=1, mode="promise_in_bounds")
         return new, jnp.any(new != start)
 
     zeros = jnp.zeros_like(py)
-    start = _merge_round_kl(zeros, zeros, py, pw, ey)  # every element is its own block at first
+    # every element is its own block at first
+    # the long-range step must run here too: skipping it left 1456 rounds at n = 10^4 (why the
+    # loop's own long-range step does not catch the chain then is not understood yet)
+    start = _merge_round_kl(zeros, zeros, py, pw, ey, jnp.ones_like(py))
     start, _ = lax.while_loop(lambda c: c[1], body, (start, jnp.any(~start)))
     return start
 
