@@ -12,7 +12,8 @@ evaluated in one ``vmap`` over stacked edge weights (4 groups per cell instead o
 the compiled program is ~3.5x smaller and each group runs as wide batched kernels; parameters
 of a group are stored stacked along a leading edge axis (``cells.L/edges_from_j``), and
 :meth:`DartsSearchSpace.to_reference` unstacks them to the reference names
-``cells.L._ops.E...``.
+``cells.L._ops.E...``.  The weight-free parts of a group (the 3x3 pools, the PC-DARTS bypass) are
+computed once per state, outside the ``vmap``; each edge applies its own BatchNorm to them.
 """
 from __future__ import annotations
 
