@@ -104,6 +104,10 @@ TORCH_SECOND_ORDER = TORCH_DARTS + TORCH_LEGACY + textwrap.dedent("""
 
 TORCH_EVAL = TORCH_COMMON + textwrap.dedent("""
     sys.path.insert(0, ref)
+    # utils imports torchvision for its data transforms only; the model needs drop_path
+    for _m in ("torchvision", "torchvision.transforms"):
+        sys.modules.setdefault(_m, types.ModuleType(_m))
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
     import utils
     # drop_path draws its mask with torch.cuda.FloatTensor
     utils.torch.cuda.FloatTensor = lambda *s: torch.empty(*s)
