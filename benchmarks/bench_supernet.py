@@ -1,20 +1,36 @@
-"""Compile time, step time and memory of one first-order weight step of the DARTS and NB201
-supernets, jitted, side by side with the original PyTorch code on the same CPU in the same run.
+"""Compile time, step time and memory of the supernet programs, jitted, side by side with the
+original PyTorch code on the same CPU in the same run.
 
     python benchmarks/bench_supernet.py --torch-ref /work/refcode/darts/cnn \\
-        --nb201-ref /work/refcode/autodl [--space darts|nb201|both] [--C 16] [--layers 8] [--N 5]
-        [--batch 32] [--size 32] [--steps 3] [--formulation default|grouped|shifted]
+        --nb201-ref /work/refcode/autodl [--space darts|nb201|both|none] [--second-order]
+        [--implicit] [--eval-net] [--full] [--C 8] [--layers 3] [--N 1] [--batch 16] [--size 16]
+        [--steps 3] [--formulation default|grouped|shifted|hybrid]
 
-References (fetched at run time, never committed): quark0/darts ``cnn/model_search.py``
-(``Network``) and D-X-Y/AutoDL-Projects ``xautodl/models/cell_searchs/search_model_darts.py``
-(``TinyNetworkDarts``).  Per space it prints the cold compile time (``jit(step).lower(...)``
-and ``.compile()``, timed separately), the compiled peak (``memory_analysis``: arguments +
-outputs + temporaries), the median step time, the PyTorch median step time and its peak-RSS growth
-over the first step, and ``ratio torch/jax``.  Weights are drawn on the host with PyTorch's
-default init bounds instead of ``space.init`` (whose jitted ``module.init`` would add minutes of
-compile that are not the step's).  ``--formulation`` overrides the depthwise-convolution choice of
-``diffnas_jax.spaces.kernels`` for this process only (a benchmark switch, patched like
-``cost.counting`` patches it), to compare formulations in separate runs.
+Rows (each behind a flag; the defaults are reduced sizes that run in minutes on 2 cores, ``--full``
+sets the issue's sizes: C=16, 8 layers, N=5, batch 32, 32x32, evaluation network C=36, 20 cells):
+
+- ``--space darts|nb201|both``: one first-order SGD weight step of the DARTS / NB201 supernet
+  (quark0/darts ``cnn/model_search.Network``; AutoDL-Projects ``TinyNetworkDarts``).
+- ``--second-order``: the full DARTS search step (architecture step with the exact second-order
+  hypergradient + weight step, ``search.make_step``) against the reference ``Architect.step(...,
+  unrolled=True)`` + weight step, each also in units of its own weight step.
+- ``--implicit``: the DARTS search step with ``hypergrad.implicit("cg", maxiter=10)`` (no
+  PyTorch reference), in weight steps.
+- ``--eval-net``: one training step (SGD, cross-entropy + 0.4 auxiliary, drop-path 0.2) of the
+  DARTS_V2 evaluation network (``model.NetworkCIFAR``; reduced default C=16, 8 cells, batch 16,
+  32x32: the auxiliary head needs 32x32 inputs).
+
+References (fetched at run time, never committed): ``--torch-ref`` quark0/darts ``cnn/``,
+``--nb201-ref`` AutoDL-Projects (``xautodl/models`` suffices).  Per row it prints the cold lower
+and compile times (``jit(step).lower(...)`` and ``.compile()``, timed separately), the compiled
+peak (``memory_analysis``: arguments + outputs + temporaries), the StableHLO size, the median
+step time, the PyTorch median step time and the growth of its process's peak RSS over the first
+step, and ``ratio torch/jax`` (>= 1: JAX is faster).  Weights are drawn on the host with PyTorch's
+default init bounds (no init compile is timed).  ``--formulation`` overrides the
+depthwise-convolution choice of ``diffnas_jax.spaces.kernels`` for this process only (a benchmark
+switch), to compare formulations in separate runs.  ``--per-op`` prints the forward + backward
+time of each DARTS candidate op's edge group (4 edges) at the first normal cell's and the first
+reduction cell's shapes, JAX and PyTorch side by side.  A diverged step exits non-zero.
 """
 from __future__ import annotations
 
@@ -64,6 +80,48 @@ TORCH_NB201 = TORCH_COMMON + textwrap.dedent("""
     loss_fn = lambda x, y: crit(model(x)[1], y)
 """)
 
+# quark0/darts predates torch 1.5: Tensor.add_/sub_/sub(scalar, tensor) become (tensor, alpha=scalar)
+TORCH_LEGACY = textwrap.dedent("""
+    for _name in ("add_", "sub_", "sub"):
+        def _legacy(self, *a, _f=getattr(torch.Tensor, _name), **k):
+            if len(a) == 2 and not torch.is_tensor(a[0]):
+                return _f(self, a[1], alpha=a[0])
+            return _f(self, *a, **k)
+        setattr(torch.Tensor, _name, _legacy)
+""")
+
+TORCH_SECOND_ORDER = TORCH_DARTS + TORCH_LEGACY + textwrap.dedent("""
+    from architect import Architect
+    _args = types.SimpleNamespace(momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-4, arch_weight_decay=1e-3)
+    architect = Architect(model, _args)
+    xv = torch.randn(batch, 3, size, size); yv = torch.randint(0, 10, (batch,))
+    _weight_step = loss_fn
+    def arch_then_weight(x, y):
+        architect.step(x, y, xv, yv, 0.025, opt, True)
+        return _weight_step(x, y)
+    loss_fn = arch_then_weight
+""")
+
+TORCH_EVAL = TORCH_COMMON + textwrap.dedent("""
+    sys.path.insert(0, ref)
+    # utils imports torchvision for its data transforms only; the model needs drop_path
+    for _m in ("torchvision", "torchvision.transforms"):
+        sys.modules.setdefault(_m, types.ModuleType(_m))
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    import utils
+    # drop_path draws its mask with torch.cuda.FloatTensor
+    utils.torch.cuda.FloatTensor = lambda *s: torch.empty(*s)
+    from model import NetworkCIFAR
+    import genotypes
+    model = NetworkCIFAR(C, 10, depth, True, genotypes.DARTS_V2)
+    model.drop_path_prob = 0.2
+    model.train()
+    crit = nn.CrossEntropyLoss()
+    def loss_fn(x, y):
+        logits, aux = model(x)
+        return crit(logits, y) + 0.4 * crit(aux, y)
+""")
+
 TORCH_STEP = textwrap.dedent("""
     opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
     x = torch.randn(batch, 3, size, size); y = torch.randint(0, 10, (batch,))
@@ -99,29 +157,28 @@ def _host_init(shapes, seed: int = 0):
     return jax.tree_util.tree_map_with_path(one, shapes)
 
 
-def time_weight_step(sp, batch: int, size: int, steps: int) -> dict:
-    """Cold compile and median run time of one SGD weight step of space ``sp`` (float32)."""
-    x = jax.random.normal(jax.random.key(0), (batch, size, size, 3), jnp.float32)
-    y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
-    w_shapes, s_shapes = jax.eval_shape(sp.init, jax.random.key(2), x)
-    w, s = _host_init(w_shapes), _host_init(s_shapes)
-    arch = sp.init_arch(jax.random.key(3))
-    tx = optax.chain(optax.clip_by_global_norm(5.0), optax.add_decayed_weights(3e-4), optax.sgd(0.025, 0.9))
-    opt = tx.init(w)
+SGD = dict(lr=0.025, momentum=0.9, weight_decay=3e-4, clip=5.0)
 
-    def step(w, s, opt, arch, x, y):
-        mix = jax.tree_util.tree_map(lambda a: jax.nn.softmax(a, -1), arch)
 
-        def loss_fn(w):
-            logits, ns = sp.apply(w, s, mix, x, True)
-            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(y.shape[0]), y]), ns
+def _weight_opt(clip: bool = True):
+    tx = [optax.add_decayed_weights(SGD["weight_decay"]), optax.sgd(SGD["lr"], SGD["momentum"])]
+    return optax.chain(optax.clip_by_global_norm(SGD["clip"]), *tx) if clip else optax.chain(*tx)
 
-        (loss, ns), g = jax.value_and_grad(loss_fn, has_aux=True)(w)
-        upd, opt = tx.update(g, opt, w)
-        return optax.apply_updates(w, upd), ns, opt, loss
 
+def _ce(logits, y):
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(y.shape[0]), y])
+
+
+def _data(batch: int, size: int, seed: int = 0):
+    x = jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
+    return x, jax.random.randint(jax.random.key(seed + 1), (batch,), 0, 10)
+
+
+def time_program(step, args, steps: int, feed, loss_of) -> dict:
+    """Cold lower + compile of ``jit(step)`` at ``args``, compiled peak, and the median of ``steps``
+    runs after one warm-up; ``feed(args, out)`` gives the next call's arguments."""
     t = time.perf_counter()
-    lowered = jax.jit(step).lower(w, s, opt, arch, x, y)
+    lowered = jax.jit(step).lower(*args)
     lower_s = time.perf_counter() - t
     hlo_lines = lowered.as_text().count("\n")
     t = time.perf_counter()
@@ -133,68 +190,231 @@ def time_weight_step(sp, batch: int, size: int, steps: int) -> dict:
     times = []
     for _ in range(steps + 1):
         t = time.perf_counter()
-        w, s, opt, loss = compiled(w, s, opt, arch, x, y)
-        jax.block_until_ready(loss)
+        out = compiled(*args)
+        jax.block_until_ready(out)
         times.append(time.perf_counter() - t)
+        args = feed(args, out)
+    loss = loss_of(out)
     if not bool(jnp.isfinite(loss)):
         raise SystemExit(f"the benchmarked step diverged (loss {float(loss)})")
     return {"lower_s": lower_s, "compile_s": compile_s, "median": statistics.median(times[1:]),
             "peak_bytes": peak, "stablehlo_lines": hlo_lines}
 
 
-def time_torch(script: str, ref: str, args, depth: int) -> dict:
+def time_weight_step(sp, batch: int, size: int, steps: int) -> dict:
+    """One first-order SGD weight step of space ``sp`` (float32), as the reference training loop."""
+    x, y = _data(batch, size)
+    w_shapes, s_shapes = jax.eval_shape(sp.init, jax.random.key(2), x)
+    w, s = _host_init(w_shapes), _host_init(s_shapes)
+    arch = sp.init_arch(jax.random.key(3))
+    tx = _weight_opt()
+
+    def step(w, s, opt, arch, x, y):
+        mix = jax.tree_util.tree_map(lambda a: jax.nn.softmax(a, -1), arch)
+
+        def loss_fn(w):
+            logits, ns = sp.apply(w, s, mix, x, True)
+            return _ce(logits, y), ns
+
+        (loss, ns), g = jax.value_and_grad(loss_fn, has_aux=True)(w)
+        upd, opt = tx.update(g, opt, w)
+        return optax.apply_updates(w, upd), ns, opt, loss
+
+    return time_program(step, (w, s, tx.init(w), arch, x, y), steps,
+                        lambda a, o: (o[0], o[1], o[2]) + a[3:], lambda o: o[3])
+
+
+def time_search_step(sp, estimator, batch: int, size: int, steps: int) -> dict:
+    """The full DARTS search step of ``search.make_step`` (architecture step with ``estimator``,
+    then the weight step; softmax mixing; DARTS optimisers) on separate train / val batches."""
+    from diffnas_jax import mixing
+    from diffnas_jax.search import init_search_state, make_step
+
+    bt, bv = _data(batch, size), _data(batch, size, seed=7)
+    w_opt = _weight_opt(clip=False)  # make_step clips the weight gradient (norm 5) itself
+    a_opt = optax.chain(optax.add_decayed_weights(1e-3), optax.adam(3e-4, b1=0.5, b2=0.999))
+    state = init_search_state(jax.random.key(2), sp, bt[0], w_opt, a_opt, estimator)
+    step = make_step(sp, mixing.softmax(), estimator, w_opt, a_opt)
+    key = jax.random.key(4)
+    return time_program(step, (state, bt, bv, key), steps, lambda a, o: (o[0],) + a[1:],
+                        lambda o: o[1]["train_loss"])
+
+
+def time_eval_step(net, batch: int, size: int, steps: int) -> dict:
+    """One training step of a DARTS evaluation network: CE + 0.4 auxiliary CE, drop-path, SGD."""
+    x, y = _data(batch, size)
+    w_shapes, s_shapes = jax.eval_shape(net.init, jax.random.key(2), x)
+    w, s = _host_init(w_shapes), _host_init(s_shapes)
+    tx = _weight_opt()
+
+    def step(w, s, opt, x, y, key):
+        def loss_fn(w):
+            (logits, aux), ns = net.apply(w, s, None, x, True, rng=key)
+            return _ce(logits, y) + 0.4 * _ce(aux, y), ns
+
+        (loss, ns), g = jax.value_and_grad(loss_fn, has_aux=True)(w)
+        upd, opt = tx.update(g, opt, w)
+        return optax.apply_updates(w, upd), ns, opt, loss
+
+    return time_program(step, (w, s, tx.init(w), x, y, jax.random.key(5)), steps,
+                        lambda a, o: (o[0], o[1], o[2]) + a[3:], lambda o: o[3])
+
+
+def time_torch(script: str, ref: str, args, C: int, depth: int, batch: int, size: int) -> dict:
     out = subprocess.run([args.torch_python, "-c", script + TORCH_STEP, ref, str(args.steps), str(os.cpu_count()),
-                          str(args.C), str(depth), str(args.batch), str(args.size)],
+                          str(C), str(depth), str(batch), str(size)],
                          capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"the PyTorch reference failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _report(name: str, r: dict, t: dict | None) -> None:
+def _report(name: str, r: dict, t: dict | None, unit: tuple[float, float | None] | None = None) -> None:
+    """One row: JAX compile / step / memory, PyTorch step / memory, ratio; ``unit``: the (jax, torch)
+    weight-step times to express a search step in weight steps."""
     peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f} MiB"
-    print(f"jax {name} weight step: {r['median']:.3f} s (lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s, "
+    extra = f", {r['median'] / unit[0]:.2f} weight steps" if unit else ""
+    print(f"jax {name}: {r['median']:.3f} s{extra} (lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s, "
           f"compiled peak {peak}, {r['stablehlo_lines']} StableHLO lines)", flush=True)
     if t is not None:
-        print(f"torch {name} weight step: {t['median']:.3f} s (first step {t['first']:.3f} s, "
+        extra = f", {t['median'] / unit[1]:.2f} weight steps" if unit and unit[1] else ""
+        print(f"torch {name}: {t['median']:.3f} s{extra} (first step {t['first']:.3f} s, "
               f"peak RSS growth {t['rss_growth_bytes'] / 2**20:.0f} MiB)")
         print(f"{name} ratio torch/jax = {t['median'] / r['median']:.2f}", flush=True)
 
 
+def _darts_ref(path: str) -> str:
+    return os.path.join(path, "cnn") if os.path.isdir(os.path.join(path, "cnn")) else path
+
+
+TORCH_PER_OP = TORCH_COMMON + textwrap.dedent("""
+    sys.path.insert(0, ref)
+    from operations import OPS
+    from genotypes import PRIMITIVES
+    stride = depth
+    rows = {}
+    for name in [p for p in PRIMITIVES if p != "none"]:
+        ops = [OPS[name](C, stride, False) for _ in range(4)]
+        ops = [nn.Sequential(o, nn.BatchNorm2d(C, affine=False)) if "pool" in name else o for o in ops]
+        params = [p for o in ops for p in o.parameters()]
+        x = torch.randn(batch, C, size, size, requires_grad=True)
+        ts = []
+        for i in range(steps + 2):
+            t = time.perf_counter()
+            y = sum(torch.sin(o(x)).sum() for o in ops)
+            torch.autograd.grad(y, [x] + params)
+            ts.append(time.perf_counter() - t)
+        rows[name] = statistics.median(ts[2:])
+    print(json.dumps(rows))
+""")
+
+
+def per_op_table(args) -> None:
+    """Forward + backward (d/d weights and input of sum(sin(y))) of one edge group of 4 edges per
+    candidate op, JAX (the search cell's vmapped ``MixedOp`` with that op alone) and PyTorch."""
+    import flax.linen as nn
+    from diffnas_jax.spaces import darts
+    from diffnas_jax.spaces.genotypes import PRIMITIVES
+
+    E = 4
+    for C, stride in ((args.C, 1), (2 * args.C, 2)):
+        torch_rows = {}
+        if args.torch_ref:
+            out = subprocess.run([args.torch_python, "-c", TORCH_PER_OP, _darts_ref(args.torch_ref), str(args.steps),
+                                  str(os.cpu_count()), str(C), str(stride), str(args.batch), str(args.size)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"the PyTorch per-op reference failed:\n{out.stderr[-2000:]}")
+            torch_rows = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"\n| op (edge group of {E}, C={C}, stride {stride}, batch {args.batch}, {args.size}x{args.size}) "
+              "| jax compile | jax fwd+bwd | torch fwd+bwd | ratio torch/jax |\n|---|---|---|---|---|", flush=True)
+        for name in [p for p in PRIMITIVES if p != "none"]:
+            group = nn.vmap(darts.MixedOp, in_axes=(0, 0), out_axes=0, variable_axes={"params": 0, "batch_stats": 0},
+                            split_rngs={"params": True})(C, stride, ("none", name), 1, True)
+            x, _ = _data(args.batch, args.size)
+            x = jnp.tile(x[..., :1], (1, 1, 1, C))
+            w = jnp.full((E, 2), 0.5)
+            v = _host_init(jax.eval_shape(group.init, jax.random.key(0), jnp.broadcast_to(x, (E,) + x.shape), w))
+
+            def loss(p, x):
+                y, ns = group.apply({"params": p, "batch_stats": v.get("batch_stats", {})},
+                                    jnp.broadcast_to(x, (E,) + x.shape), w, mutable=["batch_stats"])
+                return jnp.sum(jnp.sin(y)), ns
+
+            r = time_program(jax.value_and_grad(loss, (0, 1), has_aux=True), (v.get("params", {}), x), args.steps,
+                             lambda a, o: a, lambda o: o[0][0])
+            tt = torch_rows.get(name)
+            print(f"| {name} | {r['compile_s']:.2f} s | {1e3 * r['median']:.1f} ms | "
+                  + (f"{1e3 * tt:.1f} ms | {tt / r['median']:.2f} |" if tt else "- | - |"), flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--space", choices=("darts", "nb201", "both"), default="both")
+    ap.add_argument("--space", choices=("darts", "nb201", "both", "none"), default="both",
+                    help="first-order weight-step rows")
+    ap.add_argument("--second-order", action="store_true", help="DARTS search step, exact second-order hypergradient")
+    ap.add_argument("--implicit", action="store_true", help="DARTS search step, implicit CG-10 hypergradient")
+    ap.add_argument("--eval-net", action="store_true", help="DARTS_V2 evaluation network training step")
+    ap.add_argument("--per-op", action="store_true", help="per-op forward + backward table of one DARTS edge group")
+    ap.add_argument("--full", action="store_true", help="the issue's sizes (C=16, 8 layers, N=5, batch 32, 32x32; "
+                    "evaluation network C=36, 20 cells, batch 32)")
     ap.add_argument("--torch-ref", help="directory holding quark0/darts cnn/ (model_search.py)")
     ap.add_argument("--nb201-ref", help="directory holding AutoDL-Projects' xautodl/ (the models folder suffices)")
     ap.add_argument("--torch-python", default="/work/benchvenv/bin/python")
-    ap.add_argument("--C", type=int, default=16)
-    ap.add_argument("--layers", type=int, default=8, help="DARTS cells")
-    ap.add_argument("--N", type=int, default=5, help="NB201 cells per stage")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--C", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=3, help="DARTS cells")
+    ap.add_argument("--N", type=int, default=1, help="NB201 cells per stage")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=16)
+    ap.add_argument("--eval-C", type=int, default=16)
+    ap.add_argument("--eval-layers", type=int, default=8)
+    ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--formulation", choices=("default", "grouped", "shifted"), default="default")
+    ap.add_argument("--cg-iters", type=int, default=10)
+    ap.add_argument("--formulation", choices=("default", "grouped", "shifted", "hybrid"), default="default")
     args = ap.parse_args(argv)
+    if args.full:
+        args.C, args.layers, args.N, args.batch, args.size = 16, 8, 5, 32, 32
+        args.eval_C, args.eval_layers, args.eval_batch = 36, 20, 32
+    from diffnas_jax import hypergrad
     from diffnas_jax.spaces import darts, kernels, nb201
 
     if args.formulation != "default":
         form = args.formulation
         kernels.default_formulation = lambda backend=None: form
-    print(f"device: {jax.devices()[0].device_kind}, cpus: {os.cpu_count()}, depthwise: "
-          f"{kernels.default_formulation()}, C={args.C} batch={args.batch} {args.size}x{args.size}", flush=True)
-    if args.space in ("darts", "both"):
-        r = time_weight_step(darts.search_space(C=args.C, layers=args.layers), args.batch, args.size, args.steps)
-        t = None
-        if args.torch_ref:
-            ref = args.torch_ref
-            if os.path.isdir(os.path.join(ref, "cnn")):
-                ref = os.path.join(ref, "cnn")
-            t = time_torch(TORCH_DARTS, ref, args, args.layers)
-        _report(f"DARTS (layers={args.layers})", r, t)
+    print(f"device: {jax.devices()[0].device_kind}, cpus: {os.cpu_count()}, jax {jax.__version__}, depthwise: "
+          f"{kernels.default_formulation()}, C={args.C} layers={args.layers} N={args.N} batch={args.batch} "
+          f"{args.size}x{args.size}", flush=True)
+    if args.per_op:
+        per_op_table(args)
+    ref = _darts_ref(args.torch_ref) if args.torch_ref else None
+    sp = darts.search_space(C=args.C, layers=args.layers)
+    unit = None
+    if args.space in ("darts", "both") or args.second_order or args.implicit:
+        r = time_weight_step(sp, args.batch, args.size, args.steps)
+        t = time_torch(TORCH_DARTS, ref, args, args.C, args.layers, args.batch, args.size) if ref else None
+        _report(f"DARTS weight step (C={args.C}, layers={args.layers})", r, t)
+        unit = (r["median"], t["median"] if t else None)
+    if args.second_order:
+        est = hypergrad.unrolled(SGD["lr"], weight_decay=SGD["weight_decay"], momentum=SGD["momentum"], hvp="exact")
+        r = time_search_step(sp, est, args.batch, args.size, args.steps)
+        t = time_torch(TORCH_SECOND_ORDER, ref, args, args.C, args.layers, args.batch, args.size) if ref else None
+        _report("DARTS second-order search step (JAX exact HVP; torch finite differences)", r, t, unit)
+    if args.implicit:
+        est = hypergrad.implicit("cg", maxiter=args.cg_iters, damping=1e-2)
+        r = time_search_step(sp, est, args.batch, args.size, args.steps)
+        _report(f"DARTS implicit CG-{args.cg_iters} search step", r, None, unit)
     if args.space in ("nb201", "both"):
         r = time_weight_step(nb201.search_space(C=args.C, N=args.N), args.batch, args.size, args.steps)
-        t = time_torch(TORCH_NB201, args.nb201_ref, args, args.N) if args.nb201_ref else None
-        _report(f"NB201 (N={args.N})", r, t)
+        t = time_torch(TORCH_NB201, args.nb201_ref, args, args.C, args.N, args.batch, args.size) \
+            if args.nb201_ref else None
+        _report(f"NB201 weight step (C={args.C}, N={args.N})", r, t)
+    if args.eval_net:
+        net = darts.eval_network("DARTS_V2", C=args.eval_C, layers=args.eval_layers, auxiliary=True)
+        r = time_eval_step(net, args.eval_batch, 32, args.steps)
+        t = time_torch(TORCH_EVAL, ref, args, args.eval_C, args.eval_layers, args.eval_batch, 32) if ref else None
+        _report(f"DARTS_V2 evaluation network train step (C={args.eval_C}, {args.eval_layers} cells, "
+                f"batch {args.eval_batch}, 32x32)", r, t)
     return 0
 
 

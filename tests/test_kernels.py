@@ -1,5 +1,6 @@
-"""The two depthwise-convolution formulations (spaces/kernels.py) against a direct numpy loop and
-against each other: values, gradients, forward-over-reverse, under vmap, and inside a DARTS cell."""
+"""The three depthwise-convolution formulations (spaces/kernels.py) against a direct numpy loop and
+against each other: values, gradients, forward mode, forward-over-reverse, under vmap, and inside a
+DARTS cell."""
 from __future__ import annotations
 
 import jax
@@ -44,13 +45,20 @@ def test_formulations_agree_in_gradients_and_forward_over_reverse(k, stride, pad
     def loss(form):
         return lambda x, w: jnp.sum(jnp.sin(layers.depthwise_conv(x, w, stride, padding, dilation, form)))
 
-    g_s, g_g = jax.grad(loss("shifted"), (0, 1))(x, kern), jax.grad(loss("grouped"), (0, 1))(x, kern)
-    for a, b in zip(g_s, g_g):
-        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
+    g_s = jax.grad(loss("shifted"), (0, 1))(x, kern)
     tangents = (jnp.cos(x), jnp.ones_like(kern))
-    hvp = [jax.jvp(jax.grad(loss(f), (0, 1)), (x, kern), tangents)[1] for f in ("shifted", "grouped")]
-    for a, b in zip(*hvp):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-11)
+    hvp_s = jax.jvp(jax.grad(loss("shifted"), (0, 1)), (x, kern), tangents)[1]
+    for form in ("grouped", "hybrid"):
+        for a, b in zip(g_s, jax.grad(loss(form), (0, 1))(x, kern)):
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
+        for a, b in zip(hvp_s, jax.jvp(jax.grad(loss(form), (0, 1)), (x, kern), tangents)[1]):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-11)
+        # forward mode alone (the custom JVPs), one-sided tangents included
+        for t in (tangents, (tangents[0], jnp.zeros_like(kern)), (jnp.zeros_like(x), tangents[1])):
+            f = lambda x, w, form=form: layers.depthwise_conv(x, w, stride, padding, dilation, form)  # noqa: E731
+            g = lambda x, w: layers.depthwise_conv(x, w, stride, padding, dilation, "shifted")  # noqa: E731
+            for a, b in zip(jax.jvp(f, (x, kern), t), jax.jvp(g, (x, kern), t)):
+                np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
 
 
 @pytest.mark.parametrize("input_batched", [False, True])
@@ -64,9 +72,11 @@ def test_formulations_agree_under_vmap_over_kernels(input_batched):
         f = jax.vmap(lambda x, w: layers.depthwise_conv(x, w, 1, 2, 2, form), (0 if input_batched else None, 0))
         return jax.value_and_grad(lambda w: jnp.sum(f(xs, w) ** 2))(kerns)
 
-    (v_s, g_s), (v_g, g_g) = run("shifted"), run("grouped")
-    np.testing.assert_allclose(v_s, v_g, rtol=1e-12)
-    np.testing.assert_allclose(g_s, g_g, rtol=1e-11, atol=1e-12)
+    v_s, g_s = run("shifted")
+    for form in ("grouped", "hybrid"):
+        v_g, g_g = run(form)
+        np.testing.assert_allclose(v_s, v_g, rtol=1e-12)
+        np.testing.assert_allclose(g_s, g_g, rtol=1e-11, atol=1e-12)
 
 
 @pytest.mark.parametrize("formulation", kernels.FORMULATIONS)
@@ -116,7 +126,44 @@ def test_darts_cell_is_the_same_function_under_either_formulation(monkeypatch):
     for form in kernels.FORMULATIONS:
         monkeypatch.setattr(kernels, "default_formulation", lambda backend=None, form=form: form)
         results[form] = jax.value_and_grad(loss, (0, 1))(variables["params"], w)
-    (v_s, g_s), (v_g, g_g) = results["shifted"], results["grouped"]
-    np.testing.assert_allclose(v_s, v_g, rtol=1e-12)
-    for a, b in zip(jax.tree_util.tree_leaves(g_s), jax.tree_util.tree_leaves(g_g)):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    v_s, g_s = results["shifted"]
+    for form in ("grouped", "hybrid"):
+        v_g, g_g = results[form]
+        np.testing.assert_allclose(v_s, v_g, rtol=1e-12)
+        for a, b in zip(jax.tree_util.tree_leaves(g_s), jax.tree_util.tree_leaves(g_g)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation", [(3, 2, 1, 1), (5, 2, 4, 2), (3, (2, 1), (1, 2), (1, 2))])
+def test_strided_grouped_jvp_equals_xla_autodiff(k, stride, padding, dilation):
+    # The strided grouped convolution's custom JVP (unit-stride input tangent, then subsample) is
+    # the same linear map as XLA's own derivative: forward mode, reverse mode, forward-over-reverse,
+    # one-sided tangents (symbolic zeros) and vmap over edges, in float64.
+    pair = lambda v: (v, v) if isinstance(v, int) else v
+    args = (pair(stride), pair(padding), pair(dilation))
+    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3), jnp.float64)
+    kern = jax.random.normal(jax.random.key(1), (k, k, 1, 3), jnp.float64)
+    new = lambda x, w: kernels.depthwise_conv_grouped(x, w, *args)
+    old = lambda x, w: kernels._grouped(x, w, *args)
+    tx, tk = jnp.cos(x), jnp.sin(kern)
+    for tangents in ((tx, tk), (tx, jnp.zeros_like(kern)), (jnp.zeros_like(x), tk)):
+        for u, v in zip(jax.jvp(new, (x, kern), tangents), jax.jvp(old, (x, kern), tangents)):
+            np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)) ** 2)
+    for argnums in ((0, 1), (0,), (1,)):
+        for u, v in zip(jax.grad(loss(new), argnums)(x, kern), jax.grad(loss(old), argnums)(x, kern)):
+            np.testing.assert_allclose(u, v, rtol=1e-11, atol=1e-12)
+    hvp = [jax.jvp(jax.grad(loss(f), (0, 1)), (x, kern), (tx, tk))[1] for f in (new, old)]
+    for u, v in zip(*hvp):
+        np.testing.assert_allclose(u, v, rtol=1e-10, atol=1e-11)
+    xs, ks = jnp.stack([x, 2 * x]), jnp.stack([kern, -kern])
+    gv = [jax.grad(lambda xs, ks: jnp.sum(jnp.sin(jax.vmap(f)(xs, ks))), (0, 1))(xs, ks) for f in (new, old)]
+    for u, v in zip(*gv):
+        np.testing.assert_allclose(u, v, rtol=1e-11, atol=1e-12)
+
+
+def test_default_formulation_per_backend():
+    assert kernels.default_formulation("cpu") == "hybrid"
+    assert kernels.default_formulation("gpu") == kernels.default_formulation("tpu") == "grouped"
+    assert kernels.prefers_batched_input("hybrid") and kernels.prefers_batched_input("grouped")
+    assert not kernels.prefers_batched_input("shifted")

@@ -131,3 +131,35 @@ def test_init_shapes_vmap():
     arch = sp.init_arch(jax.random.key(1))
     assert arch["normal"].shape == (5, 8)
     assert np.abs(np.asarray(arch["normal"])).max() < 1e-2
+
+
+@pytest.mark.parametrize("stride,k,train", [(1, 1, True), (2, 2, True), (2, 1, False)])
+def test_edge_group_with_shared_pools_equals_per_edge_pools(stride, k, train):
+    # The cell pools each state once for all its edges (and takes the PC-DARTS bypass once);
+    # each edge keeps its own BatchNorm statistics.  Same function as pooling inside every edge
+    # (float64: values, new running statistics, gradients in weights, mix and input).
+    import flax.linen as nn
+    prims = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3")
+    C, E = 4, 3
+    group = nn.vmap(darts.MixedOp, in_axes=(0, 0, None), out_axes=0, variable_axes={"params": 0, "batch_stats": 0},
+                    split_rngs={"params": True})(C, stride, prims, k, train)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, C), jnp.float64)
+    w = jax.nn.softmax(jax.random.normal(jax.random.key(1), (E, len(prims)), jnp.float64))
+    xs = jnp.broadcast_to(x, (E,) + x.shape)
+    shapes = jax.eval_shape(lambda: group.init(jax.random.key(2), xs, w, None))
+    rng = np.random.default_rng(3)
+    v = jax.tree_util.tree_map(lambda a: jnp.asarray(0.3 * rng.normal(size=a.shape) + 1.0, a.dtype), shapes)
+
+    def run(shared):
+        def f(p, w, x):
+            xs = jnp.broadcast_to(x, (E,) + x.shape)
+            parts = darts._shared_parts(x, C, stride, prims, k) if shared else None
+            y, ns = group.apply({"params": p, "batch_stats": v["batch_stats"]}, xs, w, parts, mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(y)), ns
+        return jax.value_and_grad(f, (0, 1, 2), has_aux=True)(v["params"], w, x)
+
+    (a, na), ga = run(True)
+    (b, nb), gb = run(False)
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+    for u, t in zip(jax.tree_util.tree_leaves((na, ga)), jax.tree_util.tree_leaves((nb, gb))):
+        np.testing.assert_allclose(u, t, rtol=1e-11, atol=1e-12)

@@ -12,7 +12,8 @@ evaluated in one ``vmap`` over stacked edge weights (4 groups per cell instead o
 the compiled program is ~3.5x smaller and each group runs as wide batched kernels; parameters
 of a group are stored stacked along a leading edge axis (``cells.L/edges_from_j``), and
 :meth:`DartsSearchSpace.to_reference` unstacks them to the reference names
-``cells.L._ops.E...``.
+``cells.L._ops.E...``.  The weight-free parts of a group (the 3x3 pools, the PC-DARTS bypass) are
+computed once per state, outside the ``vmap``; each edge applies its own BatchNorm to them.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import numpy as np
 from .base import (ARCH_PASSTHROUGH_KEY, SpaceDefaults, check_mix_matches, check_size_kwargs, leaf_candidates,
                    leaf_key)
 from . import scaffold
-from .darts_ops import FactorizedReduce, ReLUConvBN, is_identity, make_op
+from .darts_ops import FactorizedReduce, ReLUConvBN, is_identity, make_op, pool_3x3
 from .genotypes import (EVAL_OPS, GENOTYPES, PRIMITIVES, Genotype, format_genotype, get_genotype,
                         parse_genotype, validate_genotype)
 from .kernels import prefers_batched_input
@@ -90,7 +91,9 @@ class MixedOp(nn.Module):
 
     ``x`` (N, H, W, C), ``w`` (num_ops,).  With ``k > 1`` the ops see the first ``C // k``
     channels, the others bypass (max-pooled 2x2 on stride-2 edges), then ``channel_shuffle(., k)``.
-    The ``none`` op contributes exactly zero and is not computed.
+    The ``none`` op contributes exactly zero and is not computed.  ``shared``: the weight-free
+    parts that depend on the edge's input only (:func:`_shared_parts`), computed once by the
+    cell for every edge leaving a state instead of once per edge.
     """
     C: int
     stride: int
@@ -99,7 +102,8 @@ class MixedOp(nn.Module):
     train: bool
 
     @nn.compact
-    def __call__(self, x: Array, w: Array) -> Array:
+    def __call__(self, x: Array, w: Array, shared: dict[str, Array] | None = None) -> Array:
+        shared = _shared_parts(x, self.C, self.stride, self.primitives, self.k) if shared is None else shared
         c_part = self.C // self.k
         xin = x[..., :c_part] if self.k > 1 else x
         w = w.astype(x.dtype)
@@ -108,16 +112,27 @@ class MixedOp(nn.Module):
             if name == "none":
                 continue
             op = make_op(name, c_part, self.stride, affine=False, name=f"_ops.{idx}", pool_bn=True)
-            y = w[idx] * op(xin, self.train)
+            y = op(xin, self.train, pooled=shared[name]) if name in shared else op(xin, self.train)
+            y = w[idx] * y
             out = y if out is None else out + y
         if out is None:
             out = jnp.zeros_like(xin[:, ::self.stride, ::self.stride, :])
         if self.k > 1:
-            rest = x[..., c_part:]
-            if self.stride > 1:
-                rest = max_pool(rest, 2, 2, 0)
-            out = channel_shuffle(jnp.concatenate([out, rest], axis=-1), self.k)
+            out = channel_shuffle(jnp.concatenate([out, shared["bypass"]], axis=-1), self.k)
         return out
+
+
+def _shared_parts(x: Array, C: int, stride: int, primitives: tuple[str, ...], k: int) -> dict[str, Array]:
+    """The pools of the pool ops and the PC-DARTS bypass of ``x`` (N, H, W, C): equal for every
+    edge reading ``x``, so a cell computes them once per state (``nn.vmap`` then keeps them
+    unbatched, and each edge only applies its own BatchNorm)."""
+    c_part = C // k
+    xin = x[..., :c_part] if k > 1 else x
+    parts = {name: pool_3x3(name[:3], xin, stride) for name in primitives if name in ("max_pool_3x3", "avg_pool_3x3")}
+    if k > 1:
+        rest = x[..., c_part:]
+        parts["bypass"] = max_pool(rest, 2, 2, 0) if stride > 1 else rest
+    return parts
 
 
 class SearchCell(nn.Module):
@@ -143,7 +158,7 @@ class SearchCell(nn.Module):
         partial: list[Array | None] = [None] * self.steps
         # The grouped depthwise convolution batches well only with a batched input (kernels.py).
         batched_input = prefers_batched_input()
-        group_cls = nn.vmap(MixedOp, in_axes=(0 if batched_input else None, 0), out_axes=0,
+        group_cls = nn.vmap(MixedOp, in_axes=(0 if batched_input else None, 0, None), out_axes=0,
                             variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True})
         for j in range(self.steps + 1):
             if j >= 2:
@@ -153,7 +168,7 @@ class SearchCell(nn.Module):
             stride = 2 if self.reduction and j < 2 else 1
             group = group_cls(self.C, stride, self.primitives, self.k, self.train, name=f"edges_from_{j}")
             xs = jnp.broadcast_to(states[j], (len(idx),) + states[j].shape) if batched_input else states[j]
-            ys = group(xs, w[idx])
+            ys = group(xs, w[idx], _shared_parts(states[j], self.C, stride, self.primitives, self.k))
             if w_edge is not None:
                 ys = ys * w_edge[idx].astype(ys.dtype)[:, None, None, None, None]
             for p, i in enumerate(targets):

@@ -16,7 +16,7 @@ from .layers import BatchNorm2d, Conv2d, DepthwiseConv2d, PointwiseConv2d, ReLUC
 Array = jax.Array
 
 __all__ = ["ReLUConvBN", "FactorizedReduce", "SepConv", "DilConv", "PoolBN", "Conv7x1_1x7", "make_op",
-           "is_identity", "has_params"]
+           "is_identity", "has_params", "pool_3x3"]
 
 
 class FactorizedReduce(nn.Module):
@@ -90,14 +90,24 @@ class Conv7x1_1x7(nn.Module):
 
 
 class PoolBN(nn.Module):
-    """A 3x3 pool followed by a non-affine BatchNorm (name ``1``): the search cell's pool ops."""
+    """A 3x3 pool followed by a non-affine BatchNorm (name ``1``): the search cell's pool ops.
+
+    ``pooled``: ``pool(x)`` computed by the caller (once per state for all the edges leaving it,
+    while each edge keeps its own BatchNorm statistics); ``x`` is then not read.
+    """
     kind: str
     stride: int
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
-        pool = max_pool if self.kind == "max" else avg_pool
-        return BatchNorm2d(False, name="1")(pool(x, 3, self.stride, 1), train)
+    def __call__(self, x: Array, train: bool, pooled: Array | None = None) -> Array:
+        if pooled is None:
+            pooled = pool_3x3(self.kind, x, self.stride)
+        return BatchNorm2d(False, name="1")(pooled, train)
+
+
+def pool_3x3(kind: str, x: Array, stride: int) -> Array:
+    """The 3x3 pool of the pool ops (``kind`` ``"max"`` or ``"avg"``), padding 1."""
+    return (max_pool if kind == "max" else avg_pool)(x, 3, stride, 1)
 
 
 def _zero(x: Array, stride: int) -> Array:

@@ -1,36 +1,48 @@
-"""Two formulations of the depthwise 2-D convolution, equal up to float rounding, and the choice
+"""Three formulations of the depthwise 2-D convolution, equal up to float rounding, and the choice
 between them.
 
 ``grouped``: one ``lax.conv_general_dilated(..., feature_group_count=C)``.  Three HLO ops for
-forward and backward, so programs built from it compile several times faster (one DARTS search
-cell, C=8, batch 8, 16x16, value and gradient on XLA:CPU: 57 s instead of 171 s; see
-``notes/speed.md``), and the native kernel on GPU (cuDNN) and TPU.
+forward and backward, so programs built from it compile fastest, and the native kernel on GPU
+(cuDNN) and TPU.  XLA:CPU runs it 15-60x slower than the shifted multiplies below (one forward
+pass, 16x16x16xC: 4-19 ms against 0.2-0.6 ms for C = 8..128).  A strided one carries a custom JVP
+whose input tangent is a unit-stride convolution followed by subsampling: the same linear map,
+but its transpose (the input gradient) avoids XLA:CPU's transposed strided convolution, which
+took 30-80 ms against 1-5 ms for the forward pass (stride-2 DARTS edges).
 
-``shifted``: a sum of ``kh*kw`` shifted multiplies under ``jax.checkpoint``.  XLA:CPU runs a
-single depthwise convolution 1.4-2.3x faster this way, but the program holds ~10 HLO ops per
-kernel tap (a 5x5 kernel's value and gradient: ~1000 optimised HLO lines against ~100), which
-is what made the DARTS supernet take ten minutes to compile.
+``shifted``: a sum of ``kh*kw`` shifted multiplies under ``jax.checkpoint``, differentiated by
+JAX.  ~10 HLO ops per kernel tap (a 5x5 kernel's value and gradient: ~1000 optimised HLO lines
+against ~100); this made the DARTS supernet take ten minutes to compile.
 
-Under ``vmap`` the grouped form needs its input batched too: with a shared (unbatched) input and
-batched kernels JAX emits a channel-multiplier convolution, which XLA:CPU runs 20-70x slower.
-Callers that vmap over kernels only (an edge group reading one state) broadcast the input first
-(``jnp.broadcast_to``, free in the program); see :func:`prefers_batched_input`.
+``hybrid`` (the CPU default): a custom JVP whose primal and input tangent are shifted multiplies
+(XLA fuses each into one loop; the input gradient is their transpose, shifted pads) and whose
+kernel tangent is the grouped convolution (its transpose, the kernel gradient, is one XLA op
+instead of ``kh*kw`` reductions).  DARTS weight step at C=8, 3 layers, batch 16, 16x16 on the
+2-core CPU, one process at load ~10: step 1.88 s against 4.16 s grouped, compile 251 s against
+141 s, StableHLO 49k against 27k lines (``notes/supernet.md``).
+
+Under ``vmap`` the grouped convolution needs its input batched too: with a shared (unbatched)
+input and batched kernels JAX emits a channel-multiplier convolution, which XLA:CPU runs 20-70x
+slower.  Callers that vmap over kernels only (an edge group reading one state) broadcast the
+input first (``jnp.broadcast_to``, free in the program); see :func:`prefers_batched_input`.
 
 Reference: the depthwise convolution of MobileNets (Howard et al., 2017) as PyTorch's
 ``Conv2d(C, C, k, groups=C)`` computes it; zero padding, PyTorch output size.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 Array = jax.Array
 
-__all__ = ["FORMULATIONS", "depthwise_conv_grouped", "depthwise_conv_shifted", "default_formulation",
-           "prefers_batched_input", "conv_out_size"]
+__all__ = ["FORMULATIONS", "depthwise_conv_grouped", "depthwise_conv_shifted", "depthwise_conv_hybrid",
+           "default_formulation", "prefers_batched_input", "conv_out_size"]
 
-FORMULATIONS = ("grouped", "shifted")
+FORMULATIONS = ("grouped", "shifted", "hybrid")
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
@@ -41,20 +53,19 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: i
 def default_formulation(backend: str | None = None) -> str:
     """The depthwise formulation used for ``backend`` (default: ``jax.default_backend()``).
 
-    ``"grouped"`` on every backend: on GPU/TPU it is the native kernel; on CPU it compiles ~3x
-    faster than ``"shifted"`` and, with batched inputs, runs within noise of it per DARTS cell
-    (measurements in ``notes/speed.md``).  Chosen at trace time, so a program is specialised for
-    the backend it is traced on.
+    ``"hybrid"`` on CPU (XLA:CPU's grouped convolution is slow; see the module docstring),
+    ``"grouped"`` elsewhere (the native cuDNN / TPU kernel).  Chosen at trace time, so a program
+    is specialised for the backend it is traced on.
     """
     backend = jax.default_backend() if backend is None else backend
     if not isinstance(backend, str):
         raise TypeError(f"`backend` must be a platform name such as 'cpu', got {backend!r}")
-    return "grouped"
+    return "hybrid" if backend == "cpu" else "grouped"
 
 
 def prefers_batched_input(formulation: str | None = None) -> bool:
     """Whether a ``vmap`` over kernels should broadcast a shared input (see the module docstring)."""
-    return _check_formulation(formulation) == "grouped"
+    return _check_formulation(formulation) in ("grouped", "hybrid")
 
 
 def _check_formulation(formulation: str | None) -> str:
@@ -65,13 +76,36 @@ def _check_formulation(formulation: str | None) -> str:
     return formulation
 
 
-def depthwise_conv_grouped(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int],
-                           dilation: tuple[int, int]) -> Array:
-    """``x`` (N, H, W, C) * ``kernel`` (kh, kw, 1, C) as XLA's grouped convolution (C groups)."""
+def _grouped(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int],
+             dilation: tuple[int, int]) -> Array:
     (ph, pw) = padding
     return lax.conv_general_dilated(x, kernel.astype(x.dtype), tuple(stride), ((ph, ph), (pw, pw)),
                                     rhs_dilation=tuple(dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                     feature_group_count=x.shape[-1])
+
+
+def _make_hybrid(primal, input_tangent, kernel_tangent):
+    """A depthwise convolution computed by ``primal`` whose JVP is ``input_tangent(x_dot, kernel)
+    + kernel_tangent(x, kernel_dot)``: three formulations of one bilinear map, so reverse mode
+    transposes the tangent forms, forward mode and forward-over-reverse stay exact."""
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+    def conv(x, kernel, stride, padding, dilation):
+        return primal(x, kernel, stride, padding, dilation)
+
+    @functools.partial(conv.defjvp, symbolic_zeros=True)
+    def conv_jvp(stride, padding, dilation, primals, tangents):
+        x, kernel = primals
+        x_dot, kernel_dot = tangents
+        y = primal(x, kernel, stride, padding, dilation)
+        y_dot = None
+        if not isinstance(x_dot, SymbolicZero):
+            y_dot = input_tangent(x_dot, kernel, stride, padding, dilation)
+        if not isinstance(kernel_dot, SymbolicZero):
+            t = kernel_tangent(x, kernel_dot, stride, padding, dilation)
+            y_dot = t if y_dot is None else y_dot + t
+        return y, jnp.zeros_like(y) if y_dot is None else y_dot
+
+    return conv
 
 
 def _shifted(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int],
@@ -104,3 +138,31 @@ def depthwise_conv_shifted(x: Array, kernel: Array, stride: tuple[int, int], pad
                            dilation: tuple[int, int]) -> Array:
     """``x`` (N, H, W, C) * ``kernel`` (kh, kw, 1, C) as ``kh*kw`` shifted multiplies (rematerialised)."""
     return _shifted_remat(x, kernel, tuple(stride), tuple(padding), tuple(dilation))
+
+
+def _grouped_unit_stride(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int],
+                         dilation: tuple[int, int]) -> Array:
+    # the strided convolution as a unit-stride one, then subsampled: same values, cheap transpose
+    (sh, sw) = stride
+    return _grouped(x, kernel, (1, 1), padding, dilation)[:, ::sh, ::sw, :]
+
+
+_grouped_strided = _make_hybrid(_grouped, _grouped_unit_stride, _grouped)
+_hybrid = _make_hybrid(_shifted, _shifted, _grouped)
+
+
+def depthwise_conv_grouped(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int],
+                           dilation: tuple[int, int]) -> Array:
+    """``x`` (N, H, W, C) * ``kernel`` (kh, kw, 1, C) as XLA's grouped convolution (C groups); a
+    strided one differentiates its input through a unit-stride convolution (module docstring)."""
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    if stride == (1, 1):
+        return _grouped(x, kernel, stride, padding, dilation)
+    return _grouped_strided(x, kernel, stride, padding, dilation)
+
+
+def depthwise_conv_hybrid(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int],
+                          dilation: tuple[int, int]) -> Array:
+    """``x`` (N, H, W, C) * ``kernel`` (kh, kw, 1, C): shifted multiplies forward and for the input
+    gradient, the grouped convolution for the kernel gradient (module docstring)."""
+    return _hybrid(x, kernel, tuple(stride), tuple(padding), tuple(dilation))

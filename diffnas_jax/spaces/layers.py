@@ -7,8 +7,8 @@ transposed).  BatchNorm follows ``torch.nn.BatchNorm2d``: in train mode it norma
 eps 1e-5; running statistics live in the ``"batch_stats"`` collection as ``mean``, ``var`` and
 ``num_batches_tracked``.
 
-The depthwise convolution has two formulations (XLA's grouped convolution, or ``k*k`` shifted
-multiplies), chosen per backend in :mod:`diffnas_jax.spaces.kernels`; 1x1 convolutions are
+The depthwise convolution has three formulations (XLA's grouped convolution, ``k*k`` shifted
+multiplies, or a hybrid of the two), chosen per backend in :mod:`diffnas_jax.spaces.kernels`; 1x1 convolutions are
 ``dot_general`` contractions (``vmap`` over stacked weights then stays a batched matmul).
 Results equal the direct convolutions up to float rounding.
 
@@ -64,9 +64,10 @@ def depthwise_conv(x: Array, kernel: Array, stride: int | Sequence[int] = 1,
     PyTorch OIHW (C, 1, kh, kw) transposed).  Zero padding, PyTorch output size; returns
     (N, Ho, Wo, C) in ``x``'s dtype.
 
-    ``formulation``: ``"grouped"`` (XLA's ``feature_group_count`` convolution) or ``"shifted"``
-    (``kh*kw`` shifted multiplies, rematerialised in the backward pass); ``None`` picks
-    :func:`diffnas_jax.spaces.kernels.default_formulation` for the backend at trace time.  The two
+    ``formulation``: ``"grouped"`` (XLA's ``feature_group_count`` convolution), ``"shifted"``
+    (``kh*kw`` shifted multiplies, rematerialised in the backward pass) or ``"hybrid"`` (shifted
+    forward and input gradient, grouped kernel gradient); ``None`` picks
+    :func:`diffnas_jax.spaces.kernels.default_formulation` for the backend at trace time.  All three
     are equal up to float rounding (values, gradients, forward-over-reverse); they differ in
     compile time, run time and how they batch (see :mod:`diffnas_jax.spaces.kernels`).
     """
@@ -74,7 +75,8 @@ def depthwise_conv(x: Array, kernel: Array, stride: int | Sequence[int] = 1,
     if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[3] != x.shape[-1]:
         raise ValueError(f"depthwise_conv: `x` must be (N, H, W, C) and `kernel` (kh, kw, 1, C); "
                          f"got x {x.shape}, kernel {kernel.shape}")
-    impl = kernels.depthwise_conv_grouped if form == "grouped" else kernels.depthwise_conv_shifted
+    impl = {"grouped": kernels.depthwise_conv_grouped, "shifted": kernels.depthwise_conv_shifted,
+            "hybrid": kernels.depthwise_conv_hybrid}[form]
     return impl(x, kernel, _pair(stride), _pair(padding), _pair(dilation))
 
 
