@@ -162,8 +162,13 @@ def test_strided_grouped_jvp_equals_xla_autodiff(k, stride, padding, dilation):
         np.testing.assert_allclose(u, v, rtol=1e-11, atol=1e-12)
 
 
-def test_default_formulation_per_backend():
-    assert kernels.default_formulation("cpu") == "hybrid"
-    assert kernels.default_formulation("gpu") == kernels.default_formulation("tpu") == "grouped"
+def test_default_formulation_per_backend(monkeypatch):
+    monkeypatch.delenv("DIFFNAS_DEPTHWISE", raising=False)
+    assert kernels.default_formulation("cpu") == kernels.default_formulation("gpu") == "grouped"
+    monkeypatch.setenv("DIFFNAS_DEPTHWISE", "hybrid")
+    assert kernels.default_formulation("cpu") == kernels.default_formulation("tpu") == "hybrid"
+    monkeypatch.setenv("DIFFNAS_DEPTHWISE", "fast")
+    with pytest.raises(ValueError, match="DIFFNAS_DEPTHWISE"):
+        kernels.default_formulation("cpu")
     assert kernels.prefers_batched_input("hybrid") and kernels.prefers_batched_input("grouped")
     assert not kernels.prefers_batched_input("shifted")

@@ -31,6 +31,7 @@ Reference: the depthwise convolution of MobileNets (Howard et al., 2017) as PyTo
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -53,14 +54,21 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: i
 def default_formulation(backend: str | None = None) -> str:
     """The depthwise formulation used for ``backend`` (default: ``jax.default_backend()``).
 
-    ``"hybrid"`` on CPU (XLA:CPU's grouped convolution is slow; see the module docstring),
-    ``"grouped"`` elsewhere (the native cuDNN / TPU kernel).  Chosen at trace time, so a program
-    is specialised for the backend it is traced on.
+    ``$DIFFNAS_DEPTHWISE`` (one of :data:`FORMULATIONS`) overrides it; otherwise ``"grouped"``
+    on every backend (the native cuDNN / TPU kernel; on XLA:CPU the fastest to compile). On CPU
+    ``"hybrid"`` steps a DARTS supernet about 2x faster but compiles about 1.8x longer (see the
+    module docstring): worth it for a long search whose compile the persistent cache keeps.
+    Chosen at trace time, so a program is specialised for the backend it is traced on.
     """
     backend = jax.default_backend() if backend is None else backend
     if not isinstance(backend, str):
         raise TypeError(f"`backend` must be a platform name such as 'cpu', got {backend!r}")
-    return "hybrid" if backend == "cpu" else "grouped"
+    chosen = os.environ.get("DIFFNAS_DEPTHWISE", "").strip()
+    if chosen:
+        if chosen not in FORMULATIONS:
+            raise ValueError(f"DIFFNAS_DEPTHWISE must be one of {FORMULATIONS}, got {chosen!r}")
+        return chosen
+    return "grouped"
 
 
 def prefers_batched_input(formulation: str | None = None) -> bool:
