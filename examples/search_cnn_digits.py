@@ -61,7 +61,9 @@ def main(quick: bool = False, method: str = "gdas", estimator: str = "first_orde
     ytr, yte = jnp.asarray(ytr), jnp.asarray(yte)
     n_val = len(xtr) // 2
     (xs, ys), (xv, yv) = (xtr[n_val:], ytr[n_val:]), (xtr[:n_val], ytr[:n_val])
-    search_steps, train_steps = (40, 300) if quick else (300, 800)
+    # quick (the CI test) only has to show the pipeline works: a few search steps and a short
+    # retrain at half the batch still give > 0.9 test accuracy on digits
+    search_steps, train_steps, batch = (16, 150, 32) if quick else (300, 800, 64)
     space = from_module(CNN(), xs[:2], hard=(method == "gdas"))
     relax = mixing.gdas(total_steps=search_steps) if method == "gdas" else mixing.softmax()
     est = hypergrad.first_order() if estimator == "first_order" else hypergrad.implicit(solver="cg", maxiter=5)
@@ -70,8 +72,8 @@ def main(quick: bool = False, method: str = "gdas", estimator: str = "first_orde
     state = init_search_state(jax.random.PRNGKey(0), space, xs[:2], w_opt, a_opt, est)
     for i in range(search_steps):
         k = jax.random.fold_in(jax.random.PRNGKey(1), i)
-        it = jax.random.randint(k, (64,), 0, xs.shape[0])
-        iv = jax.random.randint(jax.random.fold_in(k, 1), (64,), 0, xv.shape[0])
+        it = jax.random.randint(k, (batch,), 0, xs.shape[0])
+        iv = jax.random.randint(jax.random.fold_in(k, 1), (batch,), 0, xv.shape[0])
         state, _ = step(state, (xs[it], ys[it]), (xv[iv], yv[iv]))
     genotype = space.genotype(state.arch)
 
@@ -90,7 +92,7 @@ def main(quick: bool = False, method: str = "gdas", estimator: str = "first_orde
         return optax.apply_updates(w, u), s
 
     for i in range(train_steps):
-        weights, ostate = train(weights, ostate, jax.random.randint(jax.random.PRNGKey(10 + i), (64,), 0, xtr.shape[0]))
+        weights, ostate = train(weights, ostate, jax.random.randint(jax.random.PRNGKey(10 + i), (batch,), 0, xtr.shape[0]))
     acc = jnp.mean(jnp.argmax(fixed.apply(weights, mstate, xte)[0], -1) == yte)
     params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(weights))
     return {"genotype": genotype, "params": params, "test_accuracy": float(acc)}

@@ -74,7 +74,7 @@ def seq_xent(logits, labels):
 
 
 def main(quick: bool = False) -> dict:
-    search_steps, train_steps = (150, 300) if quick else (400, 800)
+    search_steps, train_steps, batch = (80, 150, 32) if quick else (400, 800, 64)
     (xtr, ytr), (xva, yva), (xte, yte) = (make_data(jax.random.PRNGKey(i), n) for i, n in enumerate((2048, 2048, 512)))
     model = TinyTransformer()
     space = from_module(model, xtr[:2])
@@ -84,8 +84,8 @@ def main(quick: bool = False) -> dict:
     state = init_search_state(jax.random.PRNGKey(0), space, xtr[:2], w_opt, a_opt, est)
     for i in range(search_steps):
         k = jax.random.fold_in(jax.random.PRNGKey(1), i)
-        it = jax.random.randint(k, (64,), 0, xtr.shape[0])
-        iv = jax.random.randint(jax.random.fold_in(k, 1), (64,), 0, xva.shape[0])
+        it = jax.random.randint(k, (batch,), 0, xtr.shape[0])
+        iv = jax.random.randint(jax.random.fold_in(k, 1), (batch,), 0, xva.shape[0])
         state, _ = step(state, (xtr[it], ytr[it]), (xva[iv], yva[iv]))
     genotype = space.genotype(state.arch)
 
@@ -101,7 +101,7 @@ def main(quick: bool = False) -> dict:
         return optax.apply_updates(w, u), s
 
     for i in range(train_steps):
-        weights, ostate = train(weights, ostate, jax.random.randint(jax.random.PRNGKey(10 + i), (64,), 0, xtr.shape[0]))
+        weights, ostate = train(weights, ostate, jax.random.randint(jax.random.PRNGKey(10 + i), (batch,), 0, xtr.shape[0]))
     acc = jnp.mean(jnp.argmax(fixed.apply(weights, mstate, xte)[0], -1) == yte)
     return {"genotype": genotype, "test_accuracy": float(acc)}
 
