@@ -420,16 +420,10 @@ def cmd_search(args) -> int:
     return 0
 
 
-def _guess_space(genotype: str) -> str:
-    g = genotype.strip()
-    if g.startswith("|") and "~" in g:
-        return "nb201"
-    return "darts"
-
-
 def cmd_evaluate(args) -> int:
     _configure_logging()
     from diffnas_jax.search.evaluate import train_and_evaluate
+    from diffnas_jax.spaces.genotypes import space_of_genotype_text
 
     data_seed = 0 if args.data_seed is None else args.data_seed
     if args.result:
@@ -461,7 +455,7 @@ def cmd_evaluate(args) -> int:
         out = pathlib.Path(args.out) if args.out else path.parent
     else:
         genotypes = [args.genotype]
-        space = args.space or _guess_space(args.genotype)
+        space = args.space or space_of_genotype_text(args.genotype)
         dataset = args.dataset or "digits"
         data_dir = args.data_dir
         out = pathlib.Path(args.out) if args.out else None
@@ -557,6 +551,7 @@ def _guided_baseline(args, dataset, ecfg) -> int:
     from diffnas_jax.baselines.codec import codec_for
     from diffnas_jax.baselines.strategies import get_strategy
     from diffnas_jax.search import evaluate as ev
+    from diffnas_jax.spaces.genotypes import genotype_text
     codec = codec_for(registry.make_space(args.space, dataset.num_classes))
     # train on train, "test" on val: the query answers a strategy sees
     selection = dataclasses.replace(dataset, x_val=dataset.x_val[:0], y_val=dataset.y_val[:0],
@@ -570,7 +565,7 @@ def _guided_baseline(args, dataset, ecfg) -> int:
               "config": _jsonable_config(ecfg)}
 
     def objective(genotype):
-        key = str(genotype) if not hasattr(genotype, "normal") else ev._format(genotype)
+        key = genotype_text(genotype)
         row = done.get(key)
         if row is None:
             r = ev.train_and_evaluate(genotype, ecfg, selection, progress=not args.no_progress,

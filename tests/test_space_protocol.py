@@ -141,3 +141,20 @@ def test_passthrough_walks_agree():
     back = base.replace_choice_leaves(arch, [v + 1 for v in base.choice_leaves(arch)])
     np.testing.assert_array_equal(back["normal"], 1 + arch["normal"])
     assert base.strip_passthrough(arch).keys() == {"normal", "reduce"}
+
+
+def test_genotype_text_and_space_guess_live_in_spaces():
+    # the CLI, evaluate and viz ask spaces/ what a genotype is, never hasattr themselves
+    from collections import namedtuple
+
+    from diffnas_jax.spaces.genotypes import (DARTS_V2, genotype_text, is_cell_pair, parse_genotype,
+                                              space_of_genotype_text)
+
+    ref = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")(*DARTS_V2)  # the reference's own type
+    assert is_cell_pair(ref) and not is_cell_pair("|nor_conv_3x3~0|+|")
+    assert parse_genotype(genotype_text(ref)) == DARTS_V2
+    assert genotype_text("|skip_connect~0|+|") == "|skip_connect~0|+|"
+    assert space_of_genotype_text(" |nor_conv_3x3~0|+|none~0|none~1|+|") == "nb201"
+    assert space_of_genotype_text(genotype_text(DARTS_V2)) == space_of_genotype_text("DARTS_V2") == "darts"
+    with pytest.raises(TypeError, match="text"):
+        space_of_genotype_text(DARTS_V2)

@@ -21,6 +21,7 @@ import numpy as np
 
 from diffnas_jax.spaces import registry
 from diffnas_jax.spaces.base import EvalNetwork
+from diffnas_jax.spaces.genotypes import genotype_text
 from .native_log import xla_log_to_debug
 
 __all__ = ["EvalConfig", "make_eval_network", "train_and_evaluate", "count_flops",
@@ -217,7 +218,7 @@ def train_and_evaluate(genotype: Any, config: EvalConfig, dataset: Any = None, *
         correct += int((pred == dataset.y_test[i:i + m]).sum())
     params = int(sum(np.prod(a.shape) for a in jax.tree.leaves(weights)))
     return {
-        "genotype": str(genotype) if not hasattr(genotype, "normal") else _format(genotype),
+        "genotype": genotype_text(genotype),
         "test_accuracy": correct / n,
         "train_accuracy": float(np.mean([float(a) for a in accs])) if accs else float("nan"),
         "params": params,
@@ -226,15 +227,6 @@ def train_and_evaluate(genotype: Any, config: EvalConfig, dataset: Any = None, *
         "dataset": dataset.summary(),
         "config": to_jsonable(dataclasses.asdict(config)),
     }
-
-
-def _format(genotype: Any) -> str:
-    try:
-        from diffnas_jax.spaces.genotypes import format_genotype
-
-        return format_genotype(genotype)
-    except Exception:  # a foreign Genotype-like object
-        return str(genotype)
 
 
 def __getattr__(name: str) -> Any:

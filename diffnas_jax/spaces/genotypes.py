@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 __all__ = [
     "Genotype", "PRIMITIVES", "EVAL_OPS", "NASNet", "AmoebaNet", "DARTS_V1", "DARTS_V2", "DARTS",
     "PC_DARTS", "PDARTS", "GDAS", "GENOTYPES", "parse_genotype", "format_genotype",
-    "validate_genotype", "get_genotype",
+    "validate_genotype", "get_genotype", "is_cell_pair", "genotype_text", "space_of_genotype_text",
 ]
 
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
@@ -215,3 +215,26 @@ def format_genotype(genotype: Genotype) -> str:
 
     return (f"Genotype(normal={pairs(genotype.normal)}, normal_concat={concat(genotype.normal_concat)}, "
             f"reduce={pairs(genotype.reduce)}, reduce_concat={concat(genotype.reduce_concat)})")
+
+
+def is_cell_pair(genotype: Any) -> bool:
+    """Whether ``genotype`` is a DARTS-style pair of cells (``normal`` / ``reduce`` and their
+    concats): this module's :data:`Genotype` or a look-alike such as the PyTorch reference's own."""
+    return all(hasattr(genotype, a) for a in ("normal", "normal_concat", "reduce", "reduce_concat"))
+
+
+def genotype_text(genotype: Any) -> str:
+    """The text form in which results store a genotype of any built-in space: a cell pair
+    through :func:`format_genotype`, anything else (an NB201 arch string, a layer list, a user
+    space's dict) through ``str``."""
+    return format_genotype(genotype) if is_cell_pair(genotype) else str(genotype)
+
+
+def space_of_genotype_text(text: str) -> str:
+    """The registered space whose genotype text ``text`` looks like: ``"nb201"`` for an arch
+    string (``|op~0|+|...|``), else ``"darts"`` (a ``Genotype(...)`` text or a named genotype such
+    as ``"DARTS_V2"``). Used where a user gives a genotype without naming its space."""
+    if not isinstance(text, str):
+        raise TypeError(f"`text` must be a str, got {type(text).__name__}")
+    g = text.strip()
+    return "nb201" if g.startswith("|") and "~" in g else "darts"

@@ -5,6 +5,8 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
+from diffnas_jax.spaces.genotypes import is_cell_pair
+
 from ._mpl import new_figure, save
 
 _NB201_TOKEN = re.compile(r"^([A-Za-z0-9_]+)~(\d+)$")
@@ -106,7 +108,7 @@ def plot_genotype(genotype: Any, path: str | os.PathLike | None = None, title: s
         fig = new_figure((6, 3))
         ax = fig.subplots()
         _draw(ax, names, edges, title or "NB201 cell")
-    elif all(hasattr(genotype, a) for a in ("normal", "reduce")):
+    elif is_cell_pair(genotype):
         fig = new_figure((12, 3.5))
         axes = fig.subplots(1, 2)
         for ax, kind in zip(axes, ("normal", "reduce")):
