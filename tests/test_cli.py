@@ -7,7 +7,6 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -22,13 +21,8 @@ def private_compile_cache(tmp_path_factory):
     mp.undo()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float32_mode():
-    # the CLI runs in float32; x64 (switched on by conftest) makes Flax init trace far slower
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", False)
-    yield
-    jax.config.update("jax_enable_x64", old)
+# the CLI runs in float32
+pytestmark = pytest.mark.usefixtures("float32_module")
 
 
 def _strict_load(path):

@@ -18,7 +18,6 @@ import pathlib
 import re
 from typing import NamedTuple
 
-import jax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,14 +63,8 @@ def small_settings(block: Block) -> str:
 BLOCKS = [b for p in DOC_FILES for b in extract_blocks(p)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float32_like_a_reader():
-    # a reader runs the blocks in JAX's default float32; conftest switches x64 on for the
-    # fixtures, which would also make Flax init and compiles of the supernets much slower
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", False)
-    yield
-    jax.config.update("jax_enable_x64", old)
+# a reader runs the blocks in JAX's default float32
+pytestmark = pytest.mark.usefixtures("float32_module")
 
 
 def test_readme_has_python_blocks():

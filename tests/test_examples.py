@@ -1,7 +1,6 @@
 """Every example runs in its small setting and shows its key result."""
 from __future__ import annotations
 
-import jax
 import pytest
 
 from conftest import ROOT, load_script
@@ -9,14 +8,8 @@ from conftest import ROOT, load_script
 EXAMPLES = ROOT / "examples"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float32_like_a_user():
-    # `python examples/X.py` runs in JAX's default float32; conftest's x64 (for the fixtures)
-    # would test a configuration no user runs, and float64 convs and compiles are much slower
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", False)
-    yield
-    jax.config.update("jax_enable_x64", old)
+# `python examples/X.py` runs in JAX's default float32, so its test does too
+pytestmark = pytest.mark.usefixtures("float32_module")
 
 
 def run_example(name: str, **kwargs):
