@@ -64,11 +64,52 @@ def _execute(path, tmp_path, monkeypatch, quick: bool):
     else:
         monkeypatch.delenv("DIFFNAS_NOTEBOOK_QUICK", raising=False)
     nb = nbformat.read(path, as_version=4)
+    # the notebook's own results must satisfy what defines them (run in its kernel, last)
+    nb.cells.append(nbformat.v4.new_code_cell(CHECKS[path.name]))
     client = nbclient.NotebookClient(nb, timeout=600 if quick else 1800, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError naming the failing cell
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+
+
+# Per notebook, assertions on the variables its cells leave in the kernel: properties that hold
+# at the quick and the full settings alike (the quick run's accuracies mean nothing).
+CHECKS = {
+    "01_relaxed_operators.ipynb": """
+n = x.shape[0]
+np.testing.assert_allclose(np.asarray(ranks).sum(-1), n * (n + 1) / 2, rtol=1e-5)  # soft ranks keep the sum
+np.testing.assert_allclose(ranks[0], np.argsort(np.argsort(np.asarray(x))) + 1, atol=1e-2)  # eps 1e-3: hard ranks
+steps = np.diff(np.asarray(sorts), axis=-1)
+assert np.all(steps >= -1e-5) or np.all(steps <= 1e-5), "soft_sort rows are not monotone"
+np.testing.assert_allclose(np.asarray(sparse_masks).sum(-1), 3, rtol=1e-4)  # soft top-3 masks sum to k
+np.testing.assert_allclose(float(topk_by_rank(x).sum()), 2, rtol=1e-4)
+assert np.all(np.isfinite(np.asarray(g)))
+""",
+    "02_darts_search.ipynb": """
+mixes = np.stack(history)
+assert len(history) == TOTAL == result.step, (len(history), TOTAL, result.step)
+np.testing.assert_allclose(mixes.sum(-1), 1, atol=1e-5)  # the relaxation's mix, one distribution per edge
+assert genotype == select.argmax(space, state.arch) and found["genotype"] == str(genotype)
+assert 0 <= found["test_accuracy"] <= 1 and len(rand) == RANDOM_CELLS
+""",
+    "03_implicit_hypergradients.ipynb": """
+assert [r[0] for r in rows] == list(estimators) and all(-1 - 1e-9 <= r[1] <= 1 + 1e-9 for r in rows)
+assert np.all(np.isfinite(np.asarray(exact))) and len(losses) == OUTER and np.all(np.isfinite(losses))
+assert np.all((wts > 0) & (wts < 1)) and wts.shape == (len(ytr),)
+""",
+    "04_hardware_aware.ipynb": """
+assert list(results) == LAMBDAS
+for lam, (g_, acc, ec) in results.items():
+    assert len(g_) == space.num_layers and 0 <= acc <= 1 and np.isfinite(ec) and ec > 0, (lam, g_, acc, ec)
+# a cost penalty never makes the expected cost larger (same seed, same batches)
+assert results[max(LAMBDAS)][2] <= results[min(LAMBDAS)][2] + 1e-6
+""",
+}
+
+
+def test_every_notebook_has_checks():
+    assert sorted(CHECKS) == sorted(p.name for p in NOTEBOOKS)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
