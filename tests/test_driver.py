@@ -137,8 +137,8 @@ def test_vmapped_seeds_match_separate_runs(tiny, uninterrupted, tmp_path):
 
 _SHARDING_SCRIPT = textwrap.dedent("""
     import os, sys
-    # values only: XLA backend optimisations would triple the compile time
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+    # four CPU devices, on top of the test process's compile flags (conftest: optimisation level 0)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_enable_x64", True)
     sys.path.insert(0, os.environ["TEST_DIR"])

@@ -56,11 +56,8 @@ def _execute(path, tmp_path, monkeypatch, quick: bool):
     # is not activated would otherwise start a kernel without diffnas_jax)
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     if quick:
+        # the kernel inherits conftest's XLA_FLAGS (optimisation level 0: a quick run is compile-bound)
         monkeypatch.setenv("DIFFNAS_NOTEBOOK_QUICK", "1")
-        # a quick run is compile-bound: XLA's CPU back end at optimisation level 0 compiles the
-        # search steps about twice as fast (the kernel inherits the environment)
-        monkeypatch.setenv("XLA_FLAGS", (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                                         " --xla_llvm_disable_expensive_passes=true").strip())
     else:
         monkeypatch.delenv("DIFFNAS_NOTEBOOK_QUICK", raising=False)
     nb = nbformat.read(path, as_version=4)
