@@ -150,10 +150,9 @@ def _blocks_from(flat, shape):
 
 
 _WINDOW = 8  # blocks a block may absorb per round; 8 cut the rounds ~8x on long pooling chains
-# The long-range step cut l2 rounds (79 -> 3 at n = 10^4) but cost more per round than it saved
-# on the benchmark inputs (l2 soft_sort (16, 1000) 80 -> 147 ms, same process, loaded machine)
-# and ~3 s of compile per core; kl needs it (408 -> 1 rounds).  See notes/relax_speed.md.
-_LONG_RANGE_L2 = False
+# The long-range step (kl only) cut l2 rounds too (79 -> 3 at n = 10^4) but cost more per round
+# than it saved (l2 soft_sort (16, 1000) 80 -> 147 ms) and ~3 s of compile per core; kl needs
+# it (408 -> 1 rounds).  See BUILD_NOTES.md section 3.
 
 
 def _shift(x: jax.Array, t: int, fill: float) -> jax.Array:
@@ -234,7 +233,7 @@ def _long_range(stats, size, last, log_domain: bool) -> jax.Array:
     return last.at[rows, k].max(jnp.where(anchor_b, idx, -1), mode="promise_in_bounds")
 
 
-def _merge_round_l2(a, b, pf, qf, eps, long_range: bool = True) -> jax.Array:
+def _merge_round_l2(a, b, pf, qf, eps) -> jax.Array:
     """One parallel pooling round for l2 in block space; returns the surviving block starts.
 
     Per block (batch, nb; padded blocks empty): ``a`` = sum over the block of ``y - y_first``,
@@ -268,15 +267,6 @@ def _merge_round_l2(a, b, pf, qf, eps, long_range: bool = True) -> jax.Array:
         better = cand >= best
         best = jnp.where(better, cand, best)
         last = jnp.where(better, idx + t, last)
-
-    def stats(seg, backward):
-        offset = _diff(pf, _take(pf, seg), qf, _take(qf, seg), eps)  # y_first(k) - y_first(anchor)
-        num = jnp.where(b > 0, a + b * offset, 0)  # block sum of y - y_first(anchor)
-        own = a / b + offset  # NaN for padded blocks
-        return (-num[:, ::-1], b[:, ::-1], -own[:, ::-1]) if backward else (num, b, own)
-
-    if long_range:
-        last = _long_range(stats, b, last, log_domain=False)
     reach = lax.cummax(last, axis=1)
     return jnp.concatenate([jnp.ones_like(reach[:, :1], dtype=bool), reach[:, :-1] < idx[:, 1:]], 1)
 
@@ -365,12 +355,11 @@ def _pav_l2(p: jax.Array, q: jax.Array, eps) -> jax.Array:
         _, _, rel = _relative(start, p, q, eps)
         pos = blocks.block_sum(jnp.where(start, iota, 0))
         keep = _merge_round_l2(blocks.block_sum(rel), blocks.block_sum(jnp.ones_like(rel)),
-                               _take(p, pos), _take(q, pos), eps, long_range=_LONG_RANGE_L2)
+                               _take(p, pos), _take(q, pos), eps)
         new = start & jnp.take_along_axis(keep, blocks.ids, axis=1, mode="promise_in_bounds")
         return new, jnp.any(new != start)
 
-    # singletons at first; the loop's first round starts the long-range scans (compiled once)
-    start = _merge_round_l2(jnp.zeros_like(p), jnp.ones_like(p), p, q, eps, long_range=False)
+    start = _merge_round_l2(jnp.zeros_like(p), jnp.ones_like(p), p, q, eps)  # singletons at first
     start, _ = lax.while_loop(lambda c: c[1], body, (start, jnp.any(~start)))
     return start
 
