@@ -246,9 +246,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             accs = [s["test_accuracy"] for s in r["seeds"]]
             print(f"| searched, {r['label']} | {len(accs)} | {_stats(accs)} | "
                   f"{', '.join(f'{a:.4f}' for a in accs)} | {sum(s['decided'] for s in r['seeds'])}/{len(accs)} |")
-        print(f"| random (uniform genotypes, seed 0) | {len(ra)} | {_stats(ra)} | "
-              f"{', '.join(f'{a:.4f}' for a in ra)} | - |")
-        print(f"random median {np.median(ra):.4f}, best {np.max(ra):.4f}, worst {np.min(ra):.4f}")
+        if ra:
+            print(f"| random (uniform genotypes, seed 0) | {len(ra)} | {_stats(ra)} | "
+                  f"{', '.join(f'{a:.4f}' for a in ra)} | - |")
+            print(f"random median {np.median(ra):.4f}, best {np.max(ra):.4f}, worst {np.min(ra):.4f}")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=1, allow_nan=False))
     return report
