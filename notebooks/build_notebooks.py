@@ -246,10 +246,13 @@ w_star = jax.jit(inner_solve)(h)'''),
     md("## The exact hypergradient (dense Hessian solve) and the estimators"),
     code('''from jax.flatten_util import ravel_pytree
 flat, unravel = ravel_pytree(w_star)
-H = jax.hessian(lambda v: train_loss(unravel(v), h, train))(flat)
-gv = ravel_pytree(jax.grad(val_loss)(w_star, h, val))[0]
-mixed = jax.jacobian(lambda hh: ravel_pytree(jax.grad(train_loss)(w_star, hh, train))[0])(h)
-exact = -mixed.T @ jnp.linalg.solve(H, gv)     # d L_val / d h (L_val has no direct h term)
+@jax.jit  # one program: run op by op, the Hessian and Jacobian would compile each of their small ops
+def exact_hypergradient(w, hh):
+    H = jax.hessian(lambda v: train_loss(unravel(v), hh, train))(ravel_pytree(w)[0])
+    gv = ravel_pytree(jax.grad(val_loss)(w, hh, val))[0]
+    mixed = jax.jacobian(lambda h_: ravel_pytree(jax.grad(train_loss)(w, h_, train))[0])(hh)
+    return -mixed.T @ jnp.linalg.solve(H, gv)  # d L_val / d h (L_val has no direct h term)
+exact = exact_hypergradient(w_star, h)
 
 estimators = {
     "first_order": hypergrad.first_order(),
