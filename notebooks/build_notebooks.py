@@ -114,9 +114,10 @@ for eps in (0.01, 0.3, 3.0):
     print(f"soft_rank eps={eps:<5}", np.round(relax.soft_rank(x, regularization_strength=eps), 3))'''),
     md("## Soft sort and rank: the regularization strength interpolates between the hard operator and the mean"),
     code('''eps = jnp.logspace(-3, 1.5, 60)
-ranks = jax.vmap(lambda e: relax.soft_rank(x, regularization_strength=e))(eps)
-sorts = jax.vmap(lambda e: relax.soft_sort(x, regularization_strength=e))(eps)
-grads = jax.vmap(jax.grad(lambda v, e: relax.soft_rank(v, regularization_strength=e)[2]), in_axes=(None, 0))(x, eps)
+# each sweep is one jit-compiled vmap (run op by op, every small op would be compiled on its own)
+ranks = jax.jit(jax.vmap(lambda e: relax.soft_rank(x, regularization_strength=e)))(eps)
+sorts = jax.jit(jax.vmap(lambda e: relax.soft_sort(x, regularization_strength=e)))(eps)
+grads = jax.jit(jax.vmap(jax.grad(lambda v, e: relax.soft_rank(v, regularization_strength=e)[2]), in_axes=(None, 0)))(x, eps)
 fig, ax = plt.subplots(1, 3, figsize=(15, 3.5))
 ax[0].semilogx(eps, ranks); ax[0].set_title("soft_rank(x) vs strength")
 ax[1].semilogx(eps, sorts); ax[1].set_title("soft_sort(x) vs strength")
@@ -143,7 +144,7 @@ plt.show()'''),
     code('''key = jax.random.PRNGKey(0)
 logits = jnp.log(jnp.array([0.5, 0.25, 0.15, 0.1]))
 temps = jnp.array([0.1, 0.5, 1.0, 5.0])
-samples = jax.vmap(lambda t: relax.gumbel_softmax(key, logits, temperature=t))(temps)
+samples = jax.jit(jax.vmap(lambda t: relax.gumbel_softmax(key, logits, temperature=t)))(temps)
 n = DRAWS
 hard = relax.gumbel_softmax(jax.random.PRNGKey(1), jnp.broadcast_to(logits, (n, 4)), hard=True)
 fig, ax = plt.subplots(1, 3, figsize=(15, 3.5))
@@ -162,10 +163,10 @@ plt.show()'''),
        "`perturbed_argmax` / `perturbed_topk` are the Monte-Carlo perturbed optimizers of Berthet et "
        "al. 2020 (with Gumbel noise the perturbed argmax is `softmax(x / sigma)` in expectation)."),
     code('''eps = jnp.logspace(-3, 0.5, 40)
-sk_ranks = jax.vmap(lambda e: relax.sinkhorn_rank(x, e))(eps)
+sk_ranks = jax.jit(jax.vmap(lambda e: relax.sinkhorn_rank(x, e)))(eps)
 strengths = jnp.logspace(-2, 1, 40)
-sparse_masks = jax.vmap(lambda s: relax.soft_topk_mask(x, 3, regularization_strength=s))(strengths)
-ot_masks = jax.vmap(lambda e: relax.soft_topk_mask(x, 3, "ot", epsilon=e))(eps)
+sparse_masks = jax.jit(jax.vmap(lambda s: relax.soft_topk_mask(x, 3, regularization_strength=s)))(strengths)
+ot_masks = jax.jit(jax.vmap(lambda e: relax.soft_topk_mask(x, 3, "ot", epsilon=e)))(eps)
 fig, ax = plt.subplots(1, 4, figsize=(18, 3.5))
 ax[0].semilogx(eps, sk_ranks); ax[0].set_title("sinkhorn_rank(x) vs epsilon")
 ax[1].semilogx(strengths, sparse_masks); ax[1].set_title("soft_topk_mask sparse, k=3")
