@@ -19,9 +19,9 @@ HERE = pathlib.Path(__file__).parent
 _CLAIM = ("{wall} wall ({cpu} s of CPU time) for the whole notebook with the settings below,\n"
           "# on a 2-core CPU shared with other jobs (load average {load}); faster on an idle machine")
 MEASURED = {
-    "01_relaxed_operators.ipynb": _CLAIM.format(wall="83 s", cpu=41, load="5-6"),
+    "01_relaxed_operators.ipynb": _CLAIM.format(wall="59 s", cpu=31, load="7-8"),
     "02_darts_search.ipynb": _CLAIM.format(wall="344 s (5 min 44 s)", cpu=133, load="~11"),
-    "03_implicit_hypergradients.ipynb": _CLAIM.format(wall="86 s", cpu=40, load="6-9"),
+    "03_implicit_hypergradients.ipynb": _CLAIM.format(wall="56 s", cpu=30, load="6-7"),
     # a whole run at load 8-14 was stopped at 720 s; measured in parts with the notebook's code
     "04_hardware_aware.ipynb": ("about 700 s (~12 min) wall, in parts: the notebook's code with 2 of its 4 lambdas took\n"
                                 "# 395 s, each further lambda 151 s (3.8 s per step), on a 2-core CPU shared with other "
