@@ -82,7 +82,7 @@ def main(quick: bool = False) -> dict:
     _, loss0, w0 = outer_grad(h)
     opt = optax.adam(0.1)
     state = opt.init(h)
-    for _ in range(20 if quick else 60):
+    for _ in range(8 if quick else 60):
         g, _, _ = outer_grad(h)
         u, state = opt.update(g, state, h)
         h = optax.apply_updates(h, u)

@@ -63,7 +63,7 @@ def main(quick: bool = False, method: str = "gdas", estimator: str = "first_orde
     (xs, ys), (xv, yv) = (xtr[n_val:], ytr[n_val:]), (xtr[:n_val], ytr[:n_val])
     # quick (the CI test) only has to show the pipeline works: a few search steps and a short
     # retrain at half the batch still give > 0.9 test accuracy on digits
-    search_steps, train_steps, batch = (16, 150, 32) if quick else (300, 800, 64)
+    search_steps, train_steps, batch = (4, 150, 32) if quick else (300, 800, 64)
     space = from_module(CNN(), xs[:2], hard=(method == "gdas"))
     relax = mixing.gdas(total_steps=search_steps) if method == "gdas" else mixing.softmax()
     est = hypergrad.first_order() if estimator == "first_order" else hypergrad.implicit(solver="cg", maxiter=5)

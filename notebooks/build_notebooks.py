@@ -19,9 +19,9 @@ HERE = pathlib.Path(__file__).parent
 _CLAIM = ("{wall} wall ({cpu} s of CPU time) for the whole notebook with the settings below,\n"
           "# on a 2-core CPU shared with other jobs (load average {load}); faster on an idle machine")
 MEASURED = {
-    "01_relaxed_operators.ipynb": _CLAIM.format(wall="83 s", cpu=41, load="5-6"),
+    "01_relaxed_operators.ipynb": _CLAIM.format(wall="59 s", cpu=31, load="7-8"),
     "02_darts_search.ipynb": _CLAIM.format(wall="344 s (5 min 44 s)", cpu=133, load="~11"),
-    "03_implicit_hypergradients.ipynb": _CLAIM.format(wall="86 s", cpu=40, load="6-9"),
+    "03_implicit_hypergradients.ipynb": _CLAIM.format(wall="56 s", cpu=30, load="6-7"),
     # a whole run at load 8-14 was stopped at 720 s; measured in parts with the notebook's code
     "04_hardware_aware.ipynb": ("about 700 s (~12 min) wall, in parts: the notebook's code with 2 of its 4 lambdas took\n"
                                 "# 395 s, each further lambda 151 s (3.8 s per step), on a 2-core CPU shared with other "
@@ -114,9 +114,10 @@ for eps in (0.01, 0.3, 3.0):
     print(f"soft_rank eps={eps:<5}", np.round(relax.soft_rank(x, regularization_strength=eps), 3))'''),
     md("## Soft sort and rank: the regularization strength interpolates between the hard operator and the mean"),
     code('''eps = jnp.logspace(-3, 1.5, 60)
-ranks = jax.vmap(lambda e: relax.soft_rank(x, regularization_strength=e))(eps)
-sorts = jax.vmap(lambda e: relax.soft_sort(x, regularization_strength=e))(eps)
-grads = jax.vmap(jax.grad(lambda v, e: relax.soft_rank(v, regularization_strength=e)[2]), in_axes=(None, 0))(x, eps)
+# each sweep is one jit-compiled vmap (run op by op, every small op would be compiled on its own)
+ranks = jax.jit(jax.vmap(lambda e: relax.soft_rank(x, regularization_strength=e)))(eps)
+sorts = jax.jit(jax.vmap(lambda e: relax.soft_sort(x, regularization_strength=e)))(eps)
+grads = jax.jit(jax.vmap(jax.grad(lambda v, e: relax.soft_rank(v, regularization_strength=e)[2]), in_axes=(None, 0)))(x, eps)
 fig, ax = plt.subplots(1, 3, figsize=(15, 3.5))
 ax[0].semilogx(eps, ranks); ax[0].set_title("soft_rank(x) vs strength")
 ax[1].semilogx(eps, sorts); ax[1].set_title("soft_sort(x) vs strength")
@@ -143,7 +144,7 @@ plt.show()'''),
     code('''key = jax.random.PRNGKey(0)
 logits = jnp.log(jnp.array([0.5, 0.25, 0.15, 0.1]))
 temps = jnp.array([0.1, 0.5, 1.0, 5.0])
-samples = jax.vmap(lambda t: relax.gumbel_softmax(key, logits, temperature=t))(temps)
+samples = jax.jit(jax.vmap(lambda t: relax.gumbel_softmax(key, logits, temperature=t)))(temps)
 n = DRAWS
 hard = relax.gumbel_softmax(jax.random.PRNGKey(1), jnp.broadcast_to(logits, (n, 4)), hard=True)
 fig, ax = plt.subplots(1, 3, figsize=(15, 3.5))
@@ -162,10 +163,10 @@ plt.show()'''),
        "`perturbed_argmax` / `perturbed_topk` are the Monte-Carlo perturbed optimizers of Berthet et "
        "al. 2020 (with Gumbel noise the perturbed argmax is `softmax(x / sigma)` in expectation)."),
     code('''eps = jnp.logspace(-3, 0.5, 40)
-sk_ranks = jax.vmap(lambda e: relax.sinkhorn_rank(x, e))(eps)
+sk_ranks = jax.jit(jax.vmap(lambda e: relax.sinkhorn_rank(x, e)))(eps)
 strengths = jnp.logspace(-2, 1, 40)
-sparse_masks = jax.vmap(lambda s: relax.soft_topk_mask(x, 3, regularization_strength=s))(strengths)
-ot_masks = jax.vmap(lambda e: relax.soft_topk_mask(x, 3, "ot", epsilon=e))(eps)
+sparse_masks = jax.jit(jax.vmap(lambda s: relax.soft_topk_mask(x, 3, regularization_strength=s)))(strengths)
+ot_masks = jax.jit(jax.vmap(lambda e: relax.soft_topk_mask(x, 3, "ot", epsilon=e)))(eps)
 fig, ax = plt.subplots(1, 4, figsize=(18, 3.5))
 ax[0].semilogx(eps, sk_ranks); ax[0].set_title("sinkhorn_rank(x) vs epsilon")
 ax[1].semilogx(strengths, sparse_masks); ax[1].set_title("soft_topk_mask sparse, k=3")
@@ -246,10 +247,13 @@ w_star = jax.jit(inner_solve)(h)'''),
     md("## The exact hypergradient (dense Hessian solve) and the estimators"),
     code('''from jax.flatten_util import ravel_pytree
 flat, unravel = ravel_pytree(w_star)
-H = jax.hessian(lambda v: train_loss(unravel(v), h, train))(flat)
-gv = ravel_pytree(jax.grad(val_loss)(w_star, h, val))[0]
-mixed = jax.jacobian(lambda hh: ravel_pytree(jax.grad(train_loss)(w_star, hh, train))[0])(h)
-exact = -mixed.T @ jnp.linalg.solve(H, gv)     # d L_val / d h (L_val has no direct h term)
+@jax.jit  # one program: run op by op, the Hessian and Jacobian would compile each of their small ops
+def exact_hypergradient(w, hh):
+    H = jax.hessian(lambda v: train_loss(unravel(v), hh, train))(ravel_pytree(w)[0])
+    gv = ravel_pytree(jax.grad(val_loss)(w, hh, val))[0]
+    mixed = jax.jacobian(lambda h_: ravel_pytree(jax.grad(train_loss)(w, h_, train))[0])(hh)
+    return -mixed.T @ jnp.linalg.solve(H, gv)  # d L_val / d h (L_val has no direct h term)
+exact = exact_hypergradient(w_star, h)
 
 estimators = {
     "first_order": hypergrad.first_order(),
