@@ -159,12 +159,13 @@ def _shift(x: jax.Array, t: int, fill: float) -> jax.Array:
     return jnp.concatenate([x[:, t:], jnp.full((x.shape[0], t), fill, x.dtype)], axis=1)
 
 
-def _diff(p1, p0, q1, q0, eps):
+def _diff(p1, p0, q1, q0, eps, n: int | None = None):
     """``y1 - y0`` for ``y = p / eps - q``, from differences only, so that neither a huge ``p / eps``
     nor a huge ``q`` swallows the other's small part (the loss that made float32 soft ranks of
     values 1e8 wrong by 5).  Clipped so sums of n of them stay finite; equal infinities give 0."""
     d = (p1 - p0) / eps - (q1 - q0)
-    big = jnp.finfo(d.dtype).max / (64 * max(p1.shape[-1], 1))
+    n = p1.shape[-1] if n is None else n  # the row length: sums of n of them stay finite
+    big = jnp.finfo(d.dtype).max / (64 * max(n, 1))
     return jnp.clip(jnp.where(jnp.isnan(d), 0, d), -big, big)
 
 
@@ -338,7 +339,7 @@ def _relative(start, p, q, eps):
     return pf, qf, _diff(p, pf, q, qf, eps)
 
 
-def _pav_l2(p: jax.Array, q: jax.Array, eps) -> jax.Array:
+def _pav_l2_parallel(p: jax.Array, q: jax.Array, eps) -> jax.Array:
     """Block starts of ``argmin_{v_1 >= ... >= v_n} 0.5 ||v - y||^2``, ``y = p / eps - q``.
 
     ``y`` is never formed: every decision uses differences of ``p`` and of ``q`` relative to a
@@ -373,7 +374,7 @@ def _kl_stats(start, blocks, py, pw, ey):
     return yrel, wrel, blocks.logsumexp(yrel), blocks.logsumexp(wrel)
 
 
-def _pav_kl(py: jax.Array, pw: jax.Array, ey) -> jax.Array:
+def _pav_kl_parallel(py: jax.Array, pw: jax.Array, ey) -> jax.Array:
     """Block starts of ``argmin_{v_1 >= ... >= v_n} <exp(y - v), 1> + <exp(w), v>``,
     ``y = py / ey`` (block value = logsumexp(y_B) - logsumexp(w_B)), decided on differences
     relative to each block's first element (see ``_merge_round_kl``).
@@ -401,6 +402,124 @@ def _pav_kl(py: jax.Array, pw: jax.Array, ey) -> jax.Array:
     start = _merge_round_kl(zeros, zeros, py, pw, ey, jnp.ones_like(py))
     start, _ = lax.while_loop(lambda c: c[1], body, (start, jnp.any(~start)))
     return start
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequential stack PAV (the CPU path): one pass over the flattened batch, O(batch n) steps.
+
+
+def _stack_pav(n_rows: int, n: int, stats0, violates_and_pool) -> jax.Array:
+    """Block starts (batch * n,) of a left-to-right stack PAV over ``n_rows`` rows of length ``n``
+    laid end to end; blocks never pool across a row boundary.
+
+    ``stats0`` is the tuple of a new singleton block's statistics (scalars);
+    ``violates_and_pool(i, below, bf, top, tf)`` returns (whether the block ``below``, starting at
+    ``bf``, and the block ``top``, starting at ``tf`` and ending before ``i``, violate the order,
+    the statistics of their union).  Each step either pushes element ``i`` or pools the top two
+    blocks, so the loop runs at most ``2 batch n`` steps.
+
+    Why it is shaped this way: XLA:CPU updates a loop-carried array in place only if nothing
+    else reads the incoming array in the same iteration (a read that is not an ancestor of the
+    write gets the whole array copied per step: O(n^2)).  So the top block lives in carried
+    scalars, the stack array is written unconditionally at its free slot ``k + 1`` (a pooling
+    step leaves that slot free anyway), and the block below the top is read back only from the
+    *updated* array, into carried scalars that the next step compares.  Slot 0 is a sentinel
+    (start -1: no block below).
+    """
+    total = n_rows * n
+    stack = tuple(jnp.zeros((total + 1,), jnp.asarray(x).dtype) for x in stats0)
+    starts = jnp.full((total + 1,), -1, jnp.int32)
+
+    def test(i, below, bf, top, tf):
+        violates, pooled = violates_and_pool(i, below, jnp.maximum(bf, 0), top, tf)
+        return violates & (bf >= (tf // n) * n), pooled  # bf = -1 or another row: no pooling
+
+    def body(c):
+        i, k, below, bf, top, tf, stack, starts = c
+        pool, pooled = test(i, below, bf, top, tf)
+        stack = tuple(a.at[k + 1].set(t) for a, t in zip(stack, top))
+        starts = starts.at[k + 1].set(tf)
+        k = jnp.where(pool, k - 1, k + 1)
+        top = tuple(jnp.where(pool, u, z) for u, z in zip(pooled, stats0))
+        tf = jnp.where(pool, bf, jnp.minimum(i, total - 1))
+        return (jnp.where(pool, i, i + 1), k, tuple(a[k] for a in stack), starts[k], top, tf,
+                stack, starts)
+
+    def cond(c):
+        i, _, below, bf, top, tf, _, _ = c
+        return (i < total) | test(i, below, bf, top, tf)[0]
+
+    init = (jnp.int32(1), jnp.int32(0), stats0, jnp.int32(-1), stats0, jnp.int32(0), stack, starts)
+    _, k, _, _, _, tf, _, starts = lax.while_loop(cond, body, init)
+    # the blocks are those on the stack (slots 1..k) and the top
+    idx = jnp.where((lax.iota(jnp.int32, total + 1) <= k) & (starts >= 0), starts, total)
+    return jnp.zeros((total,), bool).at[idx].set(True, mode="drop").at[tf].set(True)
+
+
+def _pav_l2_sequential(p: jax.Array, q: jax.Array, eps) -> jax.Array:
+    """``_pav_l2_parallel`` as a sequential stack PAV (same decisions on the same differences:
+    per block the sum ``a`` of ``y - y_first``; sizes follow from the block starts)."""
+    batch, n = p.shape
+    if batch * n == 0:
+        return jnp.zeros(p.shape, bool)
+    p, q = lax.stop_gradient(p).reshape(-1), lax.stop_gradient(q).reshape(-1)
+    dt = p.dtype
+    eps = jnp.broadcast_to(lax.stop_gradient(eps), (batch, 1)).reshape(-1).astype(dt)  # per row
+
+    def violates_and_pool(i, below, bf, top, tf):
+        (ba,), (ta,) = below, top
+        offset = _diff(p[tf], p[bf], q[tf], q[bf], eps[tf // n], n)  # y_first(top) - y_first(below)
+        bb, tb = (tf - bf).astype(dt), (i - tf).astype(dt)
+        # the plain PAV test of _merge_round_l2 (ties pool, as in the reference)
+        return ba / bb <= offset + ta / tb, (ba + ta + tb * offset,)
+
+    return _stack_pav(batch, n, (jnp.zeros((), dt),), violates_and_pool).reshape(batch, n)
+
+
+def _pav_kl_sequential(py: jax.Array, pw: jax.Array, ey) -> jax.Array:
+    """``_pav_kl_parallel`` as a sequential stack PAV: per block the logsumexps of ``y - y_first``
+    and ``w - w_first``; pooling two blocks is a ``logaddexp`` after shifting the top block's
+    to the lower block's first element."""
+    batch, n = py.shape
+    if batch * n == 0:
+        return jnp.zeros(py.shape, bool)
+    py, pw = lax.stop_gradient(py).reshape(-1), lax.stop_gradient(pw).reshape(-1)
+    dt = py.dtype
+    ey = jnp.broadcast_to(lax.stop_gradient(ey), (batch, 1)).reshape(-1).astype(dt)  # per row
+
+    def violates_and_pool(i, below, bf, top, tf):
+        (ya0, wa0), (ya1, wa1) = below, top
+        dy = _diff(py[tf], py[bf], 0.0, 0.0, ey[tf // n], n) + ya1
+        dw = _diff(pw[tf], pw[bf], 0.0, 0.0, 1.0, n) + wa1
+        # value(below) <= value(top); NaN (inf - inf) never pools, as in _merge_round_kl
+        return dy - ya0 >= dw - wa0, (jnp.logaddexp(ya0, dy), jnp.logaddexp(wa0, dw))
+
+    zero = jnp.zeros((), dt)
+    return _stack_pav(batch, n, (zero, zero), violates_and_pool).reshape(batch, n)
+
+
+_PAV_METHODS = ("auto", "sequential", "parallel")
+
+
+def _pav_l2(p: jax.Array, q: jax.Array, eps, method: str = "auto") -> jax.Array:
+    """Block starts of the l2 isotonic regression (see ``_pav_l2_parallel``).  "auto": the
+    sequential stack PAV on CPU (one cheap step per push or pool), the parallel rounds elsewhere
+    (a GPU/TPU runs a scalar loop step for step, microseconds each)."""
+    if method == "sequential":
+        return _pav_l2_sequential(p, q, eps)
+    if method == "parallel":
+        return _pav_l2_parallel(p, q, eps)
+    return lax.platform_dependent(p, q, eps, cpu=_pav_l2_sequential, default=_pav_l2_parallel)
+
+
+def _pav_kl(py: jax.Array, pw: jax.Array, ey, method: str = "auto") -> jax.Array:
+    """Block starts of the kl isotonic problem (see ``_pav_kl_parallel``); ``method`` as in
+    ``_pav_l2``."""
+    if method == "sequential":
+        return _pav_kl_sequential(py, pw, ey)
+    if method == "parallel":
+        return _pav_kl_parallel(py, pw, ey)
+    return lax.platform_dependent(py, pw, ey, cpu=_pav_kl_sequential, default=_pav_kl_parallel)
 
 
 def _kl_solve(py, pw, ey):
