@@ -1,7 +1,7 @@
 """The two pool-adjacent-violators solvers of ``relax/sorting.py`` give the same blocks.
 
-``_pav_l2`` / ``_pav_kl`` pick the sequential stack PAV on CPU and the parallel pooling rounds
-elsewhere (``lax.platform_dependent``); the tests of the public functions run whichever the test
+``_pav_l2`` / ``_pav_kl`` pick the sequential stack PAV when JAX's default backend is the CPU
+and the parallel pooling rounds otherwise; the tests of the public functions run whichever the test
 machine picks, so this file pins the other one to it: on the same inputs both must return the
 same block starts (the blocks decide the outputs and the VJPs).  One compilation per method and
 shape: the cases go through one jitted call as rows of one batch.

@@ -89,14 +89,16 @@ def test_sparse_topk_mask_with_infinite_kth_value_shares_the_rest():
 
 
 def test_spearman_gradient_finite_on_constant_predictions():
-    f = lambda p: soft_spearman(p, jnp.arange(8, dtype=F32))  # noqa: E731
-    assert float(f(jnp.zeros(8, F32))) == 0.0
-    g = jax.grad(f)(jnp.zeros(8, F32))
-    assert np.all(np.isfinite(g))
+    # rows: constant predictions (the regression), and a reversed order that must get a gradient;
+    # one jitted value-and-gradient at both strengths (one compilation; rows are independent)
+    target = jnp.broadcast_to(jnp.arange(8, dtype=F32), (2, 8))
     batch = jnp.stack([jnp.zeros(8, F32), jnp.arange(8, dtype=F32)[::-1]])
-    gb = jax.grad(lambda p: jnp.sum(soft_spearman(p, jnp.broadcast_to(jnp.arange(8, dtype=F32), (2, 8)),
-                                                  regularization_strength=10.0)))(batch)
-    assert np.all(np.isfinite(gb)) and np.any(gb[1] != 0)
+    run = jax.jit(lambda p, e: (soft_spearman(p, target, regularization_strength=e),
+                                jax.grad(lambda v: jnp.sum(soft_spearman(v, target, regularization_strength=e)))(p)))
+    for eps in (1.0, 10.0):
+        value, grad = run(batch, jnp.float32(eps))
+        assert float(value[0]) == 0.0 and np.all(np.isfinite(np.asarray(grad)))
+        assert np.any(np.asarray(grad[1]) != 0)
 
 
 def test_spearman_ties_in_target_use_average_ranks_like_scipy():

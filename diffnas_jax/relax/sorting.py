@@ -22,9 +22,13 @@ How it is made fast under XLA on CPU (see BUILD_NOTES.md for numbers):
   float64 the lowest ``ceil(log2 n)`` mantissa bits give way to the index, so values closer than
   about ``2**-(52 - log2 n)`` relative are ordered by index — a change of the same size in the
   output, since the projection is 1-Lipschitz.
-* PAV runs as parallel rounds: every maximal run of adjacent violating blocks is pooled at once
-  (any order of pooling gives the same solution), with segment sums over the block ids.  Typical
-  inputs need 1-10 rounds, each a handful of vectorised O(n) operations over the whole batch.
+* On CPU, PAV is the textbook sequential stack algorithm in one ``lax.while_loop`` over the
+  flattened batch (at most 2 batch n cheap steps), shaped so that XLA updates its stack in place
+  (see ``_stack_pav``).  Elsewhere it runs as parallel rounds: every maximal run of adjacent
+  violating blocks is pooled at once (any order of pooling gives the same solution), with segment
+  sums over the block ids; 1-130 rounds, each a handful of vectorised O(batch n) operations.
+  Both decide on the same differences relative to each block's first element; only the block
+  starts leave the solver, and everything after it (outputs, VJPs) is shared.
 """
 from __future__ import annotations
 
@@ -501,25 +505,31 @@ def _pav_kl_sequential(py: jax.Array, pw: jax.Array, ey) -> jax.Array:
 _PAV_METHODS = ("auto", "sequential", "parallel")
 
 
+def _pav_method(method: str) -> str:
+    check_choice("method", method, _PAV_METHODS)
+    if method == "auto":
+        return "sequential" if jax.default_backend() == "cpu" else "parallel"
+    return method
+
+
 def _pav_l2(p: jax.Array, q: jax.Array, eps, method: str = "auto") -> jax.Array:
     """Block starts of the l2 isotonic regression (see ``_pav_l2_parallel``).  "auto": the
-    sequential stack PAV on CPU (one cheap step per push or pool), the parallel rounds elsewhere
-    (a GPU/TPU runs a scalar loop step for step, microseconds each)."""
-    if method == "sequential":
+    sequential stack PAV when JAX's default backend is the CPU (one cheap step per push or pool),
+    the parallel rounds otherwise (a GPU/TPU runs a scalar loop step for step, microseconds each).
+    Chosen at trace time rather than with ``lax.platform_dependent``, which traces both solvers
+    (about a second more per compilation in the tests); an array placed on the CPU of a GPU
+    machine gets the parallel rounds: slower, same blocks."""
+    if _pav_method(method) == "sequential":
         return _pav_l2_sequential(p, q, eps)
-    if method == "parallel":
-        return _pav_l2_parallel(p, q, eps)
-    return lax.platform_dependent(p, q, eps, cpu=_pav_l2_sequential, default=_pav_l2_parallel)
+    return _pav_l2_parallel(p, q, eps)
 
 
 def _pav_kl(py: jax.Array, pw: jax.Array, ey, method: str = "auto") -> jax.Array:
     """Block starts of the kl isotonic problem (see ``_pav_kl_parallel``); ``method`` as in
     ``_pav_l2``."""
-    if method == "sequential":
+    if _pav_method(method) == "sequential":
         return _pav_kl_sequential(py, pw, ey)
-    if method == "parallel":
-        return _pav_kl_parallel(py, pw, ey)
-    return lax.platform_dependent(py, pw, ey, cpu=_pav_kl_sequential, default=_pav_kl_parallel)
+    return _pav_kl_parallel(py, pw, ey)
 
 
 def _kl_solve(py, pw, ey):
