@@ -79,3 +79,21 @@ def test_sequential_pav_runs_in_place():
         assert len(bodies) == 1
         copies = [line for line in bodies[0].splitlines() if f"[{n + 1}]" in line and " copy(" in line]
         assert not copies, copies
+
+
+@pytest.mark.parametrize("reg", ["l2", "kl"])
+def test_sequential_pav_vmap_folds_into_the_batch(reg):
+    """jax.vmap (over the values, the strength, or nested) gives the blocks of separate calls;
+    the vmap rule folds the vmapped axis into the batch of one loop."""
+    pav = sorting._pav_l2_sequential if reg == "l2" else sorting._pav_kl_sequential
+    x = _cases(40, np.float64)[:6].reshape(2, 3, 40)
+    p, q = jnp.sort(x, axis=-1)[..., ::-1], jnp.broadcast_to(jnp.arange(40.0, 0, -1), x.shape)
+    eps = jnp.asarray([0.3, 3.0])
+    each = np.stack([pav(p[i], q[i], eps[i]) for i in range(2)])
+    np.testing.assert_array_equal(jax.jit(jax.vmap(pav))(p, q, eps), each)
+    nested = jax.vmap(jax.vmap(pav, (0, 0, None)), (0, 0, 0))(p[..., None, :], q[..., None, :], eps)
+    np.testing.assert_array_equal(nested[..., 0, :], each)
+    # one loop over the folded batch (6 rows of 40), its stack updated in place: the default
+    # vmap rule selected over the whole stack on every step
+    (body,) = _while_bodies(jax.jit(jax.vmap(pav)).lower(p, q, eps).compile().as_text())
+    assert not [line for line in body.splitlines() if "[241]" in line and " copy(" in line]

@@ -460,7 +460,7 @@ def _stack_pav(n_rows: int, n: int, stats0, violates_and_pool) -> jax.Array:
     return jnp.zeros((total,), bool).at[idx].set(True, mode="drop").at[tf].set(True)
 
 
-def _pav_l2_sequential(p: jax.Array, q: jax.Array, eps) -> jax.Array:
+def _pav_l2_sequential_2d(p: jax.Array, q: jax.Array, eps) -> jax.Array:
     """``_pav_l2_parallel`` as a sequential stack PAV (same decisions on the same differences:
     per block the sum ``a`` of ``y - y_first``; sizes follow from the block starts)."""
     batch, n = p.shape
@@ -480,7 +480,7 @@ def _pav_l2_sequential(p: jax.Array, q: jax.Array, eps) -> jax.Array:
     return _stack_pav(batch, n, (jnp.zeros((), dt),), violates_and_pool).reshape(batch, n)
 
 
-def _pav_kl_sequential(py: jax.Array, pw: jax.Array, ey) -> jax.Array:
+def _pav_kl_sequential_2d(py: jax.Array, pw: jax.Array, ey) -> jax.Array:
     """``_pav_kl_parallel`` as a sequential stack PAV: per block the logsumexps of ``y - y_first``
     and ``w - w_first``; pooling two blocks is a ``logaddexp`` after shifting the top block's
     to the lower block's first element."""
@@ -500,6 +500,34 @@ def _pav_kl_sequential(py: jax.Array, pw: jax.Array, ey) -> jax.Array:
 
     zero = jnp.zeros((), dt)
     return _stack_pav(batch, n, (zero, zero), violates_and_pool).reshape(batch, n)
+
+
+def _fold_vmapped_rows(solver):
+    """``solver(p, q, eps)`` on (batch, n) rows, with a vmap rule that folds the vmapped axis
+    into the batch.  The default rule would batch the while loop itself: a per-row predicate and
+    a select over the whole stack on every step, i.e. a copy per step (jax.vmap of soft_sort at
+    (16, 1000) took 87 ms instead of 7 ms, and grows as n^2)."""
+    folded = jax.custom_batching.custom_vmap(solver)
+
+    @folded.def_vmap
+    def _rule(axis_size, in_batched, p, q, eps):
+        p, q, eps = (x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
+                     for x, b in zip((p, q, eps), in_batched))
+        batch, n = p.shape[1:]
+        # eps is a scalar or one per row ((batch, 1)) in each call: one per row of the fold
+        e = jnp.broadcast_to(jnp.reshape(eps, (axis_size, -1)), (axis_size, batch)).reshape(-1, 1)
+        out = folded(p.reshape(-1, n), q.reshape(-1, n), e)
+        return out.reshape(axis_size, batch, n), True
+
+    def run(p, q, eps):
+        # the solvers only return block starts; no tangent may reach custom_vmap
+        return folded(*(lax.stop_gradient(jnp.asarray(x)) for x in (p, q, eps)))
+
+    return run
+
+
+_pav_l2_sequential = _fold_vmapped_rows(_pav_l2_sequential_2d)
+_pav_kl_sequential = _fold_vmapped_rows(_pav_kl_sequential_2d)
 
 
 _PAV_METHODS = ("auto", "sequential", "parallel")
