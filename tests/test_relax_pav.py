@@ -50,7 +50,8 @@ def test_sequential_and_parallel_pav_find_the_same_blocks(reg, dtype):
     x = _cases(200, dtype)
     eps = jnp.asarray([[0.1], [1.0], [10.0], [1.0], [1.0], [1e6], [0.5], [1.0]], dtype)  # per row
     # the soft_sort and soft_rank problems as rows of one batch: one compilation per method
-    p, q, e = (jnp.concatenate(parts) for parts in zip(_problem("sort_" + reg, x, eps), _problem("rank_" + reg, x, eps)))
+    problems = zip(_problem("sort_" + reg, x, eps), _problem("rank_" + reg, x, eps))
+    p, q, e = (jnp.concatenate(parts) for parts in problems)
     solve = jax.jit(pav, static_argnums=3)
     seq, par = np.asarray(solve(p, q, e, "sequential")), np.asarray(solve(p, q, e, "parallel"))
     assert seq.shape[0] < seq.sum() < seq.size  # pooled and free blocks

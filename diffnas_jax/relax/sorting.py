@@ -656,7 +656,11 @@ def _isotonic(kind: str, s, w, axis: int):
     cdt = _compute_dtype(dtype)
     s2, lead = _to_2d(s.astype(cdt), axis)
     w2, _ = _to_2d(w.astype(cdt), axis)
+    # a NaN anywhere in a row makes the whole row NaN (it used to come out as plausible numbers)
+    nan_rows = jnp.any(jnp.isnan(s2) | jnp.isnan(w2), axis=-1, keepdims=True)
+    s2, w2 = jnp.where(nan_rows, 0, s2), jnp.where(nan_rows, 0, w2)
     v = (_isotonic_l2_2d if kind == "l2" else _isotonic_kl_2d)(s2, w2)
+    v = jnp.where(nan_rows, jnp.nan, v)
     return _from_2d(v, lead, axis, s.ndim).astype(dtype)
 
 
