@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffnas_jax.relax import (gumbel_sigmoid, gumbel_softmax, gumbel_topk, hard_topk_mask, isotonic_l2,
-                               neural_sort, perturbed_argmax, perturbed_topk, sinkhorn_rank, sinkhorn_sort,
-                               soft_rank, soft_sort, soft_spearman, soft_topk_mask, sorting_network)
+from diffnas_jax.relax import (gumbel_sigmoid, gumbel_softmax, gumbel_topk, hard_topk_mask, isotonic_kl,
+                               isotonic_l2, neural_sort, perturbed_argmax, perturbed_topk, sinkhorn_rank,
+                               sinkhorn_sort, soft_rank, soft_sort, soft_spearman, soft_topk_mask, sorting_network)
 
 F32 = jnp.float32
 X = jnp.array([0.3, -1.2, 2.5, 0.7, -0.1], F32)
@@ -89,14 +89,16 @@ def test_sparse_topk_mask_with_infinite_kth_value_shares_the_rest():
 
 
 def test_spearman_gradient_finite_on_constant_predictions():
-    f = lambda p: soft_spearman(p, jnp.arange(8, dtype=F32))  # noqa: E731
-    assert float(f(jnp.zeros(8, F32))) == 0.0
-    g = jax.grad(f)(jnp.zeros(8, F32))
-    assert np.all(np.isfinite(g))
+    # rows: constant predictions (the regression), and a reversed order that must get a gradient;
+    # one jitted value-and-gradient at both strengths (one compilation; rows are independent)
+    target = jnp.broadcast_to(jnp.arange(8, dtype=F32), (2, 8))
     batch = jnp.stack([jnp.zeros(8, F32), jnp.arange(8, dtype=F32)[::-1]])
-    gb = jax.grad(lambda p: jnp.sum(soft_spearman(p, jnp.broadcast_to(jnp.arange(8, dtype=F32), (2, 8)),
-                                                  regularization_strength=10.0)))(batch)
-    assert np.all(np.isfinite(gb)) and np.any(gb[1] != 0)
+    run = jax.jit(lambda p, e: (soft_spearman(p, target, regularization_strength=e),
+                                jax.grad(lambda v: jnp.sum(soft_spearman(v, target, regularization_strength=e)))(p)))
+    for eps in (1.0, 10.0):
+        value, grad = run(batch, jnp.float32(eps))
+        assert float(value[0]) == 0.0 and np.all(np.isfinite(np.asarray(grad)))
+        assert np.any(np.asarray(grad[1]) != 0)
 
 
 def test_spearman_ties_in_target_use_average_ranks_like_scipy():
@@ -223,3 +225,12 @@ def test_gumbel_topk_bounded_limits_and_masked_items():
     np.testing.assert_allclose(gumbel_topk(KEY, jnp.zeros(4, F32), 2, 1e7), 0.5, atol=1e-5)
     g = jax.grad(lambda v: gumbel_topk(KEY, v, 2, 0.5) @ jnp.arange(4, dtype=F32))(logits)
     assert np.all(np.isfinite(g)) and g[2] == 0.0
+
+
+def test_isotonic_nan_row_is_nan():
+    # a NaN in s or w gave plausible numbers for the whole row ([-0.67] * 3 for [1, nan, 3])
+    s = jnp.array([[1.0, jnp.nan, 3.0], [1.0, 2.0, 3.0]], F32)
+    for fn in (isotonic_l2, isotonic_kl):
+        v = np.asarray(fn(s))
+        assert np.all(np.isnan(v[0])) and np.all(np.isfinite(v[1])), (fn, v)
+        assert np.all(np.isnan(np.asarray(fn(s[1], jnp.array([1.0, jnp.nan, 0.0], F32)))))
