@@ -163,11 +163,13 @@ def default_cell_formulation(backend: str | None = None) -> str:
 
 
 def _scan_phases(steps: int, reduction: bool) -> list[tuple[int, list[tuple[int, int, int]]]]:
-    """The cell's edges as scan phases ``(stride, [(edge, source state j, node i), ...])`` in
-    arch-matrix order (by destination node), so every node is complete before an edge reads it.
-    A reduction cell's stride-2 edges (from the two inputs) form a phase of their own."""
+    """The cell's edges as scan phases ``(stride, [(edge, source state j, node i), ...])`` ordered
+    by source state, the order of the stored ``edges_from_j`` groups (so their leaves need no
+    permutation): every edge into node ``i`` leaves a state ``j < i + 2``, so node ``i`` is
+    complete before the edges leaving it run.  A reduction cell's stride-2 edges (from the two
+    inputs) form a phase of their own."""
     off = edge_offsets(steps)
-    edges = [(off[i] + j, j, i) for i in range(steps) for j in range(i + 2)]
+    edges = [(off[i] + j, j, i) for j in range(steps + 1) for i in _targets(j, steps)]
     if not reduction:
         return [(1, edges)]
     return [(2, [t for t in edges if t[1] < 2]), (1, [t for t in edges if t[1] >= 2])]
@@ -232,8 +234,8 @@ class SearchCell(nn.Module):
 
     def _scanned_edges(self, s0: Array, s1: Array, w: Array, w_edge: Array | None) -> Array:
         """The nodes (steps, N, H', W', C): each phase of :func:`_scan_phases` is one ``lax.scan``
-        whose body is one mixed op; its carry is the buffer of states, edge ``e`` reads state
-        ``src[e]`` and adds into node ``dst[e]`` (dynamic slices)."""
+        whose body is one mixed op; its carry is the buffer of states, the edge reads state
+        ``src`` and adds into node ``dst`` (dynamic slices)."""
         variables = self.variables
         update = self.train and self.is_mutable_collection("batch_stats")
         inputs = jnp.stack([s0, s1])
@@ -241,13 +243,11 @@ class SearchCell(nn.Module):
         new_stats: dict[str, PyTree] = {}
         for stride, edges in _scan_phases(self.steps, self.reduction):
             groups = sorted({j for _, j, _ in edges})
-            # restack the groups' leaves (stored per source state) into this phase's edge order
-            start = dict(zip(groups, np.cumsum([0] + [len(_targets(j, self.steps)) for j in groups])))
-            perm = np.asarray([start[j] + i - max(0, j - 1) for _, j, i in edges])
+            # the phase's edges are its groups' edges in their stored order: concatenate
             stacked = {}
             for col in ("params", "batch_stats"):
                 trees = [variables.get(col, {}).get(f"edges_from_{j}", {}) for j in groups]
-                stacked[col] = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a)[perm], *trees)
+                stacked[col] = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *trees)
             eidx = np.asarray([e for e, _, _ in edges])
             if stride == 2:      # the two inputs feed the nodes
                 src, dst, source = np.asarray([j for _, j, _ in edges]), np.asarray([i for _, _, i in edges]), inputs
@@ -262,11 +262,10 @@ class SearchCell(nn.Module):
                                           w_edge[eidx], src, dst, update)
             nodes = buf if self.reduction else buf[2:]
             if update:
-                inv = np.argsort(perm)
                 pos = 0
                 for j in groups:
                     n = len(_targets(j, self.steps))
-                    new_stats[f"edges_from_{j}"] = jax.tree_util.tree_map(lambda a: a[inv[pos:pos + n]], stats)
+                    new_stats[f"edges_from_{j}"] = jax.tree_util.tree_map(lambda a: a[pos:pos + n], stats)
                     pos += n
         for name, tree in new_stats.items():
             if jax.tree_util.tree_leaves(tree):
