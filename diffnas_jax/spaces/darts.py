@@ -34,7 +34,7 @@ from . import scaffold
 from .darts_ops import FactorizedReduce, ReLUConvBN, is_identity, make_op, pool_3x3
 from .genotypes import (EVAL_OPS, GENOTYPES, PRIMITIVES, Genotype, format_genotype, get_genotype,
                         parse_genotype, validate_genotype)
-from .kernels import prefers_batched_input
+from .kernels import default_formulation, prefers_batched_input
 from .layers import BatchNorm2d, Conv2d, Linear, avg_pool, channel_shuffle, global_avg_pool, max_pool
 
 Array = jax.Array
@@ -144,10 +144,13 @@ def default_cell_formulation(backend: str | None = None) -> str:
     """How a search cell evaluates its edges on ``backend`` (default ``jax.default_backend()``).
 
     ``"scan"``: one ``lax.scan`` over the cell's stride-1 edges (a reduction cell: one more over
-    its stride-2 edges), so the program holds one or two mixed-op bodies per cell instead of one
-    per state; on CPU the program is ~4x smaller and compiles several times faster (the CPU
-    default).  ``"groups"``: the edges leaving each state as one ``vmap`` (wider batched kernels,
-    5 mixed-op bodies per cell; the default elsewhere, where the vmapped kernels run natively).
+    its stride-2 edges), one mixed-op body per (cell, stride) instead of one per source state:
+    the weight step's program compiles ~2.5x faster on CPU but steps 1.5x (grouped depthwise) to
+    4x (hybrid) slower, the edges running one after another (``notes/scan.md``).  ``"groups"``:
+    the edges leaving each state as one ``vmap`` (wide batched kernels).  The default follows the
+    depthwise choice of :func:`~diffnas_jax.spaces.kernels.default_formulation`: on CPU with the
+    compile-lean ``"grouped"`` depthwise convolution (the default) ``"scan"``, with the step-fast
+    ``"hybrid"`` / ``"shifted"`` ones ``"groups"``; ``"groups"`` on other backends.
     ``$DIFFNAS_DARTS_CELL`` overrides it.  Both give equal results up to float rounding and use
     the same parameter layout.  Chosen at trace time.
     """
@@ -159,7 +162,7 @@ def default_cell_formulation(backend: str | None = None) -> str:
         if chosen not in CELL_FORMULATIONS:
             raise ValueError(f"DIFFNAS_DARTS_CELL must be one of {CELL_FORMULATIONS}, got {chosen!r}")
         return chosen
-    return "scan" if backend == "cpu" else "groups"
+    return "scan" if backend == "cpu" and default_formulation(backend) == "grouped" else "groups"
 
 
 def _scan_phases(steps: int, reduction: bool) -> list[tuple[int, list[tuple[int, int, int]]]]:
