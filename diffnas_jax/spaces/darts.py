@@ -34,7 +34,8 @@ from . import scaffold
 from .darts_ops import FactorizedReduce, ReLUConvBN, is_identity, make_op, pool_3x3
 from .genotypes import (EVAL_OPS, GENOTYPES, PRIMITIVES, Genotype, format_genotype, get_genotype,
                         parse_genotype, validate_genotype)
-from .kernels import default_formulation, prefers_batched_input
+from . import kernels
+from .kernels import prefers_batched_input
 from .layers import BatchNorm2d, Conv2d, Linear, avg_pool, channel_shuffle, global_avg_pool, max_pool
 
 Array = jax.Array
@@ -162,7 +163,7 @@ def default_cell_formulation(backend: str | None = None) -> str:
         if chosen not in CELL_FORMULATIONS:
             raise ValueError(f"DIFFNAS_DARTS_CELL must be one of {CELL_FORMULATIONS}, got {chosen!r}")
         return chosen
-    return "scan" if backend == "cpu" and default_formulation(backend) == "grouped" else "groups"
+    return "scan" if backend == "cpu" and kernels.default_formulation(backend) == "grouped" else "groups"
 
 
 def _scan_phases(steps: int, reduction: bool) -> list[tuple[int, list[tuple[int, int, int]]]]:
