@@ -7,13 +7,16 @@ for Memory-Efficient Architecture Search", ICLR 2020; the authors' ``model_searc
 :mod:`diffnas_jax.spaces.base`; ``eval_network(genotype, ...)`` returns a :class:`DartsEvalNetwork`
 (the reference ``NetworkCIFAR``).  Both import and export the reference PyTorch ``state_dict``.
 
-Layout and speed: inputs are NHWC.  In a search cell every edge leaving the same state is
-evaluated in one ``vmap`` over stacked edge weights (4 groups per cell instead of 14 edges), so
-the compiled program is ~3.5x smaller and each group runs as wide batched kernels; parameters
-of a group are stored stacked along a leading edge axis (``cells.L/edges_from_j``), and
-:meth:`DartsSearchSpace.to_reference` unstacks them to the reference names
-``cells.L._ops.E...``.  The weight-free parts of a group (the 3x3 pools, the PC-DARTS bypass) are
-computed once per state, outside the ``vmap``; each edge applies its own BatchNorm to them.
+Layout and speed: inputs are NHWC.  The parameters of the edges leaving state ``j`` of a search
+cell are stored stacked along a leading edge axis (``cells.L/edges_from_j``), and
+:meth:`DartsSearchSpace.to_reference` unstacks them to the reference names ``cells.L._ops.E...``.
+A cell runs its edges in one of two ways (:func:`default_cell_formulation`), on that one layout:
+``"groups"``, every edge group in one ``vmap`` (5 mixed-op bodies per cell, wide batched
+kernels; the weight-free parts of a group, the 3x3 pools and the PC-DARTS bypass, computed once
+per state outside the ``vmap``, each edge applying its own BatchNorm to them), or ``"scan"``,
+one ``lax.scan`` over the cell's edges per stride whose carry is the buffer of states (one body
+per normal cell, two per reduction cell: a program ~3x smaller per normal cell that compiles
+faster and steps slower; ``notes/scan.md``).
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ PyTree = Any
 
 __all__ = [
     "search_space", "eval_network", "DartsSearchSpace", "DartsEvalNetwork", "Genotype", "PRIMITIVES",
-    "GENOTYPES", "parse_genotype", "format_genotype", "edge_offsets", "edge_weights",
+    "GENOTYPES", "parse_genotype", "format_genotype", "edge_offsets", "edge_weights", "default_cell_formulation",
+    "CELL_FORMULATIONS",
 ]
 
 
