@@ -13,10 +13,10 @@ cell are stored stacked along a leading edge axis (``cells.L/edges_from_j``), an
 A cell runs its edges in one of two ways (:func:`default_cell_formulation`), on that one layout:
 ``"groups"``, every edge group in one ``vmap`` (5 mixed-op bodies per cell, wide batched
 kernels; the weight-free parts of a group, the 3x3 pools and the PC-DARTS bypass, computed once
-per state outside the ``vmap``, each edge applying its own BatchNorm to them), or ``"scan"``,
-one ``lax.scan`` over the cell's edges per stride whose carry is the buffer of states (one body
-per normal cell, two per reduction cell: a program ~3x smaller per normal cell that compiles
-faster and steps slower; ``notes/scan.md``).
+per state outside the ``vmap``, each edge applying its own BatchNorm to them), or ``"scan"`` /
+``"scan_groups"``, one ``lax.scan`` per stride over the cell's edges / its padded edge groups,
+whose carry is the buffer of states (one body per normal cell, two per reduction cell: a
+program ~2-3x smaller per normal cell that compiles faster and steps slower; ``notes/scan.md``).
 """
 from __future__ import annotations
 
@@ -151,8 +151,11 @@ def default_cell_formulation(backend: str | None = None) -> str:
     ``"scan"``: one ``lax.scan`` over the cell's stride-1 edges (a reduction cell: one more over
     its stride-2 edges), one mixed-op body per (cell, stride) instead of one per source state:
     the weight step's program compiles ~2.5x faster on CPU but steps 1.5x (grouped depthwise) to
-    4x (hybrid) slower, the edges running one after another (``notes/scan.md``).  ``"groups"``:
-    the edges leaving each state as one ``vmap`` (wide batched kernels).  The default follows the
+    4x (hybrid) slower, the edges running one after another (``notes/scan.md``).
+    ``"scan_groups"``: one ``lax.scan`` per (cell, stride) over the source states whose body is
+    one ``vmap``-ed edge group padded to the widest (4, 4, 3, 2, 1 edges run as 5 x 4: 1.4x the
+    edge work, batched kernels again).  ``"groups"``: the edges leaving each state as one
+    ``vmap`` (wide batched kernels, 5 bodies per cell).  The default follows the
     depthwise choice of :func:`~diffnas_jax.spaces.kernels.default_formulation`: on CPU with the
     compile-lean ``"grouped"`` depthwise convolution (the default) ``"scan"``, with the step-fast
     ``"hybrid"`` / ``"shifted"`` ones ``"groups"``; ``"groups"`` on other backends.
