@@ -4,7 +4,7 @@ original PyTorch code on the same CPU in the same run.
     python benchmarks/bench_supernet.py --torch-ref /work/refcode/darts/cnn \\
         --nb201-ref /work/refcode/autodl [--space darts|nb201|both|none] [--second-order]
         [--implicit] [--eval-net] [--full] [--C 8] [--layers 3] [--N 1] [--batch 16] [--size 16]
-        [--steps 3] [--formulation default|grouped|shifted|hybrid] [--cell default|scan|scan_groups|groups|all]
+        [--steps 3] [--formulation default|grouped|shifted|hybrid] [--cell default|scan|groups|all]
 
 Rows (each behind a flag; the defaults are reduced sizes that run in minutes on 2 cores, ``--full``
 sets the issue's sizes: C=16, 8 layers, N=5, batch 32, 32x32, evaluation network C=36, 20 cells):
@@ -29,9 +29,8 @@ step, and ``ratio torch/jax`` (>= 1: JAX is faster).  Weights are drawn on the h
 default init bounds (no init compile is timed).  ``--formulation`` overrides the
 depthwise-convolution choice of ``diffnas_jax.spaces.kernels`` for this process only (a benchmark
 switch), to compare formulations in separate runs.  ``--cell`` picks how a DARTS search cell runs
-its edges (``darts.default_cell_formulation``: one ``lax.scan`` over the edges, or over the
-source states with a padded ``vmap``-ed group as body, per cell and stride, or one ``vmap`` per
-source state); ``all`` prints the DARTS rows for each, in one run.  ``--per-op`` prints the forward + backward
+its edges (``darts.default_cell_formulation``: one ``lax.scan`` over the edges per cell and
+stride, or one ``vmap`` per source state); ``all`` prints the DARTS rows for each, in one run.  ``--per-op`` prints the forward + backward
 time of each DARTS candidate op's edge group (4 edges) at the first normal cell's and the first
 reduction cell's shapes, JAX and PyTorch side by side.  A diverged step exits non-zero.
 """
@@ -375,7 +374,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--cg-iters", type=int, default=10)
     ap.add_argument("--formulation", choices=("default", "grouped", "shifted", "hybrid"), default="default")
-    ap.add_argument("--cell", choices=("default", "scan", "scan_groups", "groups", "all"), default="default",
+    ap.add_argument("--cell", choices=("default", "scan", "groups", "all"), default="default",
                     help="DARTS search cell formulation ($DIFFNAS_DARTS_CELL); all: each in turn")
     args = ap.parse_args(argv)
     if args.full:

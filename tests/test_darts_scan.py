@@ -50,16 +50,15 @@ def _value_grads_stats(formulation, reduction, k, prims, train):
                                     # one; partial channels, edge normalisation)
     (False, 2, _SMALL, False),      # eval mode: running statistics read, not written
 ])
-@pytest.mark.parametrize("formulation", ["scan", "scan_groups"])
-def test_scanned_cell_equals_grouped_cell(formulation, reduction, k, prims, train):
-    (va, sa), ga = _value_grads_stats(formulation, reduction, k, prims, train)
+def test_scanned_cell_equals_grouped_cell(reduction, k, prims, train):
+    (va, sa), ga = _value_grads_stats("scan", reduction, k, prims, train)
     (vb, sb), gb = _value_grads_stats("groups", reduction, k, prims, train)
     np.testing.assert_allclose(va, vb, rtol=1e-12)
     assert jax.tree_util.tree_structure((sa, ga)) == jax.tree_util.tree_structure((sb, gb))
     for a, b in zip(jax.tree_util.tree_leaves((sa, ga)), jax.tree_util.tree_leaves((sb, gb))):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     if train:
-        _, v, _ = _cell_and_variables(formulation, reduction, k, prims, train)
+        _, v, _ = _cell_and_variables("scan", reduction, k, prims, train)
         moved = [not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(sa),
                                                         jax.tree_util.tree_leaves(v["batch_stats"]))]
         assert all(moved), "every running statistic of every edge must be updated in train mode"

@@ -13,10 +13,10 @@ cell are stored stacked along a leading edge axis (``cells.L/edges_from_j``), an
 A cell runs its edges in one of two ways (:func:`default_cell_formulation`), on that one layout:
 ``"groups"``, every edge group in one ``vmap`` (5 mixed-op bodies per cell, wide batched
 kernels; the weight-free parts of a group, the 3x3 pools and the PC-DARTS bypass, computed once
-per state outside the ``vmap``, each edge applying its own BatchNorm to them), or ``"scan"`` /
-``"scan_groups"``, one ``lax.scan`` per stride over the cell's edges / its padded edge groups,
-whose carry is the buffer of states (one body per normal cell, two per reduction cell: a
-program ~2-3x smaller per normal cell that compiles faster and steps slower; ``notes/scan.md``).
+per state outside the ``vmap``, each edge applying its own BatchNorm to them), or ``"scan"``,
+one ``lax.scan`` per stride over the cell's edges whose carry is the buffer of states (one body
+per normal cell, two per reduction cell: a program ~3x smaller per normal cell that compiles
+faster and steps slower; ``notes/scan.md``).
 """
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def _shared_parts(x: Array, C: int, stride: int, primitives: tuple[str, ...], k:
     return parts
 
 
-CELL_FORMULATIONS = ("scan", "scan_groups", "groups")
+CELL_FORMULATIONS = ("scan", "groups")
 
 
 def default_cell_formulation(backend: str | None = None) -> str:
@@ -151,11 +151,8 @@ def default_cell_formulation(backend: str | None = None) -> str:
     ``"scan"``: one ``lax.scan`` over the cell's stride-1 edges (a reduction cell: one more over
     its stride-2 edges), one mixed-op body per (cell, stride) instead of one per source state:
     the weight step's program compiles ~2.5x faster on CPU but steps 1.5x (grouped depthwise) to
-    4x (hybrid) slower, the edges running one after another (``notes/scan.md``).
-    ``"scan_groups"``: one ``lax.scan`` per (cell, stride) over the source states whose body is
-    one ``vmap``-ed edge group padded to the widest (4, 4, 3, 2, 1 edges run as 5 x 4: 1.4x the
-    edge work, batched kernels again).  ``"groups"``: the edges leaving each state as one
-    ``vmap`` (wide batched kernels, 5 bodies per cell).  The default follows the
+    4x (hybrid) slower, the edges running one after another (``notes/scan.md``).  ``"groups"``:
+    the edges leaving each state as one ``vmap`` (wide batched kernels, 5 bodies per cell).  The default follows the
     depthwise choice of :func:`~diffnas_jax.spaces.kernels.default_formulation`: on CPU with the
     compile-lean ``"grouped"`` depthwise convolution (the default) ``"scan"``, with the step-fast
     ``"hybrid"`` / ``"shifted"`` ones ``"groups"``; ``"groups"`` on other backends.
@@ -215,8 +212,8 @@ class SearchCell(nn.Module):
         if form not in CELL_FORMULATIONS:
             raise ValueError(f"`formulation` must be one of {CELL_FORMULATIONS} or None, got {form!r}")
         # init declares the parameters through the groups (their layout is the stored one).
-        if form != "groups" and not self.is_initializing():
-            nodes = (self._scanned_edges if form == "scan" else self._scanned_groups)(s0, s1, w, w_edge)
+        if form == "scan" and not self.is_initializing():
+            nodes = self._scanned_edges(s0, s1, w, w_edge)
             return jnp.concatenate([nodes[i] for i in range(self.steps - self.multiplier, self.steps)], axis=-1)
         return self._grouped_edges(s0, s1, w, w_edge)
 
@@ -282,77 +279,6 @@ class SearchCell(nn.Module):
             if jax.tree_util.tree_leaves(tree):
                 self.put_variable("batch_stats", name, tree)
         return nodes
-
-    def _scanned_groups(self, s0: Array, s1: Array, w: Array, w_edge: Array | None) -> Array:
-        """The nodes (steps, N, H', W', C): per phase of :func:`_scan_phases`, one ``lax.scan``
-        over the source states whose body is one ``vmap``-ed edge group, every group padded to
-        the phase's widest (zero parameters and mix weights); group ``j`` adds its outputs into
-        the consecutive nodes it feeds, the padded edges into spare rows past the last node."""
-        variables = self.variables
-        update = self.train and self.is_mutable_collection("batch_stats")
-        inputs = jnp.stack([s0, s1])
-        spare = self.steps - 1       # the widest group feeds every node
-        nodes = None
-        new_stats: dict[str, PyTree] = {}
-        for stride, edges in _scan_phases(self.steps, self.reduction):
-            groups = sorted({j for _, j, _ in edges})
-            sizes = [len(_targets(j, self.steps)) for j in groups]
-            width = max(sizes)
-
-            def pad(a: Array) -> Array:
-                return jnp.concatenate([a, jnp.zeros((width - a.shape[0],) + a.shape[1:], a.dtype)])
-
-            stacked = {}
-            for col in ("params", "batch_stats"):
-                trees = [variables.get(col, {}).get(f"edges_from_{j}", {}) for j in groups]
-                stacked[col] = jax.tree_util.tree_map(lambda *a: jnp.stack([pad(x) for x in a]), *trees)
-            ws = jnp.stack([pad(w[np.asarray(_group_edges(j, self.steps))]) for j in groups])
-            we = None if w_edge is None else jnp.stack([pad(w_edge[np.asarray(_group_edges(j, self.steps))])
-                                                       for j in groups])
-            first = [max(0, j - 1) for j in groups]     # the first node group j feeds
-            if stride == 2:
-                src, dst, source = groups, first, inputs
-                buf = jnp.zeros((self.steps + spare,) + s0[:, ::2, ::2, :].shape, s0.dtype)
-            elif self.reduction:
-                src, dst, source, buf = [j - 2 for j in groups], first, None, nodes
-            else:
-                src, dst, source = groups, [2 + i for i in first], None
-                buf = jnp.concatenate([inputs, jnp.zeros((self.steps + spare,) + s0.shape, s0.dtype)])
-            buf, stats = self._scan_group_phase(stride, width, buf, source, stacked, ws, we, src, dst, update)
-            nodes = buf if self.reduction else buf[2:]
-            if update:
-                for g, (j, n) in enumerate(zip(groups, sizes)):
-                    new_stats[f"edges_from_{j}"] = jax.tree_util.tree_map(lambda a: a[g, :n], stats)
-        for name, tree in new_stats.items():
-            if jax.tree_util.tree_leaves(tree):
-                self.put_variable("batch_stats", name, tree)
-        return nodes
-
-    def _scan_group_phase(self, stride, width, buf, source, stacked, w, w_edge, src, dst, update):
-        batched_input = prefers_batched_input()
-        group = nn.vmap(MixedOp, in_axes=(0 if batched_input else None, 0, None), out_axes=0,
-                        variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True})(
-            self.C, stride, self.primitives, self.k, self.train, parent=None)
-
-        def body(buf, xs):
-            params, stats, we, wedge, s, d = xs
-            x = lax.dynamic_index_in_dim(buf if source is None else source, s, keepdims=False)
-            shared = _shared_parts(x, self.C, stride, self.primitives, self.k)
-            xb = jnp.broadcast_to(x, (width,) + x.shape) if batched_input else x
-            variables = {"params": params, "batch_stats": stats}
-            if update:
-                ys, upd = group.apply(variables, xb, we, shared, mutable=["batch_stats"])
-                stats = upd.get("batch_stats", stats)
-            else:
-                ys = group.apply(variables, xb, we, shared)
-            if wedge is not None:
-                ys = ys * wedge.astype(ys.dtype)[:, None, None, None, None]
-            ys = lax.dynamic_slice_in_dim(buf, d, width, 0) + ys
-            return lax.dynamic_update_slice_in_dim(buf, ys, d, 0), (stats if update else None)
-
-        xs = (stacked["params"], stacked["batch_stats"], w, w_edge, jnp.asarray(src, jnp.int32),
-              jnp.asarray(dst, jnp.int32))
-        return lax.scan(body, buf, xs)
 
     def _scan_phase(self, stride, buf, source, stacked, w, w_edge, src, dst, update):
         op = MixedOp(self.C, stride, self.primitives, self.k, self.train, parent=None)
