@@ -30,9 +30,9 @@ default init bounds (no init compile is timed).  ``--formulation`` overrides the
 depthwise-convolution choice of ``diffnas_jax.spaces.kernels`` for this process only (a benchmark
 switch), to compare formulations in separate runs.  ``--cell`` picks how a DARTS search cell runs
 its edges (``darts.default_cell_formulation``: one ``lax.scan`` over the edges per cell and
-stride, or one ``vmap`` per source state); ``all`` prints the DARTS rows for each, in one run.  ``--per-op`` prints the forward + backward
-time of each DARTS candidate op's edge group (4 edges) at the first normal cell's and the first
-reduction cell's shapes, JAX and PyTorch side by side.  A diverged step exits non-zero.
+stride, or one ``vmap`` per source state); ``all`` prints the DARTS rows for each, in one run.
+``--per-op`` prints the forward + backward time of each DARTS candidate op's edge group (4 edges)
+at the first normal cell's and the first reduction cell's shapes, JAX and PyTorch side by side.  A diverged step exits non-zero.
 """
 from __future__ import annotations
 
