@@ -150,12 +150,13 @@ def default_cell_formulation(backend: str | None = None) -> str:
 
     ``"scan"``: one ``lax.scan`` over the cell's stride-1 edges (a reduction cell: one more over
     its stride-2 edges), one mixed-op body per (cell, stride) instead of one per source state:
-    the weight step's program compiles ~2.5x faster on CPU but steps 1.5x (grouped depthwise) to
-    4x (hybrid) slower, the edges running one after another (``notes/scan.md``).  ``"groups"``:
-    the edges leaving each state as one ``vmap`` (wide batched kernels, 5 bodies per cell).  The default follows the
-    depthwise choice of :func:`~diffnas_jax.spaces.kernels.default_formulation`: on CPU with the
-    compile-lean ``"grouped"`` depthwise convolution (the default) ``"scan"``, with the step-fast
-    ``"hybrid"`` / ``"shifted"`` ones ``"groups"``; ``"groups"`` on other backends.
+    the weight step's program compiles 1.5-2.5x faster on CPU but steps 1.5-2x (grouped
+    depthwise) to 4x (hybrid) slower, the edges running one after another (``notes/scan.md``).
+    ``"groups"``: the edges leaving each state as one ``vmap`` (wide batched kernels, 5 bodies
+    per cell).  The default follows the depthwise choice of
+    :func:`~diffnas_jax.spaces.kernels.default_formulation`: on CPU with the compile-lean
+    ``"grouped"`` depthwise convolution (the default) ``"scan"``, with the step-fast ``"hybrid"``
+    / ``"shifted"`` ones ``"groups"``; ``"groups"`` on other backends.
     ``$DIFFNAS_DARTS_CELL`` overrides it.  Both give equal results up to float rounding and use
     the same parameter layout.  Chosen at trace time.
     """
