@@ -186,6 +186,8 @@ def time_program(step, args, steps: int, feed, loss_of) -> dict:
     t = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
+    # printed at once: a large program's steps can outlast the run's time limit
+    print(f"  (lowered in {lower_s:.1f} s, {hlo_lines} StableHLO lines; compiled in {compile_s:.1f} s)", flush=True)
     mem = compiled.memory_analysis()
     peak = None if mem is None else (mem.temp_size_in_bytes + mem.argument_size_in_bytes
                                      + mem.output_size_in_bytes)
