@@ -37,7 +37,6 @@ from . import scaffold
 from .darts_ops import FactorizedReduce, ReLUConvBN, is_identity, make_op, pool_3x3
 from .genotypes import (EVAL_OPS, GENOTYPES, PRIMITIVES, Genotype, format_genotype, get_genotype,
                         parse_genotype, validate_genotype)
-from . import kernels
 from .kernels import prefers_batched_input
 from .layers import BatchNorm2d, Conv2d, Linear, avg_pool, channel_shuffle, global_avg_pool, max_pool
 
@@ -146,19 +145,18 @@ CELL_FORMULATIONS = ("scan", "groups")
 
 
 def default_cell_formulation(backend: str | None = None) -> str:
-    """How a search cell evaluates its edges on ``backend`` (default ``jax.default_backend()``).
+    """How a search cell evaluates its edges on ``backend`` (default ``jax.default_backend()``):
+    ``"groups"`` unless ``$DIFFNAS_DARTS_CELL`` says ``"scan"``.
 
-    ``"scan"``: one ``lax.scan`` over the cell's stride-1 edges (a reduction cell: one more over
-    its stride-2 edges), one mixed-op body per (cell, stride) instead of one per source state:
-    the weight step's program compiles 1.5-2.5x faster on CPU but steps 1.5-2x (grouped
-    depthwise) to 4x (hybrid) slower, the edges running one after another (``notes/scan.md``).
-    ``"groups"``: the edges leaving each state as one ``vmap`` (wide batched kernels, 5 bodies
-    per cell).  The default follows the depthwise choice of
-    :func:`~diffnas_jax.spaces.kernels.default_formulation`: on CPU with the compile-lean
-    ``"grouped"`` depthwise convolution (the default) ``"scan"``, with the step-fast ``"hybrid"``
-    / ``"shifted"`` ones ``"groups"``; ``"groups"`` on other backends.
-    ``$DIFFNAS_DARTS_CELL`` overrides it.  Both give equal results up to float rounding and use
-    the same parameter layout.  Chosen at trace time.
+    ``"groups"``: the edges leaving each state as one ``vmap`` (wide batched kernels, 5 mixed-op
+    bodies per cell).  ``"scan"``: one ``lax.scan`` over the cell's stride-1 edges (a reduction
+    cell: one more over its stride-2 edges), one body per (cell, stride): on CPU the weight step
+    compiles 1.5-2.5x faster (C=16, 8 layers, batch 32: 48 s) but steps 1.5-2x slower at small
+    sizes and several times slower at full size (the edges run one after another, XLA:CPU runs
+    the loop body on one core; ``notes/scan.md``), so it suits short programs (tests, first
+    steps), not searches.  Both give equal results up to float rounding and use the same
+    parameter layout.  Chosen at trace time; ``backend`` is checked for future per-backend
+    defaults.
     """
     backend = jax.default_backend() if backend is None else backend
     if not isinstance(backend, str):
@@ -168,7 +166,7 @@ def default_cell_formulation(backend: str | None = None) -> str:
         if chosen not in CELL_FORMULATIONS:
             raise ValueError(f"DIFFNAS_DARTS_CELL must be one of {CELL_FORMULATIONS}, got {chosen!r}")
         return chosen
-    return "scan" if backend == "cpu" and kernels.default_formulation(backend) == "grouped" else "groups"
+    return "groups"
 
 
 def _scan_phases(steps: int, reduction: bool) -> list[tuple[int, list[tuple[int, int, int]]]]:
