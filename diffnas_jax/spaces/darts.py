@@ -152,9 +152,9 @@ def default_cell_formulation(backend: str | None = None) -> str:
     bodies per cell).  ``"scan"``: one ``lax.scan`` over the cell's stride-1 edges (a reduction
     cell: one more over its stride-2 edges), one body per (cell, stride): on CPU the weight step
     compiles 1.5-2.5x faster (C=16, 8 layers, batch 32: 48 s) but steps 1.5-2x slower at small
-    sizes and several times slower at full size (the edges run one after another, XLA:CPU runs
-    the loop body on one core; ``notes/scan.md``), so it suits short programs (tests, first
-    steps), not searches.  Both give equal results up to float rounding and use the same
+    sizes and 6x slower at that size (268 s against 45 s: the edges run one after another and
+    XLA:CPU runs the loop body on one core; ``notes/scan.md``), so it suits short programs
+    (tests, first steps), not searches.  Both give equal results up to float rounding and use the same
     parameter layout.  Chosen at trace time; ``backend`` is checked for future per-backend
     defaults.
     """
