@@ -4,7 +4,7 @@ original PyTorch code on the same CPU in the same run.
     python benchmarks/bench_supernet.py --torch-ref /work/refcode/darts/cnn \\
         --nb201-ref /work/refcode/autodl [--space darts|nb201|both|none] [--second-order]
         [--implicit] [--eval-net] [--full] [--C 8] [--layers 3] [--N 1] [--batch 16] [--size 16]
-        [--steps 3] [--formulation default|grouped|shifted|hybrid]
+        [--steps 3] [--formulation default|grouped|shifted|hybrid] [--cell default|scan|groups|all]
 
 Rows (each behind a flag; the defaults are reduced sizes that run in minutes on 2 cores, ``--full``
 sets the issue's sizes: C=16, 8 layers, N=5, batch 32, 32x32, evaluation network C=36, 20 cells):
@@ -28,9 +28,11 @@ step time, the PyTorch median step time and the growth of its process's peak RSS
 step, and ``ratio torch/jax`` (>= 1: JAX is faster).  Weights are drawn on the host with PyTorch's
 default init bounds (no init compile is timed).  ``--formulation`` overrides the
 depthwise-convolution choice of ``diffnas_jax.spaces.kernels`` for this process only (a benchmark
-switch), to compare formulations in separate runs.  ``--per-op`` prints the forward + backward
-time of each DARTS candidate op's edge group (4 edges) at the first normal cell's and the first
-reduction cell's shapes, JAX and PyTorch side by side.  A diverged step exits non-zero.
+switch), to compare formulations in separate runs.  ``--cell`` picks how a DARTS search cell runs
+its edges (``darts.default_cell_formulation``: one ``lax.scan`` over the edges per cell and
+stride, or one ``vmap`` per source state); ``all`` prints the DARTS rows for each, in one run.
+``--per-op`` prints the forward + backward time of each DARTS candidate op's edge group (4 edges)
+at the first normal cell's and the first reduction cell's shapes, JAX and PyTorch side by side.  A diverged step exits non-zero.
 """
 from __future__ import annotations
 
@@ -184,6 +186,8 @@ def time_program(step, args, steps: int, feed, loss_of) -> dict:
     t = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
+    # printed at once: a large program's steps can outlast the run's time limit
+    print(f"  (lowered in {lower_s:.1f} s, {hlo_lines} StableHLO lines; compiled in {compile_s:.1f} s)", flush=True)
     mem = compiled.memory_analysis()
     peak = None if mem is None else (mem.temp_size_in_bytes + mem.argument_size_in_bytes
                                      + mem.output_size_in_bytes)
@@ -372,6 +376,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--cg-iters", type=int, default=10)
     ap.add_argument("--formulation", choices=("default", "grouped", "shifted", "hybrid"), default="default")
+    ap.add_argument("--cell", choices=("default", "scan", "groups", "all"), default="default",
+                    help="DARTS search cell formulation ($DIFFNAS_DARTS_CELL); all: each in turn")
     args = ap.parse_args(argv)
     if args.full:
         args.C, args.layers, args.N, args.batch, args.size = 16, 8, 5, 32, 32
@@ -389,21 +395,34 @@ def main(argv=None) -> int:
         per_op_table(args)
     ref = _darts_ref(args.torch_ref) if args.torch_ref else None
     sp = darts.search_space(C=args.C, layers=args.layers)
-    unit = None
-    if args.space in ("darts", "both") or args.second_order or args.implicit:
-        r = time_weight_step(sp, args.batch, args.size, args.steps)
-        t = time_torch(TORCH_DARTS, ref, args, args.C, args.layers, args.batch, args.size) if ref else None
-        _report(f"DARTS weight step (C={args.C}, layers={args.layers})", r, t)
-        unit = (r["median"], t["median"] if t else None)
-    if args.second_order:
-        est = hypergrad.unrolled(SGD["lr"], weight_decay=SGD["weight_decay"], momentum=SGD["momentum"], hvp="exact")
-        r = time_search_step(sp, est, args.batch, args.size, args.steps)
-        t = time_torch(TORCH_SECOND_ORDER, ref, args, args.C, args.layers, args.batch, args.size) if ref else None
-        _report("DARTS second-order search step (JAX exact HVP; torch finite differences)", r, t, unit)
-    if args.implicit:
-        est = hypergrad.implicit("cg", maxiter=args.cg_iters, damping=1e-2)
-        r = time_search_step(sp, est, args.batch, args.size, args.steps)
-        _report(f"DARTS implicit CG-{args.cg_iters} search step", r, None, unit)
+    cells = darts.CELL_FORMULATIONS if args.cell == "all" else (args.cell,)
+    torch_rows: dict[str, dict | None] = {}
+    for cell in cells:
+        if cell != "default":
+            os.environ["DIFFNAS_DARTS_CELL"] = cell
+        tag = f"{darts.default_cell_formulation()} cell"
+        unit = None
+        if args.space in ("darts", "both") or args.second_order or args.implicit:
+            r = time_weight_step(sp, args.batch, args.size, args.steps)
+            if "weight" not in torch_rows:
+                torch_rows["weight"] = time_torch(TORCH_DARTS, ref, args, args.C, args.layers, args.batch,
+                                                  args.size) if ref else None
+            t = torch_rows["weight"]
+            _report(f"DARTS weight step (C={args.C}, layers={args.layers}, {tag})", r, t)
+            unit = (r["median"], t["median"] if t else None)
+        if args.second_order:
+            est = hypergrad.unrolled(SGD["lr"], weight_decay=SGD["weight_decay"], momentum=SGD["momentum"],
+                                     hvp="exact")
+            r = time_search_step(sp, est, args.batch, args.size, args.steps)
+            if "second" not in torch_rows:
+                torch_rows["second"] = time_torch(TORCH_SECOND_ORDER, ref, args, args.C, args.layers, args.batch,
+                                                  args.size) if ref else None
+            _report(f"DARTS second-order search step (JAX exact HVP; torch finite differences; {tag})", r,
+                    torch_rows["second"], unit)
+        if args.implicit:
+            est = hypergrad.implicit("cg", maxiter=args.cg_iters, damping=1e-2)
+            r = time_search_step(sp, est, args.batch, args.size, args.steps)
+            _report(f"DARTS implicit CG-{args.cg_iters} search step ({tag})", r, None, unit)
     if args.space in ("nb201", "both"):
         r = time_weight_step(nb201.search_space(C=args.C, N=args.N), args.batch, args.size, args.steps)
         t = time_torch(TORCH_NB201, args.nb201_ref, args, args.C, args.N, args.batch, args.size) \

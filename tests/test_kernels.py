@@ -106,9 +106,10 @@ def test_nan_in_gives_nan_out():
 
 
 def test_darts_cell_is_the_same_function_under_either_formulation(monkeypatch):
-    # The cell broadcasts its states to the edge groups only for the grouped formulation; both
-    # programs must compute the same values and gradients (float64).
-    cell = darts.SearchCell(2, 2, 4, True, False, ("sep_conv_3x3", "skip_connect"), 1, True)
+    # The vmapped edge groups broadcast their states only for the grouped formulation; both
+    # programs must compute the same values and gradients (float64).  (The scanned cell runs no
+    # vmap; tests/test_darts_scan.py checks it equals the grouped one.)
+    cell = darts.SearchCell(2, 2, 4, True, False, ("sep_conv_3x3", "skip_connect"), 1, True, "groups")
     s0 = jax.random.normal(jax.random.key(0), (2, 6, 6, 4), jnp.float64)
     s1 = jax.random.normal(jax.random.key(1), (2, 6, 6, 4), jnp.float64)
     w = jax.nn.softmax(jax.random.normal(jax.random.key(2), (5, 2), jnp.float64))

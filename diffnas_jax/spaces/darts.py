@@ -7,24 +7,29 @@ for Memory-Efficient Architecture Search", ICLR 2020; the authors' ``model_searc
 :mod:`diffnas_jax.spaces.base`; ``eval_network(genotype, ...)`` returns a :class:`DartsEvalNetwork`
 (the reference ``NetworkCIFAR``).  Both import and export the reference PyTorch ``state_dict``.
 
-Layout and speed: inputs are NHWC.  In a search cell every edge leaving the same state is
-evaluated in one ``vmap`` over stacked edge weights (4 groups per cell instead of 14 edges), so
-the compiled program is ~3.5x smaller and each group runs as wide batched kernels; parameters
-of a group are stored stacked along a leading edge axis (``cells.L/edges_from_j``), and
-:meth:`DartsSearchSpace.to_reference` unstacks them to the reference names
-``cells.L._ops.E...``.  The weight-free parts of a group (the 3x3 pools, the PC-DARTS bypass) are
-computed once per state, outside the ``vmap``; each edge applies its own BatchNorm to them.
+Layout and speed: inputs are NHWC.  The parameters of the edges leaving state ``j`` of a search
+cell are stored stacked along a leading edge axis (``cells.L/edges_from_j``), and
+:meth:`DartsSearchSpace.to_reference` unstacks them to the reference names ``cells.L._ops.E...``.
+A cell runs its edges in one of two ways (:func:`default_cell_formulation`), on that one layout:
+``"groups"``, every edge group in one ``vmap`` (5 mixed-op bodies per cell, wide batched
+kernels; the weight-free parts of a group, the 3x3 pools and the PC-DARTS bypass, computed once
+per state outside the ``vmap``, each edge applying its own BatchNorm to them), or ``"scan"``,
+one ``lax.scan`` per stride over the cell's edges whose carry is the buffer of states (one body
+per normal cell, two per reduction cell: a program ~3x smaller per normal cell that compiles
+faster and steps slower; ``notes/scan.md``).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from .base import (ARCH_PASSTHROUGH_KEY, SpaceDefaults, check_mix_matches, check_size_kwargs, leaf_candidates,
                    leaf_key)
@@ -40,7 +45,8 @@ PyTree = Any
 
 __all__ = [
     "search_space", "eval_network", "DartsSearchSpace", "DartsEvalNetwork", "Genotype", "PRIMITIVES",
-    "GENOTYPES", "parse_genotype", "format_genotype", "edge_offsets", "edge_weights",
+    "GENOTYPES", "parse_genotype", "format_genotype", "edge_offsets", "edge_weights", "default_cell_formulation",
+    "CELL_FORMULATIONS",
 ]
 
 
@@ -135,9 +141,55 @@ def _shared_parts(x: Array, C: int, stride: int, primitives: tuple[str, ...], k:
     return parts
 
 
+CELL_FORMULATIONS = ("scan", "groups")
+
+
+def default_cell_formulation(backend: str | None = None) -> str:
+    """How a search cell evaluates its edges on ``backend`` (default ``jax.default_backend()``):
+    ``"groups"`` unless ``$DIFFNAS_DARTS_CELL`` says ``"scan"``.
+
+    ``"groups"``: the edges leaving each state as one ``vmap`` (wide batched kernels, 5 mixed-op
+    bodies per cell).  ``"scan"``: one ``lax.scan`` over the cell's stride-1 edges (a reduction
+    cell: one more over its stride-2 edges), one body per (cell, stride): on CPU the weight step
+    compiles 1.5-2.5x faster (C=16, 8 layers, batch 32: 48 s) but steps 1.5-2x slower at small
+    sizes and 6x slower at that size (268 s against 45 s: the edges run one after another and
+    XLA:CPU runs the loop body on one core; ``notes/scan.md``), so it suits short programs
+    (tests, first steps), not searches.  Both give equal results up to float rounding and use the same
+    parameter layout.  Chosen at trace time; ``backend`` is checked for future per-backend
+    defaults.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    if not isinstance(backend, str):
+        raise TypeError(f"`backend` must be a platform name such as 'cpu', got {backend!r}")
+    chosen = os.environ.get("DIFFNAS_DARTS_CELL", "").strip()
+    if chosen:
+        if chosen not in CELL_FORMULATIONS:
+            raise ValueError(f"DIFFNAS_DARTS_CELL must be one of {CELL_FORMULATIONS}, got {chosen!r}")
+        return chosen
+    return "groups"
+
+
+def _scan_phases(steps: int, reduction: bool) -> list[tuple[int, list[tuple[int, int, int]]]]:
+    """The cell's edges as scan phases ``(stride, [(edge, source state j, node i), ...])`` ordered
+    by source state, the order of the stored ``edges_from_j`` groups (so their leaves need no
+    permutation): every edge into node ``i`` leaves a state ``j < i + 2``, so node ``i`` is
+    complete before the edges leaving it run.  A reduction cell's stride-2 edges (from the two
+    inputs) form a phase of their own."""
+    off = edge_offsets(steps)
+    edges = [(off[i] + j, j, i) for j in range(steps + 1) for i in _targets(j, steps)]
+    if not reduction:
+        return [(1, edges)]
+    return [(2, [t for t in edges if t[1] < 2]), (1, [t for t in edges if t[1] >= 2])]
+
+
 class SearchCell(nn.Module):
     """A DARTS search cell: preprocess the two inputs, ``steps`` nodes each summing a mixed op on
-    every earlier state, output the concatenation of the last ``multiplier`` nodes."""
+    every earlier state, output the concatenation of the last ``multiplier`` nodes.
+
+    ``formulation`` (:func:`default_cell_formulation` when ``None``) picks how the edges run;
+    the parameters are stored per source state (``edges_from_j``, stacked along a leading edge
+    axis) in both, so weights, checkpoints and the ``state_dict`` names do not depend on it.
+    """
     steps: int
     multiplier: int
     C: int
@@ -146,6 +198,7 @@ class SearchCell(nn.Module):
     primitives: tuple[str, ...]
     k: int
     train: bool
+    formulation: str | None = None
 
     @nn.compact
     def __call__(self, s0: Array, s1: Array, w: Array, w_edge: Array | None) -> Array:
@@ -154,6 +207,16 @@ class SearchCell(nn.Module):
         else:
             s0 = ReLUConvBN(self.C, 1, 1, 0, False, name="preprocess0")(s0, self.train)
         s1 = ReLUConvBN(self.C, 1, 1, 0, False, name="preprocess1")(s1, self.train)
+        form = default_cell_formulation() if self.formulation is None else self.formulation
+        if form not in CELL_FORMULATIONS:
+            raise ValueError(f"`formulation` must be one of {CELL_FORMULATIONS} or None, got {form!r}")
+        # init declares the parameters through the groups (their layout is the stored one).
+        if form == "scan" and not self.is_initializing():
+            nodes = self._scanned_edges(s0, s1, w, w_edge)
+            return jnp.concatenate([nodes[i] for i in range(self.steps - self.multiplier, self.steps)], axis=-1)
+        return self._grouped_edges(s0, s1, w, w_edge)
+
+    def _grouped_edges(self, s0: Array, s1: Array, w: Array, w_edge: Array | None) -> Array:
         states = [s0, s1]
         partial: list[Array | None] = [None] * self.steps
         # The grouped depthwise convolution batches well only with a batched input (kernels.py).
@@ -176,6 +239,67 @@ class SearchCell(nn.Module):
         states.append(partial[self.steps - 1])
         return jnp.concatenate(states[-self.multiplier:], axis=-1)
 
+    def _scanned_edges(self, s0: Array, s1: Array, w: Array, w_edge: Array | None) -> Array:
+        """The nodes (steps, N, H', W', C): each phase of :func:`_scan_phases` is one ``lax.scan``
+        whose body is one mixed op; its carry is the buffer of states, the edge reads state
+        ``src`` and adds into node ``dst`` (dynamic slices)."""
+        variables = self.variables
+        update = self.train and self.is_mutable_collection("batch_stats")
+        inputs = jnp.stack([s0, s1])
+        nodes = None
+        new_stats: dict[str, PyTree] = {}
+        for stride, edges in _scan_phases(self.steps, self.reduction):
+            groups = sorted({j for _, j, _ in edges})
+            # the phase's edges are its groups' edges in their stored order: concatenate
+            stacked = {}
+            for col in ("params", "batch_stats"):
+                trees = [variables.get(col, {}).get(f"edges_from_{j}", {}) for j in groups]
+                stacked[col] = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *trees)
+            eidx = np.asarray([e for e, _, _ in edges])
+            if stride == 2:      # the two inputs feed the nodes
+                src, dst, source = np.asarray([j for _, j, _ in edges]), np.asarray([i for _, _, i in edges]), inputs
+                buf = jnp.zeros((self.steps,) + s0[:, ::2, ::2, :].shape, s0.dtype)
+            elif self.reduction:  # node-to-node edges of a reduction cell: the nodes hold every source
+                src, dst, source = np.asarray([j - 2 for _, j, _ in edges]), np.asarray([i for _, _, i in edges]), None
+                buf = nodes
+            else:                # a normal cell: one buffer of inputs and nodes
+                src, dst, source = np.asarray([j for _, j, _ in edges]), np.asarray([i + 2 for _, _, i in edges]), None
+                buf = jnp.concatenate([inputs, jnp.zeros((self.steps,) + s0.shape, s0.dtype)])
+            buf, stats = self._scan_phase(stride, buf, source, stacked, w[eidx], None if w_edge is None else
+                                          w_edge[eidx], src, dst, update)
+            nodes = buf if self.reduction else buf[2:]
+            if update:
+                pos = 0
+                for j in groups:
+                    n = len(_targets(j, self.steps))
+                    new_stats[f"edges_from_{j}"] = jax.tree_util.tree_map(lambda a: a[pos:pos + n], stats)
+                    pos += n
+        for name, tree in new_stats.items():
+            if jax.tree_util.tree_leaves(tree):
+                self.put_variable("batch_stats", name, tree)
+        return nodes
+
+    def _scan_phase(self, stride, buf, source, stacked, w, w_edge, src, dst, update):
+        op = MixedOp(self.C, stride, self.primitives, self.k, self.train, parent=None)
+
+        def body(buf, xs):
+            params, stats, we, wedge, s, d = xs
+            x = lax.dynamic_index_in_dim(buf if source is None else source, s, keepdims=False)
+            variables = {"params": params, "batch_stats": stats}
+            if update:
+                y, upd = op.apply(variables, x, we, mutable=["batch_stats"])
+                stats = upd.get("batch_stats", stats)
+            else:
+                y = op.apply(variables, x, we)
+            if wedge is not None:
+                y = y * wedge.astype(y.dtype)
+            y = lax.dynamic_index_in_dim(buf, d, keepdims=False) + y
+            return lax.dynamic_update_index_in_dim(buf, y, d, 0), (stats if update else None)
+
+        xs = (stacked["params"], stacked["batch_stats"], w, w_edge, jnp.asarray(src, jnp.int32),
+              jnp.asarray(dst, jnp.int32))
+        return lax.scan(body, buf, xs)
+
 
 class SearchNetwork(nn.Module):
     """The DARTS supernet (reference ``model_search.Network``) without its arch parameters."""
@@ -188,6 +312,7 @@ class SearchNetwork(nn.Module):
     primitives: tuple[str, ...]
     k: int
     train: bool
+    cell_formulation: str | None = None
 
     @nn.compact
     def __call__(self, x, w_normal, w_reduce, e_normal=None, e_reduce=None):
@@ -202,7 +327,7 @@ class SearchNetwork(nn.Module):
             if reduction:
                 c_curr *= 2
             cell = SearchCell(self.steps, self.multiplier, c_curr, reduction, reduction_prev, self.primitives,
-                              self.k, self.train, name=f"cells.{i}")
+                              self.k, self.train, self.cell_formulation, name=f"cells.{i}")
             s0, s1 = s1, cell(s0, s1, w_reduce if reduction else w_normal, e_reduce if reduction else e_normal)
             reduction_prev = reduction
         return Linear(self.num_classes, name="classifier")(global_avg_pool(s1))
