@@ -7,6 +7,7 @@ Checks on values only run when the value is a concrete Python number: traced val
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Any, Iterable
 
 import jax
@@ -81,3 +82,16 @@ def check_axis(name: str, axis: int, ndim: int) -> int:
     if not -ndim <= axis < ndim:
         raise ValueError(f"`{name}`={axis} is out of range for an array of rank {ndim}")
     return axis % ndim
+
+
+def backend_default(variable: str, choices: Iterable[str], backend: Any, default: str) -> str:
+    """A per-backend implementation choice: ``$variable`` (one of ``choices``) when set, else
+    ``default``; ``backend`` (a platform name) is validated for callers that will specialise."""
+    if not isinstance(backend, str):
+        raise TypeError(f"`backend` must be a platform name such as 'cpu', got {backend!r}")
+    chosen = os.environ.get(variable, "").strip()
+    if chosen:
+        if chosen not in tuple(choices):
+            raise ValueError(f"{variable} must be one of {tuple(choices)}, got {chosen!r}")
+        return chosen
+    return default

@@ -81,7 +81,7 @@ def test_scanned_cell_has_one_mixed_op_body_per_stride():
 
 def test_default_cell_formulation(monkeypatch):
     monkeypatch.delenv("DIFFNAS_DARTS_CELL", raising=False)
-    assert darts.default_cell_formulation("cpu") == "groups"   # the scan steps slower (notes/scan.md)
+    assert darts.default_cell_formulation("cpu") == "groups"   # the scan steps slower (BUILD_NOTES section 5, round 4)
     monkeypatch.setenv("DIFFNAS_DARTS_CELL", "scan")
     assert darts.default_cell_formulation("cpu") == "scan"
     monkeypatch.setenv("DIFFNAS_DARTS_CELL", "vmap")

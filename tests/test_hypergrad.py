@@ -200,7 +200,7 @@ def test_dominant_eigenvalue_needs_key(ridge):
 # ----------------------------------------------------------------------------- DARTS fixture
 # compiles the DARTS supernet's second-order step as one program: ~11 min on 2 cores at XLA CPU
 # optimisation level 0 with the vmapped edge groups, 4.4 min with DIFFNAS_DARTS_CELL=scan
-# (notes/scan.md; loaded machine), longer at the default level; the estimator matched to
+# (BUILD_NOTES section 5; loaded machine), longer at the default level; the estimator matched to
 # ~2e-14 (BUILD_NOTES)
 @pytest.mark.slow
 def test_unrolled_fd_matches_darts_reference():

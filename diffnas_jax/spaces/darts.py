@@ -16,13 +16,12 @@ kernels; the weight-free parts of a group, the 3x3 pools and the PC-DARTS bypass
 per state outside the ``vmap``, each edge applying its own BatchNorm to them), or ``"scan"``,
 one ``lax.scan`` per stride over the cell's edges whose carry is the buffer of states (one body
 per normal cell, two per reduction cell: a program ~3x smaller per normal cell that compiles
-faster and steps slower; ``notes/scan.md``).
+faster and steps slower; BUILD_NOTES section 5, round 4).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -30,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from diffnas_jax._checks import backend_default
 
 from .base import (ARCH_PASSTHROUGH_KEY, SpaceDefaults, check_mix_matches, check_size_kwargs, leaf_candidates,
                    leaf_key)
@@ -153,20 +154,13 @@ def default_cell_formulation(backend: str | None = None) -> str:
     cell: one more over its stride-2 edges), one body per (cell, stride): on CPU the weight step
     compiles 1.5-2.5x faster (C=16, 8 layers, batch 32: 48 s) but steps 1.5-2x slower at small
     sizes and 6x slower at that size (268 s against 45 s: the edges run one after another and
-    XLA:CPU runs the loop body on one core; ``notes/scan.md``), so it suits short programs
+    XLA:CPU runs the loop body on one core; BUILD_NOTES section 5, round 4), so it suits short programs
     (tests, first steps), not searches.  Both give equal results up to float rounding and use the same
     parameter layout.  Chosen at trace time; ``backend`` is checked for future per-backend
     defaults.
     """
     backend = jax.default_backend() if backend is None else backend
-    if not isinstance(backend, str):
-        raise TypeError(f"`backend` must be a platform name such as 'cpu', got {backend!r}")
-    chosen = os.environ.get("DIFFNAS_DARTS_CELL", "").strip()
-    if chosen:
-        if chosen not in CELL_FORMULATIONS:
-            raise ValueError(f"DIFFNAS_DARTS_CELL must be one of {CELL_FORMULATIONS}, got {chosen!r}")
-        return chosen
-    return "groups"
+    return backend_default("DIFFNAS_DARTS_CELL", CELL_FORMULATIONS, backend, "groups")
 
 
 def _scan_phases(steps: int, reduction: bool) -> list[tuple[int, list[tuple[int, int, int]]]]:

@@ -18,7 +18,7 @@ against ~100); this made the DARTS supernet take ten minutes to compile.
 kernel tangent is the grouped convolution (its transpose, the kernel gradient, is one XLA op
 instead of ``kh*kw`` reductions).  DARTS weight step at C=8, 3 layers, batch 16, 16x16 on the
 2-core CPU, one process at load ~10: step 1.88 s against 4.16 s grouped, compile 251 s against
-141 s, StableHLO 49k against 27k lines (``notes/supernet.md``).
+141 s, StableHLO 49k against 27k lines (BUILD_NOTES section 5).
 
 Under ``vmap`` the grouped convolution needs its input batched too: with a shared (unbatched)
 input and batched kernels JAX emits a channel-multiplier convolution, which XLA:CPU runs 20-70x
@@ -31,12 +31,13 @@ Reference: the depthwise convolution of MobileNets (Howard et al., 2017) as PyTo
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
+
+from diffnas_jax._checks import backend_default
 
 Array = jax.Array
 
@@ -61,14 +62,7 @@ def default_formulation(backend: str | None = None) -> str:
     Chosen at trace time, so a program is specialised for the backend it is traced on.
     """
     backend = jax.default_backend() if backend is None else backend
-    if not isinstance(backend, str):
-        raise TypeError(f"`backend` must be a platform name such as 'cpu', got {backend!r}")
-    chosen = os.environ.get("DIFFNAS_DEPTHWISE", "").strip()
-    if chosen:
-        if chosen not in FORMULATIONS:
-            raise ValueError(f"DIFFNAS_DEPTHWISE must be one of {FORMULATIONS}, got {chosen!r}")
-        return chosen
-    return "grouped"
+    return backend_default("DIFFNAS_DEPTHWISE", FORMULATIONS, backend, "grouped")
 
 
 def prefers_batched_input(formulation: str | None = None) -> bool:
