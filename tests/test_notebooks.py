@@ -66,8 +66,16 @@ def _execute(path, tmp_path, monkeypatch, quick: bool):
     client = nbclient.NotebookClient(nb, timeout=600 if quick else 1800, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError naming the failing cell
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
+    return nb
+
+
+def _assert_ran_with_checks(nb, name: str) -> None:
+    """Every code cell ran without an error output, the last one being the appended CHECKS."""
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code[-1].source == CHECKS[name], "the checks cell is not the last cell"
+    assert all(c.get("execution_count") is not None for c in code), "a code cell did not run"
+    errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors
 
 
 # Per notebook, assertions on the variables its cells leave in the kernel: properties that hold
@@ -111,10 +119,10 @@ def test_every_notebook_has_checks():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_quick(path, tmp_path, monkeypatch):
-    _execute(path, tmp_path, monkeypatch, quick=True)
+    _assert_ran_with_checks(_execute(path, tmp_path, monkeypatch, quick=True), path.name)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_full(path, tmp_path, monkeypatch):
-    _execute(path, tmp_path, monkeypatch, quick=False)
+    _assert_ran_with_checks(_execute(path, tmp_path, monkeypatch, quick=False), path.name)
