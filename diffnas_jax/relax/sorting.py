@@ -460,15 +460,22 @@ def _stack_pav(n_rows: int, n: int, stats0, violates_and_pool) -> jax.Array:
     return jnp.zeros((total,), bool).at[idx].set(True, mode="drop").at[tf].set(True)
 
 
+def _flat_rows(a: jax.Array, b: jax.Array, scale):
+    """``a``, ``b`` (batch, n) flattened end to end, and ``scale`` (scalar or one per row) as one
+    value per row; no gradient (the solvers only decide block starts)."""
+    batch = a.shape[0]
+    a, b = lax.stop_gradient(a).reshape(-1), lax.stop_gradient(b).reshape(-1)
+    return a, b, jnp.broadcast_to(lax.stop_gradient(scale), (batch, 1)).reshape(-1).astype(a.dtype)
+
+
 def _pav_l2_sequential_2d(p: jax.Array, q: jax.Array, eps) -> jax.Array:
     """``_pav_l2_parallel`` as a sequential stack PAV (same decisions on the same differences:
     per block the sum ``a`` of ``y - y_first``; sizes follow from the block starts)."""
     batch, n = p.shape
     if batch * n == 0:
         return jnp.zeros(p.shape, bool)
-    p, q = lax.stop_gradient(p).reshape(-1), lax.stop_gradient(q).reshape(-1)
+    p, q, eps = _flat_rows(p, q, eps)
     dt = p.dtype
-    eps = jnp.broadcast_to(lax.stop_gradient(eps), (batch, 1)).reshape(-1).astype(dt)  # per row
 
     def violates_and_pool(i, below, bf, top, tf):
         (ba,), (ta,) = below, top
@@ -487,9 +494,8 @@ def _pav_kl_sequential_2d(py: jax.Array, pw: jax.Array, ey) -> jax.Array:
     batch, n = py.shape
     if batch * n == 0:
         return jnp.zeros(py.shape, bool)
-    py, pw = lax.stop_gradient(py).reshape(-1), lax.stop_gradient(pw).reshape(-1)
+    py, pw, ey = _flat_rows(py, pw, ey)
     dt = py.dtype
-    ey = jnp.broadcast_to(lax.stop_gradient(ey), (batch, 1)).reshape(-1).astype(dt)  # per row
 
     def violates_and_pool(i, below, bf, top, tf):
         (ya0, wa0), (ya1, wa1) = below, top
