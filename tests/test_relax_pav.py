@@ -28,6 +28,12 @@ def _cases(n, dtype):
     return np.stack(rows).astype(dtype)
 
 
+def _starts(first):
+    """Block starts from each element's block-first index."""
+    first = np.asarray(first)
+    return first == np.arange(first.shape[-1])
+
+
 def _problem(kind, x, eps):
     """The sorted (p, q, eps) that soft_sort / soft_rank hand to the solver."""
     perm = sorting._argsort_descending(x)
@@ -53,10 +59,15 @@ def test_sequential_and_parallel_pav_find_the_same_blocks(reg, dtype):
     problems = zip(_problem("sort_" + reg, x, eps), _problem("rank_" + reg, x, eps))
     p, q, e = (jnp.concatenate(parts) for parts in problems)
     solve = jax.jit(pav, static_argnums=3)
-    seq, par = np.asarray(solve(p, q, e, "sequential")), np.asarray(solve(p, q, e, "parallel"))
+    (seq_blocks, seq_stats), (par_blocks, par_stats) = solve(p, q, e, "sequential"), solve(p, q, e, "parallel")
+    seq, par = _starts(seq_blocks.first), _starts(par_blocks.first)
     assert seq.shape[0] < seq.sum() < seq.size  # pooled and free blocks
     if dtype == np.float64:
         np.testing.assert_array_equal(seq, par)
+        # the block sizes and the statistics the stack kept equal the parallel path's segment sums
+        np.testing.assert_array_equal(seq_blocks.size, par_blocks.size)
+        for s, t in zip(seq_stats, par_stats):
+            np.testing.assert_allclose(s, t, rtol=1e-9, atol=1e-9 * np.max(np.abs(t)))
     else:  # a float32 near-tie may be pooled by one and not the other, with the same values
         assert np.mean(seq != par) < 1e-2
     assert np.all(seq[:, 0])  # every row starts a block: no pooling across rows
@@ -90,10 +101,11 @@ def test_sequential_pav_vmap_folds_into_the_batch(reg):
     x = _cases(40, np.float64)[:6].reshape(2, 3, 40)
     p, q = jnp.sort(x, axis=-1)[..., ::-1], jnp.broadcast_to(jnp.arange(40.0, 0, -1), x.shape)
     eps = jnp.asarray([0.3, 3.0])
-    each = np.stack([pav(p[i], q[i], eps[i]) for i in range(2)])
-    np.testing.assert_array_equal(jax.jit(jax.vmap(pav))(p, q, eps), each)
+    each = [pav(p[i], q[i], eps[i]) for i in range(2)]
+    each = jax.tree.map(lambda *xs: np.stack(xs), *each)
+    jax.tree.map(np.testing.assert_array_equal, jax.jit(jax.vmap(pav))(p, q, eps), each)
     nested = jax.vmap(jax.vmap(pav, (0, 0, None)), (0, 0, 0))(p[..., None, :], q[..., None, :], eps)
-    np.testing.assert_array_equal(nested[..., 0, :], each)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[..., 0, :], b), nested, each)
     # one loop over the folded batch (6 rows of 40), its stack updated in place: the default
     # vmap rule selected over the whole stack on every step
     (body,) = _while_bodies(jax.jit(jax.vmap(pav)).lower(p, q, eps).compile().as_text())
