@@ -8,6 +8,7 @@ shape: the cases go through one jitted call as rows of one batch.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -59,18 +60,24 @@ def test_sequential_and_parallel_pav_find_the_same_blocks(reg, dtype):
     problems = zip(_problem("sort_" + reg, x, eps), _problem("rank_" + reg, x, eps))
     p, q, e = (jnp.concatenate(parts) for parts in problems)
     solve = jax.jit(pav, static_argnums=3)
-    (seq_blocks, seq_stats), (par_blocks, par_stats) = solve(p, q, e, "sequential"), solve(p, q, e, "parallel")
-    seq, par = _starts(seq_blocks.first), _starts(par_blocks.first)
-    assert seq.shape[0] < seq.sum() < seq.size  # pooled and free blocks
-    if dtype == np.float64:
-        np.testing.assert_array_equal(seq, par)
-        # the block sizes and the statistics the stack kept equal the parallel path's segment sums
-        np.testing.assert_array_equal(seq_blocks.size, par_blocks.size)
-        for s, t in zip(seq_stats, par_stats):
-            np.testing.assert_allclose(s, t, rtol=1e-9, atol=1e-9 * np.max(np.abs(t)))
-    else:  # a float32 near-tie may be pooled by one and not the other, with the same values
-        assert np.mean(seq != par) < 1e-2
-    assert np.all(seq[:, 0])  # every row starts a block: no pooling across rows
+    par_blocks, par_stats = solve(p, q, e, "parallel")
+    par = _starts(par_blocks.first)
+    # kl: the general (log-domain) stack solver and the one for sorted rows (linear domain)
+    sequential = [solve(p, q, e, "sequential")]
+    if reg == "kl":
+        sequential.append(jax.jit(functools.partial(pav, method="sequential", sorted_rows=True))(p, q, e))
+    for seq_blocks, seq_stats in sequential:
+        seq = _starts(seq_blocks.first)
+        assert seq.shape[0] < seq.sum() < seq.size  # pooled and free blocks
+        if dtype == np.float64:
+            np.testing.assert_array_equal(seq, par)
+            # the block sizes and the statistics the stack kept equal the parallel path's segment sums
+            np.testing.assert_array_equal(seq_blocks.size, par_blocks.size)
+            for s, t in zip(seq_stats, par_stats):
+                np.testing.assert_allclose(s, t, rtol=1e-9, atol=1e-9 * np.max(np.abs(t)))
+        else:  # a float32 near-tie may be pooled by one and not the other, with the same values
+            assert np.mean(seq != par) < 1e-2
+        assert np.all(seq[:, 0])  # every row starts a block: no pooling across rows
 
 
 def _while_bodies(hlo: str) -> list[str]:
@@ -85,7 +92,7 @@ def test_sequential_pav_runs_in_place():
     n = 1000
     p = jnp.arange(n, 0, -1, dtype=jnp.float32)[None]
     q = jnp.asarray(np.random.default_rng(0).standard_normal((1, n)) * 100, jnp.float32)
-    for pav in (sorting._pav_l2_sequential, sorting._pav_kl_sequential):
+    for pav in (sorting._pav_l2_sequential, sorting._pav_kl_sequential, sorting._pav_kl_sorted_sequential):
         hlo = jax.jit(lambda a, b: pav(a, b, 1.0)).lower(p, q).compile().as_text()
         bodies = _while_bodies(hlo)
         assert len(bodies) == 1

