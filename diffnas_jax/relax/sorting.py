@@ -27,8 +27,15 @@ How it is made fast under XLA on CPU (see BUILD_NOTES.md for numbers):
   (see ``_stack_pav``).  Elsewhere it runs as parallel rounds: every maximal run of adjacent
   violating blocks is pooled at once (any order of pooling gives the same solution), with segment
   sums over the block ids; 1-130 rounds, each a handful of vectorised O(batch n) operations.
-  Both decide on the same differences relative to each block's first element; only the block
-  starts leave the solver, and everything after it (outputs, VJPs) is shared.
+  Both decide on the same differences relative to each block's first element.  The solver
+  returns per element its block's first index, size and statistics (the stack PAV gathers
+  them from its stack; the parallel rounds compute them with segment sums), so the outputs
+  and VJPs, shared by both, need no scan over the blocks: one gather per statistic in the
+  forward, one segment sum in the VJP.  soft_sort / soft_rank "kl" sort their rows first, so
+  their stack PAV keeps block sums of ``exp(y - y_first) <= 1`` in the linear domain (two exps
+  a step instead of two logaddexps).
+* One argsort per call; soft_rank inverts the permutation once (a scatter), after which every
+  move back to the input's order is a gather.
 """
 from __future__ import annotations
 
