@@ -118,3 +118,19 @@ def test_sequential_pav_vmap_folds_into_the_batch(reg):
     # vmap rule selected over the whole stack on every step
     (body,) = _while_bodies(jax.jit(jax.vmap(pav)).lower(p, q, eps).compile().as_text())
     assert not [line for line in body.splitlines() if "[241]" in line and " copy(" in line]
+
+
+def test_inclusive_count_is_exact():
+    """The block slots come from a cumulative count done as triangular matmuls per chunk of 32,
+    recursively over the chunk totals (faster than XLA:CPU's scan): exact across chunk
+    boundaries and recursion levels, and its matmuls ask for full precision (a GPU's default
+    TF32 matmul would round counts past 2**11; the CPU ignores the setting, hence the HLO check)."""
+    rng = np.random.default_rng(0)
+    for total in (1, 32, 33, 1025, 70000):
+        mask = rng.random(total) < 0.7
+        with jax.default_matmul_precision("bfloat16"):
+            got = jax.jit(sorting._inclusive_count)(jnp.asarray(mask))
+        np.testing.assert_array_equal(got, np.cumsum(mask))
+    hlo = jax.jit(sorting._inclusive_count).lower(jnp.zeros(100, bool)).as_text()
+    dots = re.findall(r"dot_general.*", hlo)
+    assert dots and all("precision = [HIGHEST, HIGHEST]" in d for d in dots)

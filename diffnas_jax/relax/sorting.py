@@ -426,12 +426,15 @@ def _inclusive_count(mask: jax.Array) -> jax.Array:
     if total >= 2 ** 24:
         return jnp.cumsum(mask, dtype=jnp.int32)
 
+    # HIGHEST: a GPU's default float32 matmul (TF32, 10-bit mantissa) would round counts > 2048
+    dot = functools.partial(jnp.matmul, precision=lax.Precision.HIGHEST)
+
     def count(x, m=32):
         k = x.shape[0]
         if k <= m:
-            return x @ jnp.triu(jnp.ones((k, k), x.dtype))
+            return dot(x, jnp.triu(jnp.ones((k, k), x.dtype)))
         chunks = -(-k // m)
-        local = jnp.pad(x, (0, chunks * m - k)).reshape(chunks, m) @ jnp.triu(jnp.ones((m, m), x.dtype))
+        local = dot(jnp.pad(x, (0, chunks * m - k)).reshape(chunks, m), jnp.triu(jnp.ones((m, m), x.dtype)))
         ends = local[:, -1]
         return (local + (count(ends) - ends)[:, None]).reshape(-1)[:k]
 
