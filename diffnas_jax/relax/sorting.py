@@ -498,10 +498,12 @@ def _stack_pav(n_rows: int, n: int, stats0, violates_and_pool):
     mark = jnp.zeros((total,), bool).at[starts[1:]].set(True, mode="drop")
     seg = _inclusive_count(mark)  # the element's slot, 1..num
     starts = jnp.concatenate([starts, jnp.full((1,), total, jnp.int32)])
-    get = functools.partial(lambda a, s: a.at[s].get(mode="promise_in_bounds"), s=seg)
+
+    def get(a, offset=0):
+        return a.at[seg + offset].get(mode="promise_in_bounds")
+
     first = get(starts)
-    size = starts.at[seg + 1].get(mode="promise_in_bounds") - first
-    return first, size, tuple(get(a) for a in stack)
+    return first, get(starts, 1) - first, tuple(get(a) for a in stack)
 
 
 def _flat_rows(a: jax.Array, b: jax.Array, scale):
