@@ -193,7 +193,7 @@ def test_edge_group_with_shared_pools_equals_per_edge_pools(stride, k, train):
             parts = darts._shared_parts(x, C, stride, prims, k) if shared else None
             y, ns = group.apply({"params": p, "batch_stats": v["batch_stats"]}, xs, w, parts, mutable=["batch_stats"])
             return jnp.sum(jnp.sin(y)), ns
-        return jax.value_and_grad(f, (0, 1, 2), has_aux=True)(v["params"], w, x)
+        return jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True))(v["params"], w, x)
 
     (a, na), ga = run(True)
     (b, nb), gb = run(False)
