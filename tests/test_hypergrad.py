@@ -202,6 +202,8 @@ def test_dominant_eigenvalue_needs_key(ridge):
 # optimisation level 0 with the vmapped edge groups, 4.4 min with DIFFNAS_DARTS_CELL=scan
 # (BUILD_NOTES section 5; loaded machine), longer at the default level; the estimator matched to
 # ~2e-14 (BUILD_NOTES)
+# CI checks the same estimator against the same fixture eagerly over the one compiled
+# value-and-grad program (tests/test_space_darts.py); this test adds compiling it as one program.
 @pytest.mark.slow
 def test_unrolled_fd_matches_darts_reference():
     ref = load_fixture("darts_reference.npz")

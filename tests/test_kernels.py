@@ -33,7 +33,9 @@ def _numpy_depthwise(x, kern, stride, padding, dilation):
 def test_each_formulation_equals_a_direct_loop(formulation, k, stride, padding, dilation):
     x = np.random.default_rng(0).normal(size=(2, 9, 8, 3))
     kern = np.random.default_rng(1).normal(size=(k, k, 1, 3))
-    y = layers.depthwise_conv(jnp.asarray(x), jnp.asarray(kern), stride, padding, dilation, formulation)
+    # jitted: one compile instead of one per tap op (eager dispatch)
+    y = jax.jit(lambda x, w: layers.depthwise_conv(x, w, stride, padding, dilation, formulation))(
+        jnp.asarray(x), jnp.asarray(kern))
     np.testing.assert_allclose(y, _numpy_depthwise(x, kern, stride, padding, dilation), rtol=1e-12, atol=1e-12)
 
 
@@ -41,24 +43,33 @@ def test_each_formulation_equals_a_direct_loop(formulation, k, stride, padding, 
 def test_formulations_agree_in_gradients_and_forward_over_reverse(k, stride, padding, dilation):
     x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3), jnp.float64)
     kern = jax.random.normal(jax.random.key(1), (k, k, 1, 3), jnp.float64)
-
-    def loss(form):
-        return lambda x, w: jnp.sum(jnp.sin(layers.depthwise_conv(x, w, stride, padding, dilation, form)))
-
-    g_s = jax.grad(loss("shifted"), (0, 1))(x, kern)
     tangents = (jnp.cos(x), jnp.ones_like(kern))
-    hvp_s = jax.jvp(jax.grad(loss("shifted"), (0, 1)), (x, kern), tangents)[1]
+
+    # one jitted program per formulation (eager op-by-op dispatch compiles each primitive apart
+    # and took about twice as long)
+    @jax.jit
+    def derivatives(x, kern, tangents):
+        out = {}
+        for form in kernels.FORMULATIONS:
+            conv = lambda x, w, form=form: layers.depthwise_conv(x, w, stride, padding, dilation, form)  # noqa: E731
+            loss = lambda x, w, conv=conv: jnp.sum(jnp.sin(conv(x, w)))  # noqa: E731
+            out[form] = dict(
+                grad=jax.grad(loss, (0, 1))(x, kern),
+                hvp=jax.jvp(jax.grad(loss, (0, 1)), (x, kern), tangents)[1],
+                # forward mode alone (the custom JVPs), one-sided tangents included
+                jvp=[jax.jvp(conv, (x, kern), t) for t in
+                     (tangents, (tangents[0], jnp.zeros_like(kern)), (jnp.zeros_like(x), tangents[1]))])
+        return out
+
+    out = derivatives(x, kern, tangents)
+    ref = out["shifted"]
     for form in ("grouped", "hybrid"):
-        for a, b in zip(g_s, jax.grad(loss(form), (0, 1))(x, kern)):
-            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
-        for a, b in zip(hvp_s, jax.jvp(jax.grad(loss(form), (0, 1)), (x, kern), tangents)[1]):
-            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-11)
-        # forward mode alone (the custom JVPs), one-sided tangents included
-        for t in (tangents, (tangents[0], jnp.zeros_like(kern)), (jnp.zeros_like(x), tangents[1])):
-            f = lambda x, w, form=form: layers.depthwise_conv(x, w, stride, padding, dilation, form)  # noqa: E731
-            g = lambda x, w: layers.depthwise_conv(x, w, stride, padding, dilation, "shifted")  # noqa: E731
-            for a, b in zip(jax.jvp(f, (x, kern), t), jax.jvp(g, (x, kern), t)):
-                np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
+        for a, b in zip(ref["grad"], out[form]["grad"]):
+            np.testing.assert_allclose(b, a, rtol=1e-11, atol=1e-12)
+        for a, b in zip(ref["hvp"], out[form]["hvp"]):
+            np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-11)
+        for a, b in zip(jax.tree_util.tree_leaves(ref["jvp"]), jax.tree_util.tree_leaves(out[form]["jvp"])):
+            np.testing.assert_allclose(b, a, rtol=1e-11, atol=1e-12)
 
 
 @pytest.mark.parametrize("input_batched", [False, True])
@@ -70,7 +81,7 @@ def test_formulations_agree_under_vmap_over_kernels(input_batched):
 
     def run(form):
         f = jax.vmap(lambda x, w: layers.depthwise_conv(x, w, 1, 2, 2, form), (0 if input_batched else None, 0))
-        return jax.value_and_grad(lambda w: jnp.sum(f(xs, w) ** 2))(kerns)
+        return jax.jit(jax.value_and_grad(lambda w: jnp.sum(f(xs, w) ** 2)))(kerns)
 
     v_s, g_s = run("shifted")
     for form in ("grouped", "hybrid"):
@@ -126,7 +137,8 @@ def test_darts_cell_is_the_same_function_under_either_formulation(monkeypatch):
     results = {}
     for form in kernels.FORMULATIONS:
         monkeypatch.setattr(kernels, "default_formulation", lambda backend=None, form=form: form)
-        results[form] = jax.value_and_grad(loss, (0, 1))(variables["params"], w)
+        # jitted (traced after the patch): one program compiles faster than eager op-by-op dispatch
+        results[form] = jax.jit(jax.value_and_grad(loss, (0, 1)))(variables["params"], w)
     v_s, g_s = results["shifted"]
     for form in ("grouped", "hybrid"):
         v_g, g_g = results[form]

@@ -21,12 +21,21 @@ def _ce(logits, y):
 
 @pytest.fixture(scope="module")
 def ref():
+    """The fixture's network, weights and genotype; no compilation (light tests use it)."""
     d = load_fixture("darts_eval_reference.npz")
     C, layers, ncls, aux = (int(v) for v in d["config"])
     g = parse_genotype(str(d["genotype"]))
     net = darts.eval_network(g, C=C, num_classes=ncls, layers=layers, auxiliary=bool(aux), drop_path_prob=0.0)
     sd = {k[3:]: d[k] for k in d.files if k.startswith("sd/")}
     w, s = net.from_reference(sd)
+    return dict(d=d, net=net, sd=sd, w=w, s=s, genotype=g)
+
+
+def test_outputs_and_grads_match_reference(ref):
+    """Train-mode logits (main and auxiliary head), loss and weight gradients, and eval-mode
+    logits. One test: a module fixture holding the compiled programs would be built on every
+    xdist worker that runs one of its tests."""
+    d, net, w, s = ref["d"], ref["net"], ref["w"], ref["s"]
     x = jnp.asarray(d["x"].transpose(0, 2, 3, 1))
     y = jnp.asarray(d["y"])
 
@@ -37,24 +46,15 @@ def ref():
     vg = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(w).compile(compiler_options=FAST_COMPILE)
     (loss, (logits, aux_logits)), gw = vg(w)
     logits_eval, _ = jax.jit(lambda w, s, x: net.apply(w, s, None, x, False))(w, s, x)
-    return dict(d=d, net=net, sd=sd, w=w, s=s, loss=loss, logits=logits, aux=aux_logits, gw=gw,
-                logits_eval=logits_eval, genotype=g)
+    assert rel_err(logits, d["logits_train"]) < 1e-7, "train logits"
+    assert rel_err(aux_logits, d["logits_aux_train"]) < 1e-7, "auxiliary logits"
+    assert rel_err(loss, d["loss_train"]) < 1e-7, "loss"
+    assert rel_err(logits_eval, d["logits_eval"]) < 1e-7, "eval logits"
 
-
-def test_outputs_match(ref):
-    d = ref["d"]
-    assert rel_err(ref["logits"], d["logits_train"]) < 1e-7
-    assert rel_err(ref["aux"], d["logits_aux_train"]) < 1e-7
-    assert rel_err(ref["loss"], d["loss_train"]) < 1e-7
-    assert rel_err(ref["logits_eval"], d["logits_eval"]) < 1e-7
-
-
-def test_grads_match(ref):
-    d = ref["d"]
     gref = {k[5:]: d[k] for k in d.files if k.startswith("grad/")}
-    ours = ref["net"].to_reference(ref["gw"], ref["s"])
+    ours = net.to_reference(gw, s)
     floor = 1e-6 * max(float(np.abs(v).max()) for v in gref.values())
-    assert max(rel_err(ours[k], gref[k], floor) for k in gref) < 1e-7
+    assert max(rel_err(ours[k], gref[k], floor) for k in gref) < 1e-7, "weight gradients"
 
 
 def test_round_trip_exact(ref):

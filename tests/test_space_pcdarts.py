@@ -20,6 +20,7 @@ def _ce(logits, y):
 
 @pytest.fixture(scope="module")
 def ref():
+    """The fixture's space, weights, inputs and architecture; no compilation (light tests use it)."""
     d = load_fixture("pcdarts_reference.npz")
     cfg = {str(k): int(v) for k, v in zip(d["config_names"], d["config"])}
     sp = darts.search_space(C=cfg["C"], num_classes=cfg["num_classes"], layers=cfg["layers"], steps=cfg["steps"],
@@ -27,10 +28,18 @@ def ref():
                             partial_channels=cfg["partial_channels_k"], edge_normalization=True)
     sd = {k[3:]: d[k] for k in d.files if k.startswith("sd/")}
     w, s = sp.from_reference(sd)
-    x = jnp.asarray(d["x"].transpose(0, 2, 3, 1))
-    y = jnp.asarray(d["y"])
     arch = {"normal": jnp.asarray(d["alphas_normal"]), "reduce": jnp.asarray(d["alphas_reduce"]),
             "beta": {"normal": jnp.asarray(d["betas_normal"]), "reduce": jnp.asarray(d["betas_reduce"])}}
+    return dict(d=d, sp=sp, sd=sd, w=w, s=s, arch=arch)
+
+
+def test_logits_loss_and_grads_match_reference(ref):
+    """Logits, loss, arch (alpha and beta) and weight gradients of one train-mode step. One test:
+    the supernet's value-and-grad is the file's only costly compile, and a module fixture holding
+    it would be built on every xdist worker that runs one of its tests."""
+    d, sp, w, s, arch = ref["d"], ref["sp"], ref["w"], ref["s"], ref["arch"]
+    x = jnp.asarray(d["x"].transpose(0, 2, 3, 1))
+    y = jnp.asarray(d["y"])
 
     def loss_fn(w, arch):
         mix = {"normal": jax.nn.softmax(arch["normal"], -1), "reduce": jax.nn.softmax(arch["reduce"], -1),
@@ -41,27 +50,16 @@ def ref():
     vg = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)).lower(w, arch).compile(
         compiler_options=FAST_COMPILE)
     (loss, logits), (gw, ga) = vg(w, arch)
-    return dict(d=d, sp=sp, sd=sd, s=s, arch=arch, loss=loss, logits=logits, gw=gw, ga=ga)
 
-
-def test_logits_loss(ref):
-    assert rel_err(ref["logits"], ref["d"]["logits"]) < 1e-7
-    assert rel_err(ref["loss"], ref["d"]["loss"]) < 1e-7
-
-
-def test_arch_grads(ref):
-    d, ga = ref["d"], ref["ga"]
+    assert rel_err(logits, d["logits"]) < 1e-7, "logits"
+    assert rel_err(loss, d["loss"]) < 1e-7, "loss"
     for cell in ("normal", "reduce"):
-        assert rel_err(ga[cell], d[f"grad_alphas_{cell}"]) < 1e-7
-        assert rel_err(ga["beta"][cell], d[f"grad_betas_{cell}"]) < 1e-7
-
-
-def test_weight_grads(ref):
-    d = ref["d"]
+        assert rel_err(ga[cell], d[f"grad_alphas_{cell}"]) < 1e-7, f"grad alphas_{cell}"
+        assert rel_err(ga["beta"][cell], d[f"grad_betas_{cell}"]) < 1e-7, f"grad betas_{cell}"
     gref = {k[5:]: d[k] for k in d.files if k.startswith("grad/")}
-    ours = ref["sp"].to_reference(ref["gw"], ref["s"])
+    ours = sp.to_reference(gw, s)
     floor = 1e-6 * max(float(np.abs(v).max()) for v in gref.values())
-    assert max(rel_err(ours[k], gref[k], floor) for k in gref) < 1e-7
+    assert max(rel_err(ours[k], gref[k], floor) for k in gref) < 1e-7, "weight gradients"
 
 
 def test_genotype(ref):
