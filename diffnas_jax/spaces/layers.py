@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from diffnas_jax._checks import backend_default
+
 from . import kernels
 from .kernels import conv_out_size
 
@@ -35,8 +37,13 @@ Array = jax.Array
 __all__ = [
     "torch_uniform_init", "Conv2d", "DepthwiseConv2d", "PointwiseConv2d", "Linear", "BatchNorm2d",
     "avg_pool", "max_pool", "channel_shuffle", "global_avg_pool", "depthwise_conv",
-    "pointwise_conv", "conv_out_size", "batch_norm", "ReLUConvBN",
+    "pointwise_conv", "conv_out_size", "batch_norm", "ReLUConvBN", "cotangent_barrier",
+    "COTANGENT_BARRIERS", "default_cotangent_barrier",
 ]
+
+#: how :func:`cotangent_barrier` keeps a cotangent whole: ``"dot"`` (an identity contraction) or
+#: ``"none"`` (plain identity)
+COTANGENT_BARRIERS = ("dot", "none")
 
 
 def torch_uniform_init(fan_in: int) -> Callable[..., Array]:
@@ -78,6 +85,59 @@ def depthwise_conv(x: Array, kernel: Array, stride: int | Sequence[int] = 1,
     impl = {"grouped": kernels.depthwise_conv_grouped, "shifted": kernels.depthwise_conv_shifted,
             "hybrid": kernels.depthwise_conv_hybrid}[form]
     return impl(x, kernel, _pair(stride), _pair(padding), _pair(dilation))
+
+
+def default_cotangent_barrier(backend: str | None = None) -> str:
+    """The :func:`cotangent_barrier` kind for ``backend`` (default ``jax.default_backend()``):
+    ``"dot"`` on CPU, ``"none"`` elsewhere; ``$DIFFNAS_COTANGENT_BARRIER`` (``dot`` or ``none``)
+    overrides it. Chosen at trace time, as the depthwise formulation."""
+    backend = jax.default_backend() if backend is None else backend
+    return backend_default("DIFFNAS_COTANGENT_BARRIER", COTANGENT_BARRIERS, backend,
+                           "dot" if backend == "cpu" else "none")
+
+
+@jax.custom_jvp
+def _identity_with_dot_tangent(x: Array) -> Array:
+    return x
+
+
+@_identity_with_dot_tangent.defjvp
+def _identity_with_dot_tangent_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    # A contraction with the identity is exact (every other product is a zero) and its transpose is
+    # again one: XLA:CPU fuses neither into a consumer, so the cotangent is computed once.
+    eye = jnp.eye(t.shape[-1], dtype=t.dtype)
+    return x, lax.dot_general(t, eye, (((t.ndim - 1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)
+
+
+def cotangent_barrier(x: Array, kind: str | None = None) -> Array:
+    """``x`` unchanged; in the backward pass its cotangent is computed once, as one array.
+
+    ``x``: any floating array (..., C); returns it as is (same value, shape and dtype; no copy in
+    the forward pass).  With ``kind="dot"`` the tangent, and so the cotangent that reverse mode
+    propagates to ``x``'s producers, passes through a contraction of the last axis with the
+    C x C identity.  Why: XLA:CPU fuses elementwise producers into every consumer that can take
+    them, duplicating them.  The cotangent of a NAS cell's state is a long elementwise expression
+    (skip connections and mixing weights chain it through every later node and cell), so each
+    convolution-gradient or pooling-gradient fusion recomputed the whole chain: in the NB201
+    supernet's weight step (C=16, N=5, batch 32) 60 such fusions took most of the step.  The
+    contraction is a fusion boundary XLA keeps (``lax.optimization_barrier`` is removed before
+    fusion on CPU); it costs C multiply-adds per element.
+
+    Exact for finite cotangents (every off-diagonal product is a zero); a NaN or infinite
+    cotangent entry makes the cotangents of all channels at that position NaN.  Works under
+    ``jit``, ``vmap``, ``grad`` and forward-over-reverse (its derivatives are those of the
+    identity).  ``kind``: ``"dot"`` or ``"none"`` (plain identity); ``None`` picks
+    :func:`default_cotangent_barrier` (``"dot"`` on CPU only: other backends' fusion heuristics
+    do not duplicate such chains).  No paper: an XLA:CPU workaround.
+    """
+    kind = default_cotangent_barrier() if kind is None else kind
+    if kind not in COTANGENT_BARRIERS:
+        raise ValueError(f"cotangent_barrier: `kind` must be one of {COTANGENT_BARRIERS} or None, got {kind!r}")
+    if not hasattr(x, "shape") or len(x.shape) < 1 or not jnp.issubdtype(x.dtype, jnp.inexact):
+        raise TypeError(f"cotangent_barrier: `x` must be a floating array with at least one axis, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)} of shape {getattr(x, 'shape', None)}")
+    return _identity_with_dot_tangent(x) if kind == "dot" else x
 
 
 def pointwise_conv(x: Array, kernel: Array) -> Array:
