@@ -5,6 +5,7 @@ original PyTorch code on the same CPU in the same run.
         --nb201-ref /work/refcode/autodl [--space darts|nb201|both|none] [--second-order]
         [--implicit] [--eval-net] [--full] [--C 8] [--layers 3] [--N 1] [--batch 16] [--size 16]
         [--steps 3] [--formulation default|grouped|shifted|hybrid] [--cell default|scan|groups|all]
+        [--barrier default|dot|none|all]
 
 Rows (each behind a flag; the defaults are reduced sizes that run in minutes on 2 cores, ``--full``
 sets the issue's sizes: C=16, 8 layers, N=5, batch 32, 32x32, evaluation network C=36, 20 cells):
@@ -31,6 +32,9 @@ depthwise-convolution choice of ``diffnas_jax.spaces.kernels`` for this process 
 switch), to compare formulations in separate runs.  ``--cell`` picks how a DARTS search cell runs
 its edges (``darts.default_cell_formulation``: one ``lax.scan`` over the edges per cell and
 stride, or one ``vmap`` per source state); ``all`` prints the DARTS rows for each, in one run.
+``--barrier`` sets ``$DIFFNAS_COTANGENT_BARRIER`` (``layers.cotangent_barrier`` on the NB201
+search cell's states; ``all``: the NB201 row once with ``dot`` and once with ``none``, in one
+run, to compare the two programs under the same load).
 ``--per-op`` prints the forward + backward time of each DARTS candidate op's edge group (4 edges)
 at the first normal cell's and the first reduction cell's shapes, JAX and PyTorch side by side.  A diverged step exits non-zero.
 """
@@ -378,12 +382,14 @@ def main(argv=None) -> int:
     ap.add_argument("--formulation", choices=("default", "grouped", "shifted", "hybrid"), default="default")
     ap.add_argument("--cell", choices=("default", "scan", "groups", "all"), default="default",
                     help="DARTS search cell formulation ($DIFFNAS_DARTS_CELL); all: each in turn")
+    ap.add_argument("--barrier", choices=("default", "dot", "none", "all"), default="default",
+                    help="$DIFFNAS_COTANGENT_BARRIER for the NB201 rows; all: dot then none, in one run")
     args = ap.parse_args(argv)
     if args.full:
         args.C, args.layers, args.N, args.batch, args.size = 16, 8, 5, 32, 32
         args.eval_C, args.eval_layers, args.eval_batch = 36, 20, 32
     from diffnas_jax import hypergrad
-    from diffnas_jax.spaces import darts, kernels, nb201
+    from diffnas_jax.spaces import darts, kernels, layers, nb201
 
     if args.formulation != "default":
         form = args.formulation
@@ -424,10 +430,15 @@ def main(argv=None) -> int:
             r = time_search_step(sp, est, args.batch, args.size, args.steps)
             _report(f"DARTS implicit CG-{args.cg_iters} search step ({tag})", r, None, unit)
     if args.space in ("nb201", "both"):
-        r = time_weight_step(nb201.search_space(C=args.C, N=args.N), args.batch, args.size, args.steps)
-        t = time_torch(TORCH_NB201, args.nb201_ref, args, args.C, args.N, args.batch, args.size) \
-            if args.nb201_ref else None
-        _report(f"NB201 weight step (C={args.C}, N={args.N})", r, t)
+        t = None
+        for barrier in layers.COTANGENT_BARRIERS if args.barrier == "all" else (args.barrier,):
+            if barrier != "default":
+                os.environ["DIFFNAS_COTANGENT_BARRIER"] = barrier
+            r = time_weight_step(nb201.search_space(C=args.C, N=args.N), args.batch, args.size, args.steps)
+            if t is None and args.nb201_ref:
+                t = time_torch(TORCH_NB201, args.nb201_ref, args, args.C, args.N, args.batch, args.size)
+            _report(f"NB201 weight step (C={args.C}, N={args.N}, cotangent barrier "
+                    f"{layers.default_cotangent_barrier()})", r, t)
     if args.eval_net:
         net = darts.eval_network("DARTS_V2", C=args.eval_C, layers=args.eval_layers, auxiliary=True)
         r = time_eval_step(net, args.eval_batch, 32, args.steps)
