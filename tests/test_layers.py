@@ -67,3 +67,30 @@ def test_pools_equal_direct_loops_with_exact_gradients(k, stride, padding):
             # vmapped over stacked inputs (the DARTS cell vmaps edges) equals the loop
             xs = jnp.stack([x, 2 * x])
             np.testing.assert_allclose(jax.vmap(f)(xs)[1], f(2 * x), rtol=1e-12)
+
+
+def _avg_pool_2d_window(x, k, stride, padding):
+    """The previous formulation: one k x k ``reduce_window`` sum, divided by the in-image counts."""
+    total = jax.lax.reduce_window(x, np.array(0, x.dtype), jax.lax.add, (1, k, k, 1), (1, stride, stride, 1),
+                                  ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    ones = jnp.pad(jnp.ones(x.shape[1:3], x.dtype), padding)[None, :, :, None]
+    counts = jax.lax.reduce_window(ones, np.array(0, x.dtype), jax.lax.add, (1, k, k, 1), (1, stride, stride, 1),
+                                   "VALID")
+    return total / counts
+
+
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (2, 2, 0), (5, 3, 0), (3, 2, 1)])
+def test_separable_avg_pool_equals_one_window_sum(k, stride, padding):
+    """The two 1-D windowed sums equal the k x k one: values, VJP and forward-over-reverse."""
+    with jax.enable_x64():
+        x = jax.random.normal(jax.random.key(5), (2, 9, 8, 3), jnp.float64)
+        y, vjp = jax.vjp(lambda x: layers.avg_pool(x, k, stride, padding), x)
+        y_ref, vjp_ref = jax.vjp(lambda x: _avg_pool_2d_window(x, k, stride, padding), x)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-13, atol=1e-14)
+        g = jax.random.normal(jax.random.key(6), y.shape, jnp.float64)
+        np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-13, atol=1e-14)
+        loss = lambda pool: lambda x: jnp.sum(jnp.sin(pool(x, k, stride, padding)))  # noqa: E731
+        v = jnp.ones_like(x)
+        hvp = jax.jvp(jax.grad(loss(layers.avg_pool)), (x,), (v,))[1]
+        np.testing.assert_allclose(hvp, jax.jvp(jax.grad(loss(_avg_pool_2d_window)), (x,), (v,))[1],
+                                   rtol=1e-12, atol=1e-13)
