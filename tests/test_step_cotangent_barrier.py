@@ -138,3 +138,28 @@ def test_barrier_stops_xla_cpu_from_duplicating_the_cell_cotangent(monkeypatch):
 
     with_barrier, without = size("dot"), size("none")
     assert with_barrier < 0.8 * without, (with_barrier, without)
+
+
+def test_nb201_infer_cells_with_barrier_equal_cells_without(monkeypatch):
+    """The evaluation network's cells carry the barrier too (skip connections chain their cotangents)."""
+    structure = nb201.parse_structure("|nor_conv_3x3~0|+|skip_connect~0|avg_pool_3x3~1|+|skip_connect~0|"
+                                      "nor_conv_1x1~1|skip_connect~2|")
+    cells = [nb201.NB201InferCell(3, structure, name=f"c{i}") for i in range(2)]
+    x = jax.random.normal(jax.random.key(0), (3, 5, 5, 3), jnp.float64)
+    v = [c.init(jax.random.key(1 + i), x, False) for i, c in enumerate(cells)]
+
+    def run(kind):
+        monkeypatch.setenv("DIFFNAS_COTANGENT_BARRIER", kind)
+
+        def loss(p, x):
+            for c, vi, pi in zip(cells, v, p):
+                x, _ = c.apply({"params": pi, "batch_stats": vi["batch_stats"]}, x, True, mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(x))
+
+        p = [vi["params"] for vi in v]
+        return jax.jit(jax.value_and_grad(loss, (0, 1))).lower(p, x).compile(compiler_options=FAST_COMPILE)(p, x)
+
+    (val, grads), (val0, grads0) = run("dot"), run("none")
+    np.testing.assert_array_equal(val, val0)
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads0)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)

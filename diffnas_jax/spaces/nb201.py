@@ -239,7 +239,7 @@ class NB201InferCell(nn.Module):
                         y = jnp.zeros_like(nodes[j])
                 layer += 1
                 node = y if node is None else node + y
-            nodes.append(node)
+            nodes.append(cotangent_barrier(node))  # as in NB201SearchCell
         return nodes[-1]
 
 
