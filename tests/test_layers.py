@@ -94,3 +94,36 @@ def test_separable_avg_pool_equals_one_window_sum(k, stride, padding):
         hvp = jax.jvp(jax.grad(loss(layers.avg_pool)), (x,), (v,))[1]
         np.testing.assert_allclose(hvp, jax.jvp(jax.grad(loss(_avg_pool_2d_window)), (x,), (v,))[1],
                                    rtol=1e-12, atol=1e-13)
+
+
+def _batch_norm_plain(x, running_mean, running_var, scale, bias, momentum=0.1, eps=1e-5):
+    """Train-mode BatchNorm2d written out directly (the variance's ``x - mean`` not rematerialised)."""
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    var = jnp.mean(jnp.square(x - mean), axes)
+    n = x.size // x.shape[-1]
+    new = ((1 - momentum) * running_mean + momentum * jax.lax.stop_gradient(mean),
+           (1 - momentum) * running_var + momentum * jax.lax.stop_gradient(var * n / (n - 1)))
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias, new
+
+
+def test_batch_norm_equals_the_direct_formula_with_gradients_and_forward_over_reverse():
+    with jax.enable_x64():
+        ks = jax.random.split(jax.random.key(7), 5)
+        x = 3.0 + 2.0 * jax.random.normal(ks[0], (4, 5, 3, 6), jnp.float64)
+        rm, rv = jax.random.normal(ks[1], (6,), jnp.float64), 1.5 + jax.random.uniform(ks[2], (6,), jnp.float64)
+        scale, bias = jax.random.normal(ks[3], (6,), jnp.float64), jax.random.normal(ks[4], (6,), jnp.float64)
+        y, new = layers.batch_norm(x, rm, rv, scale, bias, True)
+        y_ref, new_ref = _batch_norm_plain(x, rm, rv, scale, bias)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+        for a, b in zip(new, new_ref):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        loss = lambda bn: lambda x, s, b: jnp.sum(jnp.sin(bn(x, rm, rv, s, b)[0]) * x)  # noqa: E731
+        ours = loss(lambda *a: layers.batch_norm(*a, True))
+        ref = loss(_batch_norm_plain)
+        for g, g_ref in zip(jax.grad(ours, (0, 1, 2))(x, scale, bias), jax.grad(ref, (0, 1, 2))(x, scale, bias)):
+            np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-12)
+        v = jnp.ones_like(x)
+        hvp = jax.jvp(lambda x: jax.grad(ours)(x, scale, bias), (x,), (v,))[1]
+        hvp_ref = jax.jvp(lambda x: jax.grad(ref)(x, scale, bias), (x,), (v,))[1]
+        np.testing.assert_allclose(hvp, hvp_ref, rtol=1e-9, atol=1e-11)

@@ -235,7 +235,9 @@ def batch_norm(x: Array, running_mean: Array, running_var: Array, scale: Array |
         xf = x.astype(sdt)
         axes = tuple(range(x.ndim - 1))
         mean = jnp.mean(xf, axes)
-        var = jnp.mean(jnp.square(xf - mean), axes)
+        # rematerialised: the backward pass recomputes x - mean from x (a residual already) instead
+        # of the forward pass writing it out as one more residual the size of x
+        var = jax.checkpoint(lambda xf, mean: jnp.mean(jnp.square(xf - mean), axes))(xf, mean)
         n = x.size // x.shape[-1]
         unbiased = var * (n / max(n - 1, 1))
         new = ((1 - momentum) * running_mean + momentum * lax.stop_gradient(mean),
