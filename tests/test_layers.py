@@ -127,3 +127,19 @@ def test_batch_norm_equals_the_direct_formula_with_gradients_and_forward_over_re
         hvp = jax.jvp(lambda x: jax.grad(ours)(x, scale, bias), (x,), (v,))[1]
         hvp_ref = jax.jvp(lambda x: jax.grad(ref)(x, scale, bias), (x,), (v,))[1]
         np.testing.assert_allclose(hvp, hvp_ref, rtol=1e-9, atol=1e-11)
+
+
+def test_pointwise_conv_equals_channel_einsum_under_vmap_and_forward_over_reverse():
+    with jax.enable_x64():
+        x = jax.random.normal(jax.random.key(8), (3, 2, 5, 4, 6), jnp.float64)  # 3 stacked edges
+        kern = jax.random.normal(jax.random.key(9), (3, 1, 1, 6, 5), jnp.float64)
+        ref = lambda x, k: jnp.einsum("nhwc,cd->nhwd", x, k[0, 0])  # noqa: E731
+        ours = jax.vmap(layers.pointwise_conv)
+        np.testing.assert_allclose(ours(x, kern), jax.vmap(ref)(x, kern), rtol=1e-13, atol=1e-14)
+        loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
+        for g, g_ref in zip(jax.grad(loss(ours), (0, 1))(x, kern), jax.grad(loss(jax.vmap(ref)), (0, 1))(x, kern)):
+            np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-13)
+        hvp = jax.jvp(lambda k: jax.grad(loss(ours), 1)(x, k), (kern,), (jnp.ones_like(kern),))[1]
+        hvp_ref = jax.jvp(lambda k: jax.grad(loss(jax.vmap(ref)), 1)(x, k), (kern,), (jnp.ones_like(kern),))[1]
+        np.testing.assert_allclose(hvp, hvp_ref, rtol=1e-11, atol=1e-12)
+        assert layers.pointwise_conv(x[0].astype(jnp.float32), kern[0]).dtype == jnp.float32
