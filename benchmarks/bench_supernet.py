@@ -5,6 +5,7 @@ original PyTorch code on the same CPU in the same run.
         --nb201-ref /work/refcode/autodl [--space darts|nb201|both|none] [--second-order]
         [--implicit] [--eval-net] [--full] [--C 8] [--layers 3] [--N 1] [--batch 16] [--size 16]
         [--steps 3] [--formulation default|grouped|shifted|hybrid] [--cell default|scan|groups|all]
+        [--barrier default|dot|none|all] [--profile]
 
 Rows (each behind a flag; the defaults are reduced sizes that run in minutes on 2 cores, ``--full``
 sets the issue's sizes: C=16, 8 layers, N=5, batch 32, 32x32, evaluation network C=36, 20 cells):
@@ -31,6 +32,10 @@ depthwise-convolution choice of ``diffnas_jax.spaces.kernels`` for this process 
 switch), to compare formulations in separate runs.  ``--cell`` picks how a DARTS search cell runs
 its edges (``darts.default_cell_formulation``: one ``lax.scan`` over the edges per cell and
 stride, or one ``vmap`` per source state); ``all`` prints the DARTS rows for each, in one run.
+``--barrier`` sets ``$DIFFNAS_COTANGENT_BARRIER`` (``layers.cotangent_barrier`` on the NB201
+search cell's states; ``all``: the NB201 row once with ``dot`` and once with ``none``, in one
+run, to compare the two programs under the same load).
+``--profile`` prints, after each weight-step row, its time per XLA kernel kind (``jax.profiler``).
 ``--per-op`` prints the forward + backward time of each DARTS candidate op's edge group (4 edges)
 at the first normal cell's and the first reduction cell's shapes, JAX and PyTorch side by side.  A diverged step exits non-zero.
 """
@@ -176,9 +181,40 @@ def _data(batch: int, size: int, seed: int = 0):
     return x, jax.random.randint(jax.random.key(seed + 1), (batch,), 0, 10)
 
 
-def time_program(step, args, steps: int, feed, loss_of) -> dict:
+def print_profile(compiled, args, runs: int = 2, top: int = 15) -> None:
+    """Run ``compiled(*args)`` ``runs`` times under ``jax.profiler`` and print where the time goes:
+    per XLA kernel kind (the fusion's name without its number: ``pad_add_fusion``, ``ynn_fusion``
+    for the XNNPACK/YNNPACK convolutions, dots and reductions, ``wrapped_reduce-window``, ...),
+    milliseconds per run summed over both threads and the number of kernels."""
+    import collections
+    import glob
+    import gzip
+    import re
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(runs):
+                jax.block_until_ready(compiled(*args))
+        trace = json.load(gzip.open(glob.glob(os.path.join(d, "plugins/profile/*/perfetto_trace.json.gz"))[0]))
+    ms, names = collections.defaultdict(float), collections.defaultdict(set)
+    for e in trace["traceEvents"]:
+        name = e.get("name", "")
+        if e.get("ph") != "X" or name.startswith(("Thunk", "$", "Pjit", "end:")) or name[:1].isupper():
+            continue
+        kind = re.sub(r"\.\d+$", "", name)
+        ms[kind] += e.get("dur", 0) / 1e3 / runs
+        names[kind].add(name)
+    total = sum(ms.values())
+    print(f"  profile: {total:.0f} ms of XLA kernels per run (both threads)", flush=True)
+    for kind, t in sorted(ms.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    {t:8.1f} ms {100 * t / total:5.1f} %  {len(names[kind]):5d} x {kind}")
+
+
+def time_program(step, args, steps: int, feed, loss_of, profile: bool = False) -> dict:
     """Cold lower + compile of ``jit(step)`` at ``args``, compiled peak, and the median of ``steps``
-    runs after one warm-up; ``feed(args, out)`` gives the next call's arguments."""
+    runs after one warm-up; ``feed(args, out)`` gives the next call's arguments. ``profile``:
+    then print :func:`print_profile` of the program."""
     t = time.perf_counter()
     lowered = jax.jit(step).lower(*args)
     lower_s = time.perf_counter() - t
@@ -198,6 +234,8 @@ def time_program(step, args, steps: int, feed, loss_of) -> dict:
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t)
         args = feed(args, out)
+    if profile:
+        print_profile(compiled, args)
     loss = loss_of(out)
     if not bool(jnp.isfinite(loss)):
         raise SystemExit(f"the benchmarked step diverged (loss {float(loss)})")
@@ -205,7 +243,7 @@ def time_program(step, args, steps: int, feed, loss_of) -> dict:
             "peak_bytes": peak, "stablehlo_lines": hlo_lines}
 
 
-def time_weight_step(sp, batch: int, size: int, steps: int) -> dict:
+def time_weight_step(sp, batch: int, size: int, steps: int, profile: bool = False) -> dict:
     """One first-order SGD weight step of space ``sp`` (float32), as the reference training loop."""
     x, y = _data(batch, size)
     w_shapes, s_shapes = jax.eval_shape(sp.init, jax.random.key(2), x)
@@ -225,7 +263,7 @@ def time_weight_step(sp, batch: int, size: int, steps: int) -> dict:
         return optax.apply_updates(w, upd), ns, opt, loss
 
     return time_program(step, (w, s, tx.init(w), arch, x, y), steps,
-                        lambda a, o: (o[0], o[1], o[2]) + a[3:], lambda o: o[3])
+                        lambda a, o: (o[0], o[1], o[2]) + a[3:], lambda o: o[3], profile)
 
 
 def time_search_step(sp, estimator, batch: int, size: int, steps: int) -> dict:
@@ -378,12 +416,16 @@ def main(argv=None) -> int:
     ap.add_argument("--formulation", choices=("default", "grouped", "shifted", "hybrid"), default="default")
     ap.add_argument("--cell", choices=("default", "scan", "groups", "all"), default="default",
                     help="DARTS search cell formulation ($DIFFNAS_DARTS_CELL); all: each in turn")
+    ap.add_argument("--profile", action="store_true",
+                    help="print where the weight steps' time goes, per XLA kernel kind (jax.profiler)")
+    ap.add_argument("--barrier", choices=("default", "dot", "none", "all"), default="default",
+                    help="$DIFFNAS_COTANGENT_BARRIER for the NB201 rows; all: dot then none, in one run")
     args = ap.parse_args(argv)
     if args.full:
         args.C, args.layers, args.N, args.batch, args.size = 16, 8, 5, 32, 32
         args.eval_C, args.eval_layers, args.eval_batch = 36, 20, 32
     from diffnas_jax import hypergrad
-    from diffnas_jax.spaces import darts, kernels, nb201
+    from diffnas_jax.spaces import darts, kernels, layers, nb201
 
     if args.formulation != "default":
         form = args.formulation
@@ -403,7 +445,7 @@ def main(argv=None) -> int:
         tag = f"{darts.default_cell_formulation()} cell"
         unit = None
         if args.space in ("darts", "both") or args.second_order or args.implicit:
-            r = time_weight_step(sp, args.batch, args.size, args.steps)
+            r = time_weight_step(sp, args.batch, args.size, args.steps, args.profile)
             if "weight" not in torch_rows:
                 torch_rows["weight"] = time_torch(TORCH_DARTS, ref, args, args.C, args.layers, args.batch,
                                                   args.size) if ref else None
@@ -424,10 +466,16 @@ def main(argv=None) -> int:
             r = time_search_step(sp, est, args.batch, args.size, args.steps)
             _report(f"DARTS implicit CG-{args.cg_iters} search step ({tag})", r, None, unit)
     if args.space in ("nb201", "both"):
-        r = time_weight_step(nb201.search_space(C=args.C, N=args.N), args.batch, args.size, args.steps)
-        t = time_torch(TORCH_NB201, args.nb201_ref, args, args.C, args.N, args.batch, args.size) \
-            if args.nb201_ref else None
-        _report(f"NB201 weight step (C={args.C}, N={args.N})", r, t)
+        t = None
+        for barrier in layers.COTANGENT_BARRIERS if args.barrier == "all" else (args.barrier,):
+            if barrier != "default":
+                os.environ["DIFFNAS_COTANGENT_BARRIER"] = barrier
+            r = time_weight_step(nb201.search_space(C=args.C, N=args.N), args.batch, args.size, args.steps,
+                                 args.profile)
+            if t is None and args.nb201_ref:
+                t = time_torch(TORCH_NB201, args.nb201_ref, args, args.C, args.N, args.batch, args.size)
+            _report(f"NB201 weight step (C={args.C}, N={args.N}, cotangent barrier "
+                    f"{layers.default_cotangent_barrier()})", r, t)
     if args.eval_net:
         net = darts.eval_network("DARTS_V2", C=args.eval_C, layers=args.eval_layers, auxiliary=True)
         r = time_eval_step(net, args.eval_batch, 32, args.steps)

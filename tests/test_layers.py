@@ -67,3 +67,79 @@ def test_pools_equal_direct_loops_with_exact_gradients(k, stride, padding):
             # vmapped over stacked inputs (the DARTS cell vmaps edges) equals the loop
             xs = jnp.stack([x, 2 * x])
             np.testing.assert_allclose(jax.vmap(f)(xs)[1], f(2 * x), rtol=1e-12)
+
+
+def _avg_pool_2d_window(x, k, stride, padding):
+    """The previous formulation: one k x k ``reduce_window`` sum, divided by the in-image counts."""
+    total = jax.lax.reduce_window(x, np.array(0, x.dtype), jax.lax.add, (1, k, k, 1), (1, stride, stride, 1),
+                                  ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    ones = jnp.pad(jnp.ones(x.shape[1:3], x.dtype), padding)[None, :, :, None]
+    counts = jax.lax.reduce_window(ones, np.array(0, x.dtype), jax.lax.add, (1, k, k, 1), (1, stride, stride, 1),
+                                   "VALID")
+    return total / counts
+
+
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (2, 2, 0), (5, 3, 0), (3, 2, 1)])
+def test_separable_avg_pool_equals_one_window_sum(k, stride, padding):
+    """The two 1-D windowed sums equal the k x k one: values, VJP and forward-over-reverse."""
+    with jax.enable_x64():
+        x = jax.random.normal(jax.random.key(5), (2, 9, 8, 3), jnp.float64)
+        y, vjp = jax.vjp(lambda x: layers.avg_pool(x, k, stride, padding), x)
+        y_ref, vjp_ref = jax.vjp(lambda x: _avg_pool_2d_window(x, k, stride, padding), x)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-13, atol=1e-14)
+        g = jax.random.normal(jax.random.key(6), y.shape, jnp.float64)
+        np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-13, atol=1e-14)
+        loss = lambda pool: lambda x: jnp.sum(jnp.sin(pool(x, k, stride, padding)))  # noqa: E731
+        v = jnp.ones_like(x)
+        hvp = jax.jvp(jax.grad(loss(layers.avg_pool)), (x,), (v,))[1]
+        np.testing.assert_allclose(hvp, jax.jvp(jax.grad(loss(_avg_pool_2d_window)), (x,), (v,))[1],
+                                   rtol=1e-12, atol=1e-13)
+
+
+def _batch_norm_plain(x, running_mean, running_var, scale, bias, momentum=0.1, eps=1e-5):
+    """Train-mode BatchNorm2d written out directly (the variance's ``x - mean`` not rematerialised)."""
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    var = jnp.mean(jnp.square(x - mean), axes)
+    n = x.size // x.shape[-1]
+    new = ((1 - momentum) * running_mean + momentum * jax.lax.stop_gradient(mean),
+           (1 - momentum) * running_var + momentum * jax.lax.stop_gradient(var * n / (n - 1)))
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias, new
+
+
+def test_batch_norm_equals_the_direct_formula_with_gradients_and_forward_over_reverse():
+    with jax.enable_x64():
+        ks = jax.random.split(jax.random.key(7), 5)
+        x = 3.0 + 2.0 * jax.random.normal(ks[0], (4, 5, 3, 6), jnp.float64)
+        rm, rv = jax.random.normal(ks[1], (6,), jnp.float64), 1.5 + jax.random.uniform(ks[2], (6,), jnp.float64)
+        scale, bias = jax.random.normal(ks[3], (6,), jnp.float64), jax.random.normal(ks[4], (6,), jnp.float64)
+        y, new = layers.batch_norm(x, rm, rv, scale, bias, True)
+        y_ref, new_ref = _batch_norm_plain(x, rm, rv, scale, bias)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+        for a, b in zip(new, new_ref):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        loss = lambda bn: lambda x, s, b: jnp.sum(jnp.sin(bn(x, rm, rv, s, b)[0]) * x)  # noqa: E731
+        ours = loss(lambda *a: layers.batch_norm(*a, True))
+        ref = loss(_batch_norm_plain)
+        for g, g_ref in zip(jax.grad(ours, (0, 1, 2))(x, scale, bias), jax.grad(ref, (0, 1, 2))(x, scale, bias)):
+            np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-12)
+        v = jnp.ones_like(x)
+        hvp = jax.jvp(lambda x: jax.grad(ours)(x, scale, bias), (x,), (v,))[1]
+        hvp_ref = jax.jvp(lambda x: jax.grad(ref)(x, scale, bias), (x,), (v,))[1]
+        np.testing.assert_allclose(hvp, hvp_ref, rtol=1e-9, atol=1e-11)
+
+
+def test_pointwise_conv_equals_channel_einsum_under_vmap_and_forward_over_reverse():
+    with jax.enable_x64():
+        x = jax.random.normal(jax.random.key(8), (3, 2, 5, 4, 6), jnp.float64)  # 3 stacked edges
+        kern = jax.random.normal(jax.random.key(9), (3, 1, 1, 6, 5), jnp.float64)
+        ref = lambda x, k: jnp.einsum("nhwc,cd->nhwd", x, k[0, 0])  # noqa: E731
+        ours = jax.vmap(layers.pointwise_conv)
+        np.testing.assert_allclose(ours(x, kern), jax.vmap(ref)(x, kern), rtol=1e-13, atol=1e-14)
+        loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
+        for g, g_ref in zip(jax.grad(loss(ours), (0, 1))(x, kern), jax.grad(loss(jax.vmap(ref)), (0, 1))(x, kern)):
+            np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-13)
+        hvp = jax.jvp(lambda k: jax.grad(loss(ours), 1)(x, k), (kern,), (jnp.ones_like(kern),))[1]
+        hvp_ref = jax.jvp(lambda k: jax.grad(loss(jax.vmap(ref)), 1)(x, k), (kern,), (jnp.ones_like(kern),))[1]
+        np.testing.assert_allclose(hvp, hvp_ref, rtol=1e-11, atol=1e-12)
+        assert layers.pointwise_conv(x[0].astype(jnp.float32), kern[0]).dtype == jnp.float32

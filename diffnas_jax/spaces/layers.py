@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from diffnas_jax._checks import backend_default
+
 from . import kernels
 from .kernels import conv_out_size
 
@@ -35,8 +37,13 @@ Array = jax.Array
 __all__ = [
     "torch_uniform_init", "Conv2d", "DepthwiseConv2d", "PointwiseConv2d", "Linear", "BatchNorm2d",
     "avg_pool", "max_pool", "channel_shuffle", "global_avg_pool", "depthwise_conv",
-    "pointwise_conv", "conv_out_size", "batch_norm", "ReLUConvBN",
+    "pointwise_conv", "conv_out_size", "batch_norm", "ReLUConvBN", "cotangent_barrier",
+    "COTANGENT_BARRIERS", "default_cotangent_barrier",
 ]
+
+#: how :func:`cotangent_barrier` keeps a cotangent whole: ``"dot"`` (an identity contraction) or
+#: ``"none"`` (plain identity)
+COTANGENT_BARRIERS = ("dot", "none")
 
 
 def torch_uniform_init(fan_in: int) -> Callable[..., Array]:
@@ -80,9 +87,68 @@ def depthwise_conv(x: Array, kernel: Array, stride: int | Sequence[int] = 1,
     return impl(x, kernel, _pair(stride), _pair(padding), _pair(dilation))
 
 
+def default_cotangent_barrier(backend: str | None = None) -> str:
+    """The :func:`cotangent_barrier` kind for ``backend`` (default ``jax.default_backend()``):
+    ``"dot"`` on CPU, ``"none"`` elsewhere; ``$DIFFNAS_COTANGENT_BARRIER`` (``dot`` or ``none``)
+    overrides it. Chosen at trace time, as the depthwise formulation."""
+    backend = jax.default_backend() if backend is None else backend
+    return backend_default("DIFFNAS_COTANGENT_BARRIER", COTANGENT_BARRIERS, backend,
+                           "dot" if backend == "cpu" else "none")
+
+
+@jax.custom_jvp
+def _identity_with_dot_tangent(x: Array) -> Array:
+    return x
+
+
+@_identity_with_dot_tangent.defjvp
+def _identity_with_dot_tangent_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    # A contraction with the identity is exact (every other product is a zero) and its transpose is
+    # again one: XLA:CPU fuses neither into a consumer, so the cotangent is computed once.
+    eye = jnp.eye(t.shape[-1], dtype=t.dtype)
+    return x, lax.dot_general(t, eye, (((t.ndim - 1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)
+
+
+def cotangent_barrier(x: Array, kind: str | None = None) -> Array:
+    """``x`` unchanged; in the backward pass its cotangent is computed once, as one array.
+
+    ``x``: any floating array (..., C); returns it as is (same value, shape and dtype; no copy in
+    the forward pass).  With ``kind="dot"`` the tangent, and so the cotangent that reverse mode
+    propagates to ``x``'s producers, passes through a contraction of the last axis with the
+    C x C identity.  Why: XLA:CPU fuses elementwise producers into every consumer that can take
+    them, duplicating them.  The cotangent of a NAS cell's state is a long elementwise expression
+    (skip connections and mixing weights chain it through every later node and cell), so each
+    convolution-gradient or pooling-gradient fusion recomputed the whole chain: in the NB201
+    supernet's weight step (C=16, N=5, batch 32) 60 such fusions took most of the step.  The
+    contraction is a fusion boundary XLA keeps (``lax.optimization_barrier`` is removed before
+    fusion on CPU); it costs C multiply-adds per element.
+
+    Exact for finite cotangents (every off-diagonal product is a zero); a NaN or infinite
+    cotangent entry makes the cotangents of all channels at that position NaN.  Works under
+    ``jit``, ``vmap``, ``grad`` and forward-over-reverse (its derivatives are those of the
+    identity).  ``kind``: ``"dot"`` or ``"none"`` (plain identity); ``None`` picks
+    :func:`default_cotangent_barrier` (``"dot"`` on CPU only: other backends' fusion heuristics
+    do not duplicate such chains).  No paper: an XLA:CPU workaround.
+    """
+    kind = default_cotangent_barrier() if kind is None else kind
+    if kind not in COTANGENT_BARRIERS:
+        raise ValueError(f"cotangent_barrier: `kind` must be one of {COTANGENT_BARRIERS} or None, got {kind!r}")
+    if not hasattr(x, "shape") or len(x.shape) < 1 or not jnp.issubdtype(x.dtype, jnp.inexact):
+        raise TypeError(f"cotangent_barrier: `x` must be a floating array with at least one axis, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)} of shape {getattr(x, 'shape', None)}")
+    return _identity_with_dot_tangent(x) if kind == "dot" else x
+
+
 def pointwise_conv(x: Array, kernel: Array) -> Array:
-    """1x1 convolution as a contraction over channels: (N, H, W, Ci) x (1, 1, Ci, Co)."""
-    return jnp.einsum("nhwc,cd->nhwd", x, kernel.reshape(kernel.shape[-2], kernel.shape[-1]).astype(x.dtype))
+    """1x1 convolution as a contraction over channels: (N, H, W, Ci) x (1, 1, Ci, Co) -> (N, H, W, Co).
+
+    One (N*H*W, Ci) x (Ci, Co) matmul: written as the 4-D ``einsum``, XLA:CPU gave the kernel
+    gradient a transposed (Co, N*H*W) copy of the output cotangent and a non-XNNPACK ``dot``; the
+    2-D form keeps both in the XNNPACK/YNNPACK matmul (NB201 C=16, N=5 step: ~180 -> ~20 ms).
+    """
+    k = kernel.reshape(kernel.shape[-2], kernel.shape[-1]).astype(x.dtype)
+    return (x.reshape(-1, x.shape[-1]) @ k).reshape(x.shape[:-1] + (k.shape[-1],))
 
 
 class Conv2d(nn.Module):
@@ -175,7 +241,9 @@ def batch_norm(x: Array, running_mean: Array, running_var: Array, scale: Array |
         xf = x.astype(sdt)
         axes = tuple(range(x.ndim - 1))
         mean = jnp.mean(xf, axes)
-        var = jnp.mean(jnp.square(xf - mean), axes)
+        # rematerialised: the backward pass recomputes x - mean from x (a residual already) instead
+        # of the forward pass writing it out as one more residual the size of x
+        var = jax.checkpoint(lambda xf, mean: jnp.mean(jnp.square(xf - mean), axes))(xf, mean)
         n = x.size // x.shape[-1]
         unbiased = var * (n / max(n - 1, 1))
         new = ((1 - momentum) * running_mean + momentum * lax.stop_gradient(mean),
@@ -248,18 +316,23 @@ def _window_slices(x: Array, k: int, stride: int, pad_value: float, padding: int
 
 
 def avg_pool(x: Array, kernel_size: int, stride: int, padding: int = 0) -> Array:
-    """``nn.AvgPool2d(k, stride, padding, count_include_pad=False)`` on NHWC ``x``.
+    """``nn.AvgPool2d(k, stride, padding, count_include_pad=False)`` on NHWC ``x``: (N, H, W, C) ->
+    (N, Ho, Wo, C), PyTorch output size, ``x``'s dtype.
 
-    Each window's sum is divided by the number of cells inside the unpadded input. The sum is one
-    ``reduce_window`` (its gradient is another windowed sum): as ``k*k`` shifted slices, XLA fused
-    the producer of ``x`` into every slice, and a cell's chain of pools multiplied the program
-    (NB201 search step: optimised HLO 89k -> 37k lines, XLA compile halved).
+    Each window's sum is divided by the number of cells inside the unpadded input. The sum is
+    separable: a windowed sum along H, then one along W (``reduce_window`` each; the gradient of
+    each is another windowed sum). XLA:CPU runs the two 1-D windowed sums 3-4x faster than one
+    k x k ``reduce_window`` (forward and backward, NB201 shapes). Not ``k*k`` shifted slices: XLA
+    fused the producer of ``x`` into every slice, and a cell's chain of pools multiplied the
+    program (NB201 search step: optimised HLO 89k -> 37k lines, XLA compile halved).
     """
     n, h, w, c = x.shape
-    pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
     # the init value must be a concrete 0 for JAX to see a differentiable windowed sum
-    total = lax.reduce_window(x, np.array(0, x.dtype), lax.add, (1, kernel_size, kernel_size, 1),
-                              (1, stride, stride, 1), pads)
+    zero = np.array(0, x.dtype)
+    total = lax.reduce_window(x, zero, lax.add, (1, kernel_size, 1, 1), (1, stride, 1, 1),
+                              ((0, 0), (padding, padding), (0, 0), (0, 0)))
+    total = lax.reduce_window(total, zero, lax.add, (1, 1, kernel_size, 1), (1, 1, stride, 1),
+                              ((0, 0), (0, 0), (padding, padding), (0, 0)))
     ones = np.pad(np.ones((h, w)), padding)
     ho, wo = total.shape[1], total.shape[2]
     counts = np.zeros((ho, wo))

@@ -39,7 +39,8 @@ from diffnas_jax._checks import check_int_in_range
 from diffnas_jax.spaces.base import SpaceDefaults, check_mix_matches, check_size_kwargs, leaf_candidates, leaf_key
 from diffnas_jax.spaces import scaffold
 from diffnas_jax.spaces.layers import (BatchNorm2d, Conv2d, Linear, PointwiseConv2d, ReLUConvBN, avg_pool, batch_norm,
-                                       global_avg_pool, max_pool, pointwise_conv, torch_uniform_init)
+                                       cotangent_barrier, global_avg_pool, max_pool, pointwise_conv,
+                                       torch_uniform_init)
 from diffnas_jax.spaces.scaffold import torch_default_init  # noqa: F401 - importable from here as before
 
 __all__ = [
@@ -188,7 +189,9 @@ class NB201SearchCell(nn.Module):
                 if edge is None:  # every op of the edge is "none"
                     edge = jnp.zeros_like(src)
                 pending[t] = edge if t not in pending else pending[t] + edge
-            nodes.append(pending.pop(j + 1))
+            # each node's cotangent once: otherwise XLA:CPU re-derives the chain of later nodes and
+            # cells inside every convolution- and pool-gradient fusion (layers.cotangent_barrier)
+            nodes.append(cotangent_barrier(pending.pop(j + 1)))
         return nodes[-1]
 
     def _batch_norm(self, y, ids, params, stats, train, update):
@@ -236,7 +239,7 @@ class NB201InferCell(nn.Module):
                         y = jnp.zeros_like(nodes[j])
                 layer += 1
                 node = y if node is None else node + y
-            nodes.append(node)
+            nodes.append(cotangent_barrier(node))  # as in NB201SearchCell
         return nodes[-1]
 
 
