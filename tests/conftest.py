@@ -16,8 +16,10 @@ import sys
 # keeps the default optimisation (e.g. to rule the flag out when a numerical test fails).
 if os.environ.get("DIFFNAS_TEST_XLA_OPT") != "1" and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     # The legacy (non-MLIR) CPU fusion emitters: kernel emission is the largest compile phase
-    # of a DARTS supernet (notes/compile.md); the fixture program compiled 7-30 % faster with
-    # them in three back-to-back pairs, same run time, same values (1.1e-14 to the fixture).
+    # of a DARTS supernet (BUILD_NOTES section 13); the fixture program compiled 7-30 % faster
+    # with them in three back-to-back pairs, same run time, same values (1.1e-14 to the fixture).
+    # They expand scatters into loops: a program where that hurts passes
+    # compiler_options={"xla_cpu_use_fusion_emitters": True} (test_relax_pav's parallel PAV).
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
                                " --xla_llvm_disable_expensive_passes=true"
                                " --xla_cpu_use_fusion_emitters=false").strip()
