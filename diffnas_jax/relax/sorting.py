@@ -548,6 +548,12 @@ def _logaddexp_finite(a, b):
     return m + jnp.log1p(jnp.exp(jnp.minimum(a, b) - m))
 
 
+def _empty_kl_solution(py: jax.Array):
+    """The kl stack solvers' (first, size, (ya, wa)) for a row batch without elements."""
+    z = jnp.zeros(py.shape, py.dtype)
+    return jnp.zeros(py.shape, jnp.int32), jnp.ones(py.shape, py.dtype), (z, z)
+
+
 def _pav_kl_sequential_2d(py: jax.Array, pw: jax.Array, ey):
     """``_pav_kl_parallel`` as a sequential stack PAV: per block the logsumexps of ``y - y_first``
     and ``w - w_first``; pooling two blocks is a ``logaddexp`` after shifting the top block's
@@ -555,8 +561,7 @@ def _pav_kl_sequential_2d(py: jax.Array, pw: jax.Array, ey):
     batch, n = py.shape
     dt = py.dtype
     if batch * n == 0:
-        z = jnp.zeros(py.shape, dt)
-        return jnp.zeros(py.shape, jnp.int32), jnp.ones(py.shape, dt), (z, z)
+        return _empty_kl_solution(py)
     py, pw, ey = _flat_rows(py, pw, ey)
 
     def violates_and_pool(i, below, bf, top, tf):
@@ -582,8 +587,7 @@ def _pav_kl_sorted_sequential_2d(py: jax.Array, pw: jax.Array, ey):
     batch, n = py.shape
     dt = py.dtype
     if batch * n == 0:
-        z = jnp.zeros(py.shape, dt)
-        return jnp.zeros(py.shape, jnp.int32), jnp.ones(py.shape, dt), (z, z)
+        return _empty_kl_solution(py)
     py, pw, ey = _flat_rows(py, pw, ey)
 
     def violates_and_pool(i, below, bf, top, tf):
