@@ -506,30 +506,33 @@ def _stack_pav(n_rows: int, n: int, stats0, violates_and_pool):
     return first, get(starts, 1) - first, tuple(get(a) for a in stack)
 
 
-def _flat_rows(a: jax.Array, b: jax.Array, scale):
-    """``a``, ``b`` (batch, n) flattened end to end, and ``scale`` (scalar or one per row) as one
-    value per row; no gradient (the solvers only decide block starts)."""
-    batch = a.shape[0]
-    a, b = lax.stop_gradient(a).reshape(-1), lax.stop_gradient(b).reshape(-1)
-    return a, b, jnp.broadcast_to(lax.stop_gradient(scale), (batch, 1)).reshape(-1).astype(a.dtype)
+def _stack_solver(step, init, finish=lambda stats: stats):
+    """A sequential stack-PAV solver on (batch, n) rows: ``solver(p, q, scale)`` flattens the rows
+    end to end (no gradient: the solvers only decide blocks), runs :func:`_stack_pav` with the
+    per-block statistics starting at ``init`` (Python numbers) and pooled by ``step(p, q, scale,
+    n, dt)`` (the flat rows, ``scale`` one value per flat row; it returns ``violates_and_pool``),
+    and returns (first index in the row, size, ``finish(stats)``) per element, (batch, n) each."""
+
+    def solver(p: jax.Array, q: jax.Array, scale):
+        batch, n = p.shape
+        dt = p.dtype
+        if batch * n == 0:
+            zero = jnp.zeros(p.shape, dt)
+            return jnp.zeros(p.shape, jnp.int32), jnp.ones(p.shape, dt), (zero,) * len(init)
+        flat_p, flat_q = lax.stop_gradient(p).reshape(-1), lax.stop_gradient(q).reshape(-1)
+        flat_scale = jnp.broadcast_to(lax.stop_gradient(scale), (batch, 1)).reshape(-1).astype(dt)
+        first, size, stats = _stack_pav(batch, n, tuple(jnp.full((), v, dt) for v in init),
+                                        step(flat_p, flat_q, flat_scale, n, dt))
+        row_base = lax.broadcasted_iota(jnp.int32, (batch, n), 0) * n
+        return (first.reshape(batch, n) - row_base, size.reshape(batch, n).astype(dt),
+                tuple(a.reshape(batch, n) for a in finish(stats)))
+
+    return solver
 
 
-def _unflatten_solution(batch: int, n: int, first, size, stats, dt):
-    """The stack solver's flat outputs as ((batch, n) first index in the row, size, stats)."""
-    row_base = lax.broadcasted_iota(jnp.int32, (batch, n), 0) * n
-    return (first.reshape(batch, n) - row_base, size.reshape(batch, n).astype(dt),
-            tuple(s.reshape(batch, n) for s in stats))
-
-
-def _pav_l2_sequential_2d(p: jax.Array, q: jax.Array, eps):
-    """``_pav_l2_parallel`` as a sequential stack PAV (same decisions on the same differences:
-    per block the sum ``a`` of ``y - y_first``; sizes follow from the block starts).  Returns
-    (first, size, (a,)) per element, as ``_pav_l2``."""
-    batch, n = p.shape
-    dt = p.dtype
-    if batch * n == 0:
-        return jnp.zeros(p.shape, jnp.int32), jnp.ones(p.shape, dt), (jnp.zeros(p.shape, dt),)
-    p, q, eps = _flat_rows(p, q, eps)
+def _l2_stack_step(p, q, eps, n, dt):
+    """``_pav_l2_parallel``'s decisions on the same differences, per block the sum ``a`` of
+    ``y - y_first`` (sizes follow from the block starts)."""
 
     def violates_and_pool(i, below, bf, top, tf):
         (ba,), (ta,) = below, top
@@ -538,7 +541,7 @@ def _pav_l2_sequential_2d(p: jax.Array, q: jax.Array, eps):
         # the plain PAV test of _merge_round_l2 (ties pool, as in the reference)
         return ba / bb <= offset + ta / tb, (ba + ta + tb * offset,)
 
-    return _unflatten_solution(batch, n, *_stack_pav(batch, n, (jnp.zeros((), dt),), violates_and_pool), dt)
+    return violates_and_pool
 
 
 def _logaddexp_finite(a, b):
@@ -548,21 +551,10 @@ def _logaddexp_finite(a, b):
     return m + jnp.log1p(jnp.exp(jnp.minimum(a, b) - m))
 
 
-def _empty_kl_solution(py: jax.Array):
-    """The kl stack solvers' (first, size, (ya, wa)) for a row batch without elements."""
-    z = jnp.zeros(py.shape, py.dtype)
-    return jnp.zeros(py.shape, jnp.int32), jnp.ones(py.shape, py.dtype), (z, z)
-
-
-def _pav_kl_sequential_2d(py: jax.Array, pw: jax.Array, ey):
-    """``_pav_kl_parallel`` as a sequential stack PAV: per block the logsumexps of ``y - y_first``
-    and ``w - w_first``; pooling two blocks is a ``logaddexp`` after shifting the top block's
-    to the lower block's first element.  Returns (first, size, (ya, wa)) per element."""
-    batch, n = py.shape
-    dt = py.dtype
-    if batch * n == 0:
-        return _empty_kl_solution(py)
-    py, pw, ey = _flat_rows(py, pw, ey)
+def _kl_stack_step(py, pw, ey, n, dt):
+    """``_pav_kl_parallel``'s decisions: per block the logsumexps of ``y - y_first`` and
+    ``w - w_first``; pooling two blocks is a ``logaddexp`` after shifting the top block's to the
+    lower block's first element."""
 
     def violates_and_pool(i, below, bf, top, tf):
         (ya0, wa0), (ya1, wa1) = below, top
@@ -571,24 +563,17 @@ def _pav_kl_sequential_2d(py: jax.Array, pw: jax.Array, ey):
         # value(below) <= value(top); NaN (inf - inf) never pools, as in _merge_round_kl
         return dy - ya0 >= dw - wa0, (_logaddexp_finite(ya0, dy), _logaddexp_finite(wa0, dw))
 
-    zero = jnp.zeros((), dt)
-    return _unflatten_solution(batch, n, *_stack_pav(batch, n, (zero, zero), violates_and_pool), dt)
+    return violates_and_pool
 
 
-def _pav_kl_sorted_sequential_2d(py: jax.Array, pw: jax.Array, ey):
-    """``_pav_kl_sequential_2d`` for rows along which ``py`` and ``pw`` do not increase (the
-    sorted problems of soft_sort and soft_rank), with block sums in the linear domain:
+def _kl_sorted_stack_step(py, pw, ey, n, dt):
+    """``_kl_stack_step`` for rows along which ``py`` and ``pw`` do not increase (the sorted
+    problems of soft_sort and soft_rank), with block sums in the linear domain:
     ``sum_B exp(y - y_first)`` and the same of ``w``, each in [1, block size] since every term is
     at most 1.  Pooling is then a multiply-add per statistic and no log, and the order test
     ``value(below) <= value(top)`` is ``Sy0 Sw1 exp(dw - dy) <= Sy1 Sw0`` (or its mirror), decided
     correctly also where the exp underflows, since the sums stay in [1, n]: 2 exps a step instead
-    of 2 exps and 2 log1ps, the solver 30-40 % faster.  Returns (first, size, (ya, wa)) per
-    element, the logs of the block sums."""
-    batch, n = py.shape
-    dt = py.dtype
-    if batch * n == 0:
-        return _empty_kl_solution(py)
-    py, pw, ey = _flat_rows(py, pw, ey)
+    of 2 exps and 2 log1ps, the solver 30-40 % faster.  The solver returns the logs of the sums."""
 
     def violates_and_pool(i, below, bf, top, tf):
         (sy0, sw0), (sy1, sw1) = below, top
@@ -602,9 +587,13 @@ def _pav_kl_sorted_sequential_2d(py: jax.Array, pw: jax.Array, ey):
         pooled = (sy0 + (ry * top_scale) * sy1, sw0 + (rw * top_scale) * sw1)
         return sy0 * sw1 * rw <= ry * (sy1 * sw0), pooled
 
-    one = jnp.ones((), dt)
-    first, size, (sy, sw) = _stack_pav(batch, n, (one, one), violates_and_pool)
-    return _unflatten_solution(batch, n, first, size, (jnp.log(sy), jnp.log(sw)), dt)
+    return violates_and_pool
+
+
+_pav_l2_sequential_2d = _stack_solver(_l2_stack_step, (0.0,))
+_pav_kl_sequential_2d = _stack_solver(_kl_stack_step, (0.0, 0.0))
+_pav_kl_sorted_sequential_2d = _stack_solver(_kl_sorted_stack_step, (1.0, 1.0),
+                                             lambda sums: tuple(jnp.log(a) for a in sums))
 
 
 def _fold_vmapped_rows(solver):
