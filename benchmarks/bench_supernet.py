@@ -32,9 +32,10 @@ depthwise-convolution choice of ``diffnas_jax.spaces.kernels`` for this process 
 switch), to compare formulations in separate runs.  ``--cell`` picks how a DARTS search cell runs
 its edges (``darts.default_cell_formulation``: one ``lax.scan`` over the edges per cell and
 stride, or one ``vmap`` per source state); ``all`` prints the DARTS rows for each, in one run.
-``--barrier`` sets ``$DIFFNAS_COTANGENT_BARRIER`` (``layers.cotangent_barrier`` on the NB201
-search cell's states; ``all``: the NB201 row once with ``dot`` and once with ``none``, in one
-run, to compare the two programs under the same load).
+``--barrier`` sets ``$DIFFNAS_COTANGENT_BARRIER`` (``layers.cotangent_barrier`` on the search
+cells' states) for the NB201 rows (``all``: the NB201 row once with ``dot`` and once with
+``none``, in one run, to compare the two programs under the same load); for the DARTS rows set
+the variable in the environment.
 ``--profile`` prints, after each weight-step row, its time per XLA kernel kind (``jax.profiler``).
 ``--per-op`` prints the forward + backward time of each DARTS candidate op's edge group (4 edges)
 at the first normal cell's and the first reduction cell's shapes, JAX and PyTorch side by side.  A diverged step exits non-zero.
