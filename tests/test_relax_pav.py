@@ -140,3 +140,87 @@ def test_inclusive_count_is_exact():
     hlo = jax.jit(sorting._inclusive_count).lower(jnp.zeros(100, bool)).as_text()
     dots = re.findall(r"dot_general.*", hlo)
     assert dots and all("precision = [HIGHEST, HIGHEST]" in d for d in dots)
+
+
+# ----------------------------------------------------------------------------------------------
+# The lane stack (rows side by side in one loop) against the sequential stack.
+
+_KL_SORTED_SEQUENTIAL = sorting._stack_solver(sorting._kl_sorted_stack_step, (1.0, 1.0),
+                                              lambda sums: tuple(jnp.log(a) for a in sums))
+
+
+def _lanes(p, q, eps):
+    """The lane runner on any number of rows (the solver uses it from _LANE_MIN_ROWS rows on)."""
+    e = jnp.broadcast_to(eps, (p.shape[0], 1)).reshape(-1).astype(p.dtype)
+    first, size, sums = sorting._lane_stack_pav(p, q, e, (1.0, 1.0), sorting._kl_sorted_rule(p.shape[1]))
+    return first, size.astype(p.dtype), tuple(jnp.log(a) for a in sums)
+
+
+def _kl_sorted_problems(dtype):
+    """soft_sort and soft_rank kl problems on rows with ties, a constant row, huge magnitudes,
+    an outlier, -inf entries, a row of zeros (what a NaN row is solved as) at four scales and
+    strengths from 1e-3 to 1e6, one per row: 80 rows."""
+    x = _cases(64, dtype)
+    x = np.concatenate([x, np.zeros((1, 64), dtype), x[:1]])
+    x[-1, ::7] = -np.inf
+    x = np.concatenate([x * scale for scale in (1.0, 1e-2, 30.0, 1e4)]).astype(dtype)
+    eps = jnp.asarray(np.geomspace(1e-3, 1e6, x.shape[0])[:, None], dtype)
+    problems = zip(_problem("sort_kl", jnp.asarray(x), eps), _problem("rank_kl", jnp.asarray(x), eps))
+    return tuple(jnp.concatenate(parts) for parts in problems)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lane_stack_equals_sequential_stack(dtype):
+    """Same blocks, sizes and block statistics, bit for bit (one rule, ``_kl_sorted_rule``), on
+    many rows and on one row; the solver picks the lanes from ``_LANE_MIN_ROWS`` rows on."""
+    p, q, e = _kl_sorted_problems(dtype)
+    seq = jax.jit(_KL_SORTED_SEQUENTIAL)(p, q, e)
+    starts = _starts(seq[0])
+    assert p.shape[0] < starts.sum() < starts.size  # pooled and free blocks
+    assert np.isfinite(np.asarray(seq[2][0])).all()
+    lanes = jax.jit(_lanes)
+    jax.tree.map(np.testing.assert_array_equal, lanes(p, q, e), seq)
+    one = jax.tree.map(lambda a: a[3:4], seq)  # the tie row, alone
+    jax.tree.map(np.testing.assert_array_equal, lanes(p[3:4], q[3:4], e[3:4]), one)
+    assert p.shape[0] >= sorting._LANE_MIN_ROWS  # so the solver itself runs the lanes here
+    jax.tree.map(np.testing.assert_array_equal, jax.jit(sorting._pav_kl_sorted_sequential)(p, q, e), seq)
+
+
+def test_lane_stack_under_vmap():
+    """jax.vmap folds the mapped axis into the rows: 2 x 40 rows run as one lane stack of 80,
+    separate calls of 40 rows as the sequential stack; the blocks must agree."""
+    p, q, e = (a.reshape((2, 40) + a.shape[1:]) for a in _kl_sorted_problems(np.float64))
+    assert 40 < sorting._LANE_MIN_ROWS <= 80
+    pav = sorting._pav_kl_sorted_sequential
+    each = jax.tree.map(lambda *xs: np.stack(xs), *[jax.jit(pav)(p[i], q[i], e[i]) for i in range(2)])
+    jax.tree.map(np.testing.assert_array_equal, jax.jit(jax.vmap(pav))(p, q, e), each)
+
+
+def test_lane_stack_runs_in_place():
+    """The lane loop's stack must update in place (one scatter per step): no copy of a
+    (rows, n + 1) array in the optimised while body."""
+    rows, n = 64, 300
+    p = jnp.broadcast_to(jnp.arange(n, 0, -1, dtype=jnp.float32), (rows, n))
+    q = jnp.asarray(np.sort(np.random.default_rng(0).standard_normal((rows, n)) * 100)[:, ::-1], jnp.float32)
+    (body,) = _while_bodies(jax.jit(_lanes).lower(p, q, 1.0).compile().as_text())
+    copies = [line for line in body.splitlines() if f"[{rows},{n + 1}]" in line and " copy(" in line]
+    assert not copies, copies
+
+
+# The compile options of a user's program (conftest.py selects faster-compiling ones for the tests).
+_DEFAULT_COMPILE = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False,
+                    "xla_cpu_use_fusion_emitters": True}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sequential_pav_loop_is_one_kernel(dtype):
+    """XLA:CPU compiles a while loop that accesses under 1024 bytes per iteration into a single
+    kernel (``xla_cpu_small_while_loop_byte_threshold``, the "small call"); otherwise each of the
+    body's ~15 fusions runs as its own task at ~0.1-0.2 us, and a 25 ns step becomes ~2 us (a
+    second row interleaved in the kl step, 1100-1300 bytes, ran 30-50x slower). Every sequential
+    solver's loop must stay under the budget, in float32 and float64."""
+    n = 100
+    p = jnp.zeros((4, n), dtype)
+    for pav in (sorting._pav_l2_sequential, sorting._pav_kl_sequential, sorting._pav_kl_sorted_sequential):
+        hlo = jax.jit(lambda a, b, pav=pav: pav(a, b, 1.0)).lower(p, p).compile(_DEFAULT_COMPILE).as_text()
+        assert "xla_cpu_small_call" in hlo

@@ -506,12 +506,15 @@ def _stack_pav(n_rows: int, n: int, stats0, violates_and_pool):
     return first, get(starts, 1) - first, tuple(get(a) for a in stack)
 
 
-def _stack_solver(step, init, finish=lambda stats: stats):
+def _stack_solver(step, init, finish=lambda stats: stats, lane_rule=None):
     """A sequential stack-PAV solver on (batch, n) rows: ``solver(p, q, scale)`` flattens the rows
     end to end (no gradient: the solvers only decide blocks), runs :func:`_stack_pav` with the
     per-block statistics starting at ``init`` (Python numbers) and pooled by ``step(p, q, scale,
     n, dt)`` (the flat rows, ``scale`` one value per flat row; it returns ``violates_and_pool``),
-    and returns (first index in the row, size, ``finish(stats)``) per element, (batch, n) each."""
+    and returns (first index in the row, size, ``finish(stats)``) per element, (batch, n) each.
+    With ``lane_rule(n)`` (the step's rule on values) and at least ``_LANE_MIN_ROWS`` rows, the
+    rows run side by side in :func:`_lane_stack_pav` instead (same blocks, bit for bit); the
+    choice is made on the static shape at trace time."""
 
     def solver(p: jax.Array, q: jax.Array, scale):
         batch, n = p.shape
@@ -519,10 +522,13 @@ def _stack_solver(step, init, finish=lambda stats: stats):
         if batch * n == 0:
             zero = jnp.zeros(p.shape, dt)
             return jnp.zeros(p.shape, jnp.int32), jnp.ones(p.shape, dt), (zero,) * len(init)
-        flat_p, flat_q = lax.stop_gradient(p).reshape(-1), lax.stop_gradient(q).reshape(-1)
-        flat_scale = jnp.broadcast_to(lax.stop_gradient(scale), (batch, 1)).reshape(-1).astype(dt)
-        first, size, stats = _stack_pav(batch, n, tuple(jnp.full((), v, dt) for v in init),
-                                        step(flat_p, flat_q, flat_scale, n, dt))
+        p, q, scale = (lax.stop_gradient(x) for x in (p, q, scale))
+        row_scale = jnp.broadcast_to(scale, (batch, 1)).reshape(-1).astype(dt)
+        stats0 = tuple(jnp.full((), v, dt) for v in init)
+        if lane_rule is not None and batch >= _LANE_MIN_ROWS:
+            first, size, stats = _lane_stack_pav(p, q, row_scale, stats0, lane_rule(n))
+            return first, size.astype(dt), tuple(finish(stats))
+        first, size, stats = _stack_pav(batch, n, stats0, step(p.reshape(-1), q.reshape(-1), row_scale, n, dt))
         row_base = lax.broadcasted_iota(jnp.int32, (batch, n), 0) * n
         return (first.reshape(batch, n) - row_base, size.reshape(batch, n).astype(dt),
                 tuple(a.reshape(batch, n) for a in finish(stats)))
@@ -566,19 +572,17 @@ def _kl_stack_step(py, pw, ey, n, dt):
     return violates_and_pool
 
 
-def _kl_sorted_stack_step(py, pw, ey, n, dt):
-    """``_kl_stack_step`` for rows along which ``py`` and ``pw`` do not increase (the sorted
-    problems of soft_sort and soft_rank), with block sums in the linear domain:
-    ``sum_B exp(y - y_first)`` and the same of ``w``, each in [1, block size] since every term is
-    at most 1.  Pooling is then a multiply-add per statistic and no log, and the order test
-    ``value(below) <= value(top)`` is ``Sy0 Sw1 exp(dw - dy) <= Sy1 Sw0`` (or its mirror), decided
-    correctly also where the exp underflows, since the sums stay in [1, n]: 2 exps a step instead
-    of 2 exps and 2 log1ps, the solver 30-40 % faster.  The solver returns the logs of the sums."""
+def _kl_sorted_rule(n: int):
+    """The pooling rule of ``_kl_sorted_stack_step`` on values rather than indices:
+    ``rule(below, top, py_below, pw_below, py_top, pw_top, ey)`` with every argument a scalar
+    (the sequential stack) or one per row (the lane stack, ``_lane_stack_pav``), ``py``/``pw`` at
+    each block's first element; returns (whether they violate the order, the pooled sums).
+    One definition for both runners, so they decide bit for bit alike."""
 
-    def violates_and_pool(i, below, bf, top, tf):
+    def rule(below, top, py0, pw0, py1, pw1, ey):
         (sy0, sw0), (sy1, sw1) = below, top
-        dy = _diff(py[tf], py[bf], 0.0, 0.0, ey[tf // n], n)  # <= 0 on sorted rows
-        dw = _diff(pw[tf], pw[bf], 0.0, 0.0, 1.0, n)
+        dy = _diff(py1, py0, 0.0, 0.0, ey, n)  # <= 0 on sorted rows
+        dw = _diff(pw1, pw0, 0.0, 0.0, 1.0, n)
         # exp(dy), exp(dw) as exp(max) times (1, exp(-|dy - dw|)): two exps, and the order test
         # uses the exact ratio of the two even where both underflow
         y_larger, rest = dy >= dw, jnp.exp(-jnp.abs(dy - dw))
@@ -587,13 +591,108 @@ def _kl_sorted_stack_step(py, pw, ey, n, dt):
         pooled = (sy0 + (ry * top_scale) * sy1, sw0 + (rw * top_scale) * sw1)
         return sy0 * sw1 * rw <= ry * (sy1 * sw0), pooled
 
+    return rule
+
+
+def _kl_sorted_stack_step(py, pw, ey, n, dt):
+    """``_kl_stack_step`` for rows along which ``py`` and ``pw`` do not increase (the sorted
+    problems of soft_sort and soft_rank), with block sums in the linear domain:
+    ``sum_B exp(y - y_first)`` and the same of ``w``, each in [1, block size] since every term is
+    at most 1.  Pooling is then a multiply-add per statistic and no log, and the order test
+    ``value(below) <= value(top)`` is ``Sy0 Sw1 exp(dw - dy) <= Sy1 Sw0`` (or its mirror), decided
+    correctly also where the exp underflows, since the sums stay in [1, n]: 2 exps a step instead
+    of 2 exps and 2 log1ps, the solver 30-40 % faster.  The solver returns the logs of the sums."""
+    rule = _kl_sorted_rule(n)
+
+    def violates_and_pool(i, below, bf, top, tf):
+        return rule(below, top, py[bf], pw[bf], py[tf], pw[tf], ey[tf // n])
+
     return violates_and_pool
+
+
+def _lane_stack_pav(p: jax.Array, q: jax.Array, eps: jax.Array, stats0, rule):
+    """The stack PAV of ``_stack_pav`` with the rows as lanes: one ``while_loop`` whose step
+    advances every row of (batch, n) at once (a push or a pool per row, chosen by a select), so
+    it runs max over rows of (n - 1 + pools) steps, about n to 2n, instead of the sum over rows.
+    ``eps`` has one value per row, ``stats0`` is the tuple of a singleton block's statistics
+    (scalars) and ``rule`` is a value rule such as ``_kl_sorted_rule(n)``.  Returns per element
+    (batch, n): its block's first index in the row, the block's size and statistics.
+
+    When it pays (BUILD_NOTES section 3, measured): XLA:CPU compiles a while loop that accesses
+    fewer than 1024 bytes per iteration (``xla_cpu_small_while_loop_byte_threshold``) into one
+    kernel, which is what makes a scalar step of ``_stack_pav`` cost ~25 ns.  A step on (batch,)
+    vectors cannot fit that budget, so it runs as ~15 separate kernels: ~1.5 us a step plus
+    ~15-30 ns per row, about the scalar step's cost per row.  Only the kl rule, whose scalar step
+    costs ~50-70 ns, gains (1.1-2x from 48-64 rows on); the l2 rule does not at 128 rows.
+
+    In place as ``_stack_pav``: each row's stack is written at its free slot ``k + 1`` with one
+    scatter per step, and the block below the top is read back only from the updated array."""
+    batch, n = p.shape
+    dt = p.dtype
+    rows = lax.iota(jnp.int32, batch)
+    top0 = tuple(jnp.full((batch,), x, dt) for x in stats0)
+    stack = tuple(jnp.zeros((batch, n + 1), dt) for _ in stats0)
+    starts = jnp.full((batch, n + 1), -1, jnp.int32)  # slot 0: the sentinel, no block below
+
+    def at(a, idx):
+        return a.at[rows, idx].get(mode="promise_in_bounds")
+
+    def test(below, bf, top, pb, qb, pt, qt):
+        violates, pooled = rule(below, top, pb, qb, pt, qt, eps)
+        return violates & (bf >= 0), pooled
+
+    def body(c):
+        i, k, bf, pb, qb, top, tf, pt, qt, pool, pooled, stack, starts, _ = c
+        stack = tuple(a.at[rows, k + 1].set(t, mode="promise_in_bounds", unique_indices=True)
+                      for a, t in zip(stack, top))
+        starts = starts.at[rows, k + 1].set(tf, mode="promise_in_bounds", unique_indices=True)
+        push = ~pool & (i < n)  # a finished row neither pushes nor pools: it stays as it is
+        k = jnp.where(pool, k - 1, jnp.where(push, k + 1, k))
+        top = tuple(jnp.where(pool, u, jnp.where(push, z, t)) for u, z, t in zip(pooled, top0, top))
+        j = jnp.minimum(i, n - 1)
+        tf = jnp.where(pool, bf, jnp.where(push, i, tf))
+        pt = jnp.where(pool, pb, jnp.where(push, at(p, j), pt))
+        qt = jnp.where(pool, qb, jnp.where(push, at(q, j), qt))
+        i = jnp.where(push, i + 1, i)
+        below, bf = tuple(at(a, k) for a in stack), at(starts, k)
+        b = jnp.maximum(bf, 0)
+        pb, qb = at(p, b), at(q, b)
+        pool, pooled = test(below, bf, top, pb, qb, pt, qt)
+        return i, k, bf, pb, qb, top, tf, pt, qt, pool, pooled, stack, starts, jnp.any(pool | (i < n))
+
+    ones, zeros = jnp.ones((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32)
+    pt, qt = p[:, 0], q[:, 0]
+    pool, pooled = test(top0, -ones, top0, pt, qt, pt, qt)
+    init = (ones, zeros, -ones, pt, qt, top0, zeros, pt, qt, pool, pooled, stack, starts,
+            jnp.any(pool | (ones < n)))
+    _, k, _, _, _, top, tf, _, _, _, _, stack, starts, _ = lax.while_loop(lambda c: c[-1], body, init)
+    num = k + 1  # per row, the top block goes to slot k + 1: the blocks are slots 1..num
+    stack = tuple(a.at[rows, num].set(t) for a, t in zip(stack, top))
+    starts = starts.at[rows, num].set(tf)
+    slot = lax.broadcasted_iota(jnp.int32, starts.shape, 1)
+    used = slot <= num[:, None]
+    flat = jnp.where(used & (slot > 0), starts + rows[:, None] * n, batch * n)
+    mark = jnp.zeros((batch * n,), bool).at[flat.reshape(-1)].set(True, mode="drop")
+    count = _inclusive_count(mark).reshape(batch, n)
+    seg = count - count[:, :1] + 1  # the element's slot in its row, 1..num
+    starts = jnp.concatenate([jnp.where(used, starts, n), jnp.full((batch, 1), n, jnp.int32)], axis=1)
+
+    def get(a, offset=0):
+        return jnp.take_along_axis(a, seg + offset, axis=1, mode="promise_in_bounds")
+
+    first = get(starts)
+    return first, get(starts, 1) - first, tuple(get(a) for a in stack)
+
+
+# Rows from which the lane stack runs instead of the sequential one (where a solver has a lane
+# rule): the crossover measured for the sorted kl rule is 48-64 rows (BUILD_NOTES section 3).
+_LANE_MIN_ROWS = 64
 
 
 _pav_l2_sequential_2d = _stack_solver(_l2_stack_step, (0.0,))
 _pav_kl_sequential_2d = _stack_solver(_kl_stack_step, (0.0, 0.0))
 _pav_kl_sorted_sequential_2d = _stack_solver(_kl_sorted_stack_step, (1.0, 1.0),
-                                             lambda sums: tuple(jnp.log(a) for a in sums))
+                                             lambda sums: tuple(jnp.log(a) for a in sums), _kl_sorted_rule)
 
 
 def _fold_vmapped_rows(solver):
