@@ -24,7 +24,10 @@ How it is made fast under XLA on CPU (see BUILD_NOTES.md for numbers):
   output, since the projection is 1-Lipschitz.
 * On CPU, PAV is the textbook sequential stack algorithm in one ``lax.while_loop`` over the
   flattened batch (at most 2 batch n cheap steps), shaped so that XLA updates its stack in place
-  (see ``_stack_pav``).  Elsewhere it runs as parallel rounds: every maximal run of adjacent
+  (see ``_stack_pav``); XLA:CPU compiles that loop into a single kernel because a step touches
+  under 1 kB.  The sorted kl problems of soft_sort / soft_rank with 64 rows or more run the rows
+  side by side instead (``_lane_stack_pav``: about n to 2n vector steps, same blocks bit for
+  bit).  Elsewhere it runs as parallel rounds: every maximal run of adjacent
   violating blocks is pooled at once (any order of pooling gives the same solution), with segment
   sums over the block ids; 1-130 rounds, each a handful of vectorised O(batch n) operations.
   Both decide on the same differences relative to each block's first element.  The solver
@@ -463,6 +466,13 @@ def _stack_pav(n_rows: int, n: int, stats0, violates_and_pool):
     (start -1: no block below).  The final blocks are slots 1..k and the top, in order, so the
     element's slot is the number of block starts up to it: the block statistics the loop kept
     are gathered back instead of recomputed with segment sums.
+
+    Why a step costs ~25 ns: XLA:CPU compiles a while loop whose body and condition access under
+    1024 bytes (HLO cost analysis, one iteration; ``xla_cpu_small_while_loop_byte_threshold``)
+    into one kernel; above that, each of the body's ~15 fusions runs as a separate task and a
+    step costs ~1.5-3 us.  The l2 and kl steps take ~0.5-0.85 kB (float64 included, checked by
+    ``test_sequential_pav_loop_is_one_kernel``); two rows interleaved per step (kl: 1.0-1.3 kB)
+    fell off that cliff, 30-50x slower.
     """
     total = n_rows * n
     stack = tuple(jnp.zeros((total + 1,) + jnp.shape(x), jnp.asarray(x).dtype) for x in stats0)
