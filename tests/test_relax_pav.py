@@ -158,12 +158,12 @@ def _lanes(p, q, eps):
 
 def _kl_sorted_problems(dtype):
     """soft_sort and soft_rank kl problems on rows with ties, a constant row, huge magnitudes,
-    an outlier, -inf entries, a row of zeros (what a NaN row is solved as) at four scales and
-    strengths from 1e-3 to 1e6, one per row: 80 rows."""
+    an outlier, -inf entries, a row of zeros (what a NaN row is solved as) at eight scales and
+    strengths from 1e-3 to 1e6, one per row: 160 rows."""
     x = _cases(64, dtype)
     x = np.concatenate([x, np.zeros((1, 64), dtype), x[:1]])
     x[-1, ::7] = -np.inf
-    x = np.concatenate([x * scale for scale in (1.0, 1e-2, 30.0, 1e4)]).astype(dtype)
+    x = np.concatenate([x * scale for scale in (1.0, 1e-2, 30.0, 1e4, 0.3, 3.0, 1e-4, 300.0)]).astype(dtype)
     eps = jnp.asarray(np.geomspace(1e-3, 1e6, x.shape[0])[:, None], dtype)
     problems = zip(_problem("sort_kl", jnp.asarray(x), eps), _problem("rank_kl", jnp.asarray(x), eps))
     return tuple(jnp.concatenate(parts) for parts in problems)
@@ -187,10 +187,10 @@ def test_lane_stack_equals_sequential_stack(dtype):
 
 
 def test_lane_stack_under_vmap():
-    """jax.vmap folds the mapped axis into the rows: 2 x 40 rows run as one lane stack of 80,
-    separate calls of 40 rows as the sequential stack; the blocks must agree."""
-    p, q, e = (a.reshape((2, 40) + a.shape[1:]) for a in _kl_sorted_problems(np.float64))
-    assert 40 < sorting._LANE_MIN_ROWS <= 80
+    """jax.vmap folds the mapped axis into the rows: 2 x 80 rows run as one lane stack of 160,
+    separate calls of 80 rows as the sequential stack; the blocks must agree."""
+    p, q, e = (a.reshape((2, 80) + a.shape[1:]) for a in _kl_sorted_problems(np.float64))
+    assert 80 < sorting._LANE_MIN_ROWS <= 160
     pav = sorting._pav_kl_sorted_sequential
     each = jax.tree.map(lambda *xs: np.stack(xs), *[jax.jit(pav)(p[i], q[i], e[i]) for i in range(2)])
     jax.tree.map(np.testing.assert_array_equal, jax.jit(jax.vmap(pav))(p, q, e), each)
@@ -228,12 +228,13 @@ def test_sequential_pav_loop_is_one_kernel(dtype):
 
 @pytest.mark.parametrize("op", ["soft_sort", "soft_rank"])
 def test_kl_ops_on_lanes_equal_the_sequential_stack(op):
-    """End to end: soft_sort / soft_rank kl of 64 rows (the lane stack) give the values and
-    gradients (w.r.t. the values and a traced strength) of the same rows in two calls of 32 (the
+    """End to end: soft_sort / soft_rank kl of 128 rows (the lane stack) give the values and
+    gradients (w.r.t. the values and a traced strength) of the same rows in two calls of 64 (the
     sequential stack), float64, to rounding."""
     fn = getattr(sorting, op)
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((64, 30)) * np.geomspace(0.1, 100, 64)[:, None]
+    x = rng.standard_normal((128, 30)) * np.geomspace(0.1, 100, 128)[:, None]
+    assert 64 < sorting._LANE_MIN_ROWS <= 128
     x[5] = np.round(x[5])  # ties
     w = rng.standard_normal(x.shape)
 
@@ -243,7 +244,7 @@ def test_kl_ops_on_lanes_equal_the_sequential_stack(op):
 
     run = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
     (_, out), (gx, ge) = run(x, 0.7, w)
-    halves = [run(x[i:i + 32], 0.7, w[i:i + 32]) for i in (0, 32)]
+    halves = [run(x[i:i + 64], 0.7, w[i:i + 64]) for i in (0, 64)]
     np.testing.assert_allclose(out, np.concatenate([h[0][1] for h in halves]), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(gx, np.concatenate([h[1][0] for h in halves]), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(ge, sum(h[1][1] for h in halves), rtol=1e-10)

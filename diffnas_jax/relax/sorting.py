@@ -628,18 +628,19 @@ def _kl_sorted_stack_step(py, pw, ey, n, dt):
 
 def _lane_stack_pav(p: jax.Array, q: jax.Array, eps: jax.Array, stats0, rule):
     """The stack PAV of ``_stack_pav`` with the rows as lanes: one ``while_loop`` whose step
-    advances every row of (batch, n) at once (a push or a pool per row, chosen by a select), so
-    it runs max over rows of (n - 1 + pools) steps, about n to 2n, instead of the sum over rows.
-    ``eps`` has one value per row, ``stats0`` is the tuple of a singleton block's statistics
-    (scalars) and ``rule`` is a value rule such as ``_kl_sorted_rule(n)``.  Returns per element
-    (batch, n): its block's first index in the row, the block's size and statistics.
+    advances every row of (batch, n) at once (per row a merge, push or pool of ``_stack_pav``'s
+    mode A / mode B, chosen by selects), so it runs max over rows of (n + mode A tests) steps
+    instead of the sum over rows.  ``eps`` has one value per row, ``stats0`` is the tuple of a
+    singleton block's statistics (scalars) and ``rule`` is a value rule such as
+    ``_kl_sorted_rule(n)``.  Returns per element (batch, n): its block's first index in the row,
+    the block's size and statistics, bit for bit those of ``_stack_pav`` (same pairs, same order).
 
     When it pays (BUILD_NOTES section 3, measured): XLA:CPU compiles a while loop that accesses
     fewer than 1024 bytes per iteration (``xla_cpu_small_while_loop_byte_threshold``) into one
-    kernel, which is what makes a scalar step of ``_stack_pav`` cost ~25 ns.  A step on (batch,)
-    vectors cannot fit that budget, so it runs as ~15 separate kernels: ~1.5 us a step plus
-    ~15-30 ns per row, about the scalar step's cost per row.  Only the kl rule, whose scalar step
-    costs ~50-70 ns, gains (1.1-2x from 48-64 rows on); the l2 rule does not at 128 rows.
+    kernel, which is what makes a scalar step of ``_stack_pav`` cost ~25-60 ns.  A step on
+    (batch,) vectors cannot fit that budget, so it runs as ~15 separate kernels: ~1.5 us a step
+    plus ~15-30 ns per row, about the scalar step's cost per row.  Only the sorted kl rule gains,
+    from ~128 rows on; the l2 rule does not at 128 rows.
 
     In place as ``_stack_pav``: each row's stack is written at its free slot ``k + 1`` with one
     scatter per step, and the block below the top is read back only from the updated array."""
@@ -653,35 +654,38 @@ def _lane_stack_pav(p: jax.Array, q: jax.Array, eps: jax.Array, stats0, rule):
     def at(a, idx):
         return a.at[rows, idx].get(mode="promise_in_bounds")
 
-    def test(below, bf, top, pb, qb, pt, qt):
-        violates, pooled = rule(below, top, pb, qb, pt, qt, eps)
-        return violates & (bf >= 0), pooled
+    def sel(c, u, v):
+        return tuple(jnp.where(c, x, y) for x, y in zip(u, v))
 
     def body(c):
-        i, k, bf, pb, qb, top, tf, pt, qt, pool, pooled, stack, starts, _ = c
+        i, k, below, bf, pb, qb, top, tf, pt, qt, mode_a, stack, starts, _ = c
+        j = jnp.minimum(i, n - 1)
+        pi, qi = at(p, j), at(q, j)  # the next element
+        active = mode_a | (i < n)  # a finished row neither merges, pushes nor pools
+        # the pair under test: mode A (below, top); mode B (top, the singleton element i)
+        lf, (lp, lq), (rp, rq) = jnp.where(mode_a, bf, tf), sel(mode_a, (pb, qb), (pt, qt)), sel(mode_a, (pt, qt), (pi, qi))
+        violates, pooled = rule(sel(mode_a, below, top), sel(mode_a, top, top0), lp, lq, rp, rq, eps)
+        violates = violates & (lf >= 0) & active
         stack = tuple(a.at[rows, k + 1].set(t, mode="promise_in_bounds", unique_indices=True)
                       for a, t in zip(stack, top))
         starts = starts.at[rows, k + 1].set(tf, mode="promise_in_bounds", unique_indices=True)
-        push = ~pool & (i < n)  # a finished row neither pushes nor pools: it stays as it is
-        k = jnp.where(pool, k - 1, jnp.where(push, k + 1, k))
-        top = tuple(jnp.where(pool, u, jnp.where(push, z, t)) for u, z, t in zip(pooled, top0, top))
-        j = jnp.minimum(i, n - 1)
-        tf = jnp.where(pool, bf, jnp.where(push, i, tf))
-        pt = jnp.where(pool, pb, jnp.where(push, at(p, j), pt))
-        qt = jnp.where(pool, qb, jnp.where(push, at(q, j), qt))
-        i = jnp.where(push, i + 1, i)
+        push = ~mode_a & ~violates & active
+        k = jnp.where(push, k + 1, jnp.where(mode_a & violates, k - 1, k))
+        top = sel(violates, pooled, sel(push, top0, top))
+        tf = jnp.where(violates, lf, jnp.where(push, i, tf))
+        pt, qt = sel(violates, (lp, lq), sel(push, (pi, qi), (pt, qt)))
+        i = jnp.where(~mode_a & active, i + 1, i)
         below, bf = tuple(at(a, k) for a in stack), at(starts, k)
         b = jnp.maximum(bf, 0)
         pb, qb = at(p, b), at(q, b)
-        pool, pooled = test(below, bf, top, pb, qb, pt, qt)
-        return i, k, bf, pb, qb, top, tf, pt, qt, pool, pooled, stack, starts, jnp.any(pool | (i < n))
+        mode_a = violates & (bf >= 0)
+        return i, k, below, bf, pb, qb, top, tf, pt, qt, mode_a, stack, starts, jnp.any(mode_a | (i < n))
 
     ones, zeros = jnp.ones((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32)
     pt, qt = p[:, 0], q[:, 0]
-    pool, pooled = test(top0, -ones, top0, pt, qt, pt, qt)
-    init = (ones, zeros, -ones, pt, qt, top0, zeros, pt, qt, pool, pooled, stack, starts,
-            jnp.any(pool | (ones < n)))
-    _, k, _, _, _, top, tf, _, _, _, _, stack, starts, _ = lax.while_loop(lambda c: c[-1], body, init)
+    init = (ones, zeros, top0, -ones, pt, qt, top0, zeros, pt, qt, jnp.zeros((batch,), bool), stack, starts,
+            jnp.asarray(n > 1))
+    _, k, _, _, _, _, top, tf, _, _, _, stack, starts, _ = lax.while_loop(lambda c: c[-1], body, init)
     num = k + 1  # per row, the top block goes to slot k + 1: the blocks are slots 1..num
     stack = tuple(a.at[rows, num].set(t) for a, t in zip(stack, top))
     starts = starts.at[rows, num].set(tf)
@@ -701,8 +705,11 @@ def _lane_stack_pav(p: jax.Array, q: jax.Array, eps: jax.Array, stats0, rule):
 
 
 # Rows from which the lane stack runs instead of the sequential one (where a solver has a lane
-# rule): the crossover measured for the sorted kl rule is 48-64 rows (BUILD_NOTES section 3).
-_LANE_MIN_ROWS = 64
+# rule), measured for the sorted kl rule against the merging sequential stack (BUILD_NOTES
+# section 3): soft_rank's problem gains from 64 rows (1.1x; 1.35x at 128), soft_sort's, which
+# pools more (its mode A tests cost the lanes a step each), breaks even at 128 and gains from
+# ~192 (1.1x) or at short rows (n = 30: 1.2-1.4x).
+_LANE_MIN_ROWS = 128
 
 
 _pav_l2_sequential_2d = _stack_solver(_l2_stack_step, (0.0,))
