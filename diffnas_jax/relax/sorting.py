@@ -638,8 +638,8 @@ def _lane_stack_pav(p: jax.Array, q: jax.Array, eps: jax.Array, stats0, rule):
     When it pays (BUILD_NOTES section 3, measured): XLA:CPU compiles a while loop that accesses
     fewer than 1024 bytes per iteration (``xla_cpu_small_while_loop_byte_threshold``) into one
     kernel, which is what makes a scalar step of ``_stack_pav`` cost ~25-60 ns.  A step on
-    (batch,) vectors cannot fit that budget, so it runs as ~15 separate kernels: ~1.5 us a step
-    plus ~15-30 ns per row, about the scalar step's cost per row.  Only the sorted kl rule gains,
+    (batch,) vectors cannot fit that budget, so its ~30 fusions run as separate kernels: ~1.5 us a
+    step plus ~15-30 ns per row, about the scalar step's cost per row.  Only the sorted kl rule gains,
     from ~128 rows on; the l2 rule does not at 128 rows.
 
     In place as ``_stack_pav``: each row's stack is written at its free slot ``k + 1`` with one
