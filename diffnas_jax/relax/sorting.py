@@ -25,7 +25,7 @@ How it is made fast under XLA on CPU (see BUILD_NOTES.md for numbers):
 * On CPU, PAV is the textbook sequential stack algorithm in one ``lax.while_loop`` over the
   flattened batch (at most 2 batch n cheap steps), shaped so that XLA updates its stack in place
   (see ``_stack_pav``); XLA:CPU compiles that loop into a single kernel because a step touches
-  under 1 kB.  The sorted kl problems of soft_sort / soft_rank with 64 rows or more run the rows
+  under 1 kB.  The sorted kl problems of soft_sort / soft_rank with 128 rows or more run the rows
   side by side instead (``_lane_stack_pav``: about n to 2n vector steps, same blocks bit for
   bit).  Elsewhere it runs as parallel rounds: every maximal run of adjacent
   violating blocks is pooled at once (any order of pooling gives the same solution), with segment
@@ -638,9 +638,9 @@ def _lane_stack_pav(p: jax.Array, q: jax.Array, eps: jax.Array, stats0, rule):
     When it pays (BUILD_NOTES section 3, measured): XLA:CPU compiles a while loop that accesses
     fewer than 1024 bytes per iteration (``xla_cpu_small_while_loop_byte_threshold``) into one
     kernel, which is what makes a scalar step of ``_stack_pav`` cost ~25-60 ns.  A step on
-    (batch,) vectors cannot fit that budget, so its ~30 fusions run as separate kernels: ~1.5 us a
-    step plus ~15-30 ns per row, about the scalar step's cost per row.  Only the sorted kl rule gains,
-    from ~128 rows on; the l2 rule does not at 128 rows.
+    (batch,) vectors cannot fit that budget, so its ~30 fusions run as separate kernels: ~1.5 us
+    a step plus ~15-30 ns per row, about the scalar step's cost per row.  Only the sorted kl rule
+    gains, from ~128 rows on; the l2 rule does not at 128 rows.
 
     In place as ``_stack_pav``: each row's stack is written at its free slot ``k + 1`` with one
     scatter per step, and the block below the top is read back only from the updated array."""
@@ -663,7 +663,8 @@ def _lane_stack_pav(p: jax.Array, q: jax.Array, eps: jax.Array, stats0, rule):
         pi, qi = at(p, j), at(q, j)  # the next element
         active = mode_a | (i < n)  # a finished row neither merges, pushes nor pools
         # the pair under test: mode A (below, top); mode B (top, the singleton element i)
-        lf, (lp, lq), (rp, rq) = jnp.where(mode_a, bf, tf), sel(mode_a, (pb, qb), (pt, qt)), sel(mode_a, (pt, qt), (pi, qi))
+        lf = jnp.where(mode_a, bf, tf)
+        (lp, lq), (rp, rq) = sel(mode_a, (pb, qb), (pt, qt)), sel(mode_a, (pt, qt), (pi, qi))
         violates, pooled = rule(sel(mode_a, below, top), sel(mode_a, top, top0), lp, lq, rp, rq, eps)
         violates = violates & (lf >= 0) & active
         stack = tuple(a.at[rows, k + 1].set(t, mode="promise_in_bounds", unique_indices=True)
