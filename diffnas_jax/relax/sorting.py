@@ -188,6 +188,17 @@ def _diff(p1, p0, q1, q0, eps, n: int | None = None):
     return jnp.clip(jnp.where(jnp.isnan(d), 0, d), -big, big)
 
 
+def _wdiff(w1, w0, linear_w: bool):
+    """``w1 - w0`` for the kl solver's second argument; with ``linear_w`` it holds ``exp(w)``
+    (positive) and the difference is ``log1p((W1 - W0) / W0)``.  soft_rank's ``w = log(rho)``
+    rounds by up to 5e-7 at rho ~ 8000 in float32, more than the gap at which a block boundary of
+    a row of 10^4 standard normals is decided (1.4e-7): the float32 gradient pooled a singleton the
+    float64 one kept apart (issue 19).  ``rho`` is exact and its differences are exact integers."""
+    if linear_w:
+        return jnp.log1p((w1 - w0) / w0)
+    return _diff(w1, w0, 0.0, 0.0, 1.0)
+
+
 def _segmented_cumsum(x: jax.Array, head: jax.Array) -> jax.Array:
     """Inclusive sums along axis 1 that restart at every ``head``; a tree of pairwise sums, so
     the rounding grows with log n rather than n."""
@@ -291,14 +302,15 @@ def _merge_round_l2(a, b, pf, qf, eps) -> jax.Array:
     return jnp.concatenate([jnp.ones_like(reach[:, :1], dtype=bool), reach[:, :-1] < idx[:, 1:]], 1)
 
 
-def _merge_round_kl(ya, wa, yf, wf, ey, size, long_range: bool = True) -> jax.Array:
+def _merge_round_kl(ya, wa, yf, wf, ey, size, long_range: bool = True, linear_w: bool = False) -> jax.Array:
     """One parallel pooling round for kl in block space; returns the surviving block starts.
 
     Per block: ``ya`` = logsumexp over the block of ``y - y_first``, ``wa`` the same of ``w``,
     ``yf``/``wf`` the (unscaled) first ``y * ey`` / ``w``; the pooled value is
     ``logsumexp(y_B) - logsumexp(w_B)``.  Every comparison uses differences relative to block j
     (as in ``_merge_round_l2``): a logsumexp of values of 1e8 would round its log|B| away in
-    float32 (tied soft ranks came out as 11 of 7).  The window search is that of
+    float32 (tied soft ranks came out as 11 of 7); ``linear_w``: ``wf`` is ``exp(w)`` (``_wdiff``).
+    The window search is that of
     ``_merge_round_l2``, on ratios of sums of exp(stat_k - stat_j); an overflowing window just
     stops there (a merge missed here is found in a later round).
     """
@@ -313,7 +325,7 @@ def _merge_round_kl(ya, wa, yf, wf, ey, size, long_range: bool = True) -> jax.Ar
     for t in range(1, min(_WINDOW, nb - 1) + 1):
         # stat_{j+t} - stat_j for both sides; padded blocks (-inf) give exp(...) = 0 or NaN
         da = _diff(_shift(yf, t, 0.0), yf, 0.0, 0.0, ey) + _shift(ya, t, -jnp.inf) - ya
-        db = _diff(_shift(wf, t, 0.0), wf, 0.0, 0.0, 1.0) + _shift(wa, t, -jnp.inf) - wa
+        db = _wdiff(_shift(wf, t, 0.0), wf, linear_w) + _shift(wa, t, -jnp.inf) - wa
         acc_a = acc_a + jnp.exp(da)
         acc_b = acc_b + jnp.exp(db)
         cand = jnp.where(jnp.isfinite(acc_a) & jnp.isfinite(acc_b), acc_a / acc_b, jnp.nan)
@@ -334,7 +346,7 @@ def _merge_round_kl(ya, wa, yf, wf, ey, size, long_range: bool = True) -> jax.Ar
     def stats(seg, backward):
         # exp(stat_k - stat_anchor) for both sides; the pooled value is log(sum_a / sum_b)
         da = _diff(yf, _take(yf, seg), 0.0, 0.0, ey) + ya - _take(ya, seg)
-        db = _diff(wf, _take(wf, seg), 0.0, 0.0, 1.0) + wa - _take(wa, seg)
+        db = _wdiff(wf, _take(wf, seg), linear_w) + wa - _take(wa, seg)
         ea, eb = (jnp.where(size > 0, jnp.exp(d), 0) for d in (da, db))
         own = jnp.where(size > 0, da - db, jnp.nan)
         return (eb[:, ::-1], ea[:, ::-1], -own[:, ::-1]) if backward else (ea, eb, own)
@@ -384,7 +396,7 @@ def _pav_l2_parallel(p: jax.Array, q: jax.Array, eps) -> jax.Array:
     return start
 
 
-def _pav_kl_parallel(py: jax.Array, pw: jax.Array, ey) -> jax.Array:
+def _pav_kl_parallel(py: jax.Array, pw: jax.Array, ey, linear_w: bool = False) -> jax.Array:
     """Block starts of ``argmin_{v_1 >= ... >= v_n} <exp(y - v), 1> + <exp(w), v>``,
     ``y = py / ey`` (block value = logsumexp(y_B) - logsumexp(w_B)), decided on differences
     relative to each block's first element (see ``_merge_round_kl``).
@@ -398,10 +410,11 @@ def _pav_kl_parallel(py: jax.Array, pw: jax.Array, ey) -> jax.Array:
         blocks = _StartBlocks(start)
         first = _first_index(start)
         yrel = _diff(py, _take(py, first), 0.0, 0.0, ey)
-        wrel = _diff(pw, _take(pw, first), 0.0, 0.0, 1.0)
+        wrel = _wdiff(pw, _take(pw, first), linear_w)
         pos = blocks.block_sum(jnp.where(start, iota, 0))
         keep = _merge_round_kl(blocks.block_logsumexp(yrel), blocks.block_logsumexp(wrel),
-                               _take(py, pos), _take(pw, pos), ey, blocks.block_sum(jnp.ones_like(yrel)))
+                               _take(py, pos), _take(pw, pos), ey, blocks.block_sum(jnp.ones_like(yrel)),
+                               linear_w=linear_w)
         new = start & jnp.take_along_axis(keep, blocks.ids, axis=1, mode="promise_in_bounds")
         return new, jnp.any(new != start)
 
@@ -409,7 +422,7 @@ def _pav_kl_parallel(py: jax.Array, pw: jax.Array, ey) -> jax.Array:
     # every element is its own block at first
     # the long-range step must run here too: skipping it left 1456 rounds at n = 10^4 (why the
     # loop's own long-range step does not catch the chain then is not understood yet)
-    start = _merge_round_kl(zeros, zeros, py, pw, ey, jnp.ones_like(py))
+    start = _merge_round_kl(zeros, zeros, py, pw, ey, jnp.ones_like(py), linear_w=linear_w)
     start, _ = lax.while_loop(lambda c: c[1], body, (start, jnp.any(~start)))
     return start
 
@@ -588,16 +601,23 @@ def _kl_stack_step(py, pw, ey, n, dt):
     return violates_and_pool
 
 
-def _kl_sorted_rule(n: int):
+def _kl_sorted_rule(n: int, linear_w: bool = False):
     """The pooling rule of ``_kl_sorted_stack_step`` on values rather than indices:
     ``rule(below, top, py_below, pw_below, py_top, pw_top, ey)`` with every argument a scalar
     (the sequential stack) or one per row (the lane stack, ``_lane_stack_pav``), ``py``/``pw`` at
     each block's first element; returns (whether they violate the order, the pooled sums).
-    One definition for both runners, so they decide bit for bit alike."""
+    One definition for both runners, so they decide bit for bit alike.  ``linear_w``: ``pw``
+    holds ``exp(w)`` in [1, n] (soft_rank's rho), see ``_wdiff``."""
 
     def rule(below, top, py0, pw0, py1, pw1, ey):
         (sy0, sw0), (sy1, sw1) = below, top
         dy = _diff(py1, py0, 0.0, 0.0, ey, n)  # <= 0 on sorted rows
+        if linear_w:
+            # exp(dw) = W1 / W0 in [1/n, 1] never underflows; where exp(dy) does, the test is
+            # rightly false (sy0 sw1 W1 / W0 >= 1/n), so no max-shift is needed: 1 exp, 1 divide
+            # (a log1p for dw and the max-shift form decided no better: notes/klgrad.md)
+            ry, rw = jnp.exp(dy), pw1 / pw0
+            return sy0 * sw1 * rw <= ry * (sy1 * sw0), (sy0 + ry * sy1, sw0 + rw * sw1)
         dw = _diff(pw1, pw0, 0.0, 0.0, 1.0, n)
         # exp(dy), exp(dw) as exp(max) times (1, exp(-|dy - dw|)): two exps, and the order test
         # uses the exact ratio of the two even where both underflow
@@ -610,7 +630,7 @@ def _kl_sorted_rule(n: int):
     return rule
 
 
-def _kl_sorted_stack_step(py, pw, ey, n, dt):
+def _kl_sorted_stack_step(py, pw, ey, n, dt, linear_w: bool = False):
     """``_kl_stack_step`` for rows along which ``py`` and ``pw`` do not increase (the sorted
     problems of soft_sort and soft_rank), with block sums in the linear domain:
     ``sum_B exp(y - y_first)`` and the same of ``w``, each in [1, block size] since every term is
@@ -618,7 +638,7 @@ def _kl_sorted_stack_step(py, pw, ey, n, dt):
     ``value(below) <= value(top)`` is ``Sy0 Sw1 exp(dw - dy) <= Sy1 Sw0`` (or its mirror), decided
     correctly also where the exp underflows, since the sums stay in [1, n]: 2 exps a step instead
     of 2 exps and 2 log1ps, the solver 30-40 % faster.  The solver returns the logs of the sums."""
-    rule = _kl_sorted_rule(n)
+    rule = _kl_sorted_rule(n, linear_w)
 
     def violates_and_pool(i, below, bf, top, tf):
         return rule(below, top, py[bf], pw[bf], py[tf], pw[tf], ey[tf // n])
@@ -717,6 +737,9 @@ _pav_l2_sequential_2d = _stack_solver(_l2_stack_step, (0.0,))
 _pav_kl_sequential_2d = _stack_solver(_kl_stack_step, (0.0, 0.0))
 _pav_kl_sorted_sequential_2d = _stack_solver(_kl_sorted_stack_step, (1.0, 1.0),
                                              lambda sums: tuple(jnp.log(a) for a in sums), _kl_sorted_rule)
+_pav_kl_rank_sequential_2d = _stack_solver(functools.partial(_kl_sorted_stack_step, linear_w=True), (1.0, 1.0),
+                                           lambda sums: tuple(jnp.log(a) for a in sums),
+                                           functools.partial(_kl_sorted_rule, linear_w=True))
 
 
 def _fold_vmapped_rows(solver):
@@ -748,6 +771,7 @@ def _fold_vmapped_rows(solver):
 _pav_l2_sequential = _fold_vmapped_rows(_pav_l2_sequential_2d)
 _pav_kl_sequential = _fold_vmapped_rows(_pav_kl_sequential_2d)
 _pav_kl_sorted_sequential = _fold_vmapped_rows(_pav_kl_sorted_sequential_2d)
+_pav_kl_rank_sequential = _fold_vmapped_rows(_pav_kl_rank_sequential_2d)
 
 
 _PAV_METHODS = ("auto", "sequential", "parallel")
@@ -783,21 +807,28 @@ def _pav_l2(p: jax.Array, q: jax.Array, eps, method: str = "auto"):
     return blocks, (blocks.sum(rel),)
 
 
-def _pav_kl(py: jax.Array, pw: jax.Array, ey, method: str = "auto", sorted_rows: bool = False):
+def _pav_kl(py: jax.Array, pw: jax.Array, ey, method: str = "auto", sorted_rows: bool = False,
+            linear_w: bool = False):
     """The blocks of the kl isotonic problem (see ``_pav_kl_parallel``) and per element its
     block's logsumexps of ``y - y_first`` and ``w - w_first``: (``_Blocks``, (ya, wa));
     ``method`` as in ``_pav_l2``.  ``sorted_rows``: ``py`` and ``pw`` are non-increasing along
     each row, so the sequential solver may sum in the linear domain (see
-    ``_pav_kl_sorted_sequential_2d``)."""
+    ``_pav_kl_sorted_sequential_2d``).  ``linear_w`` (sorted rows only): ``pw`` holds ``exp(w)``
+    (see ``_wdiff``); the statistics are still those of ``w``."""
+    if linear_w and not sorted_rows:
+        raise ValueError("linear_w needs sorted_rows")
     if _pav_method(method) == "sequential":
-        solver = _pav_kl_sorted_sequential if sorted_rows else _pav_kl_sequential
+        if linear_w:
+            solver = _pav_kl_rank_sequential
+        else:
+            solver = _pav_kl_sorted_sequential if sorted_rows else _pav_kl_sequential
         first, size, stats = solver(py, pw, ey)
         return _Blocks(first, size.astype(py.dtype)), stats
     py, pw, ey = (lax.stop_gradient(x) for x in (py, pw, ey))
-    start = _pav_kl_parallel(py, pw, ey)
+    start = _pav_kl_parallel(py, pw, ey, linear_w)
     blocks = _parallel_blocks(start, py.dtype)
     yrel = _diff(py, _take(py, blocks.first), 0.0, 0.0, ey)
-    wrel = _diff(pw, _take(pw, blocks.first), 0.0, 0.0, 1.0)
+    wrel = _wdiff(pw, _take(pw, blocks.first), linear_w)
 
     def logsumexp(x):
         m = _StartBlocks(start)
@@ -808,13 +839,14 @@ def _pav_kl(py: jax.Array, pw: jax.Array, ey, method: str = "auto", sorted_rows:
     return blocks, (logsumexp(yrel), logsumexp(wrel))
 
 
-def _kl_solve(py, pw, ey, sorted_rows: bool = False):
+def _kl_solve(py, pw, ey, sorted_rows: bool = False, linear_w: bool = False):
     """The kl blocks, per element ``y - y_first``, ``w - w_first`` and the block logsumexps of
-    both (the block statistics the solver kept), and the block's first index."""
-    blocks, (ya, wa) = _pav_kl(py, pw, ey, sorted_rows=sorted_rows)
+    both (the block statistics the solver kept), and the block's first index.  ``linear_w``:
+    ``pw`` is ``exp(w)`` (see ``_wdiff``)."""
+    blocks, (ya, wa) = _pav_kl(py, pw, ey, sorted_rows=sorted_rows, linear_w=linear_w)
     first = blocks.first
     yrel = _diff(py, _take(py, first), 0.0, 0.0, ey)
-    wrel = _diff(pw, _take(pw, first), 0.0, 0.0, 1.0)
+    wrel = _wdiff(pw, _take(pw, first), linear_w)
     # The solver's logsumexps went through a chain of pools, each rounding at the scale of the
     # block's spread (0.8% off in a float32 softmax weight at |x| ~ 1e4); one corrective sum
     # with them as the shift is exact to rounding: exp(rel - lse) <= ~1, the block sum ~1.
@@ -1054,7 +1086,8 @@ def _rank_kl_forward(x, eps):
     perm = _argsort_descending(x)
     s = _take(x, perm)
     rho = _rho(s.shape, s.dtype)
-    blocks, yrel, wrel, ya, wa, first = _kl_solve(s, jnp.log(rho), eps, sorted_rows=True)
+    # rho, not log(rho): see _wdiff
+    blocks, yrel, wrel, ya, wa, first = _kl_solve(s, rho, eps, sorted_rows=True, linear_w=True)
     primal = jnp.exp(yrel - ya + wa) * _take(rho, first)  # exp(theta - lse_B theta + lse_B log rho)
     return perm, s, blocks, primal, yrel, ya
 
