@@ -149,10 +149,15 @@ _KL_SORTED_SEQUENTIAL = sorting._stack_solver(sorting._kl_sorted_stack_step, (1.
                                               lambda sums: tuple(jnp.log(a) for a in sums))
 
 
-def _lanes(p, q, eps):
+_KL_RANK_SEQUENTIAL = sorting._stack_solver(functools.partial(sorting._kl_sorted_stack_step, linear_w=True),
+                                            (1.0, 1.0), lambda sums: tuple(jnp.log(a) for a in sums))
+
+
+def _lanes(p, q, eps, linear_w=False):
     """The lane runner on any number of rows (the solver uses it from _LANE_MIN_ROWS rows on)."""
     e = jnp.broadcast_to(eps, (p.shape[0], 1)).reshape(-1).astype(p.dtype)
-    first, size, sums = sorting._lane_stack_pav(p, q, e, (1.0, 1.0), sorting._kl_sorted_rule(p.shape[1]))
+    rule = sorting._kl_sorted_rule(p.shape[1], linear_w)
+    first, size, sums = sorting._lane_stack_pav(p, q, e, (1.0, 1.0), rule)
     return first, size.astype(p.dtype), tuple(jnp.log(a) for a in sums)
 
 
@@ -184,6 +189,20 @@ def test_lane_stack_equals_sequential_stack(dtype):
     jax.tree.map(np.testing.assert_array_equal, lanes(p[3:4], q[3:4], e[3:4]), one)
     assert p.shape[0] >= sorting._LANE_MIN_ROWS  # so the solver itself runs the lanes here
     jax.tree.map(np.testing.assert_array_equal, jax.jit(sorting._pav_kl_sorted_sequential)(p, q, e), seq)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lane_stack_equals_sequential_stack_for_rank_rule(dtype):
+    """The same for soft_rank's rule on rho itself (``linear_w``): bit for bit, and the blocks
+    are those of the log(rho) problem (float64; float32 may differ at near-ties, issue 19)."""
+    p, q, e = _problem("rank_kl", jnp.asarray(_cases(64, dtype)), jnp.asarray(np.geomspace(1e-2, 1e2, 8)[:, None], dtype))
+    q_lin = sorting._rho(p.shape, p.dtype)
+    seq = jax.jit(_KL_RANK_SEQUENTIAL)(p, q_lin, e)
+    jax.tree.map(np.testing.assert_array_equal, jax.jit(functools.partial(_lanes, linear_w=True))(p, q_lin, e), seq)
+    if dtype == np.float64:
+        ref = jax.jit(_KL_SORTED_SEQUENTIAL)(p, q, e)
+        np.testing.assert_array_equal(seq[0], ref[0])
+        np.testing.assert_allclose(np.stack(seq[2]), np.stack(ref[2]), rtol=1e-12, atol=1e-12)
 
 
 def test_lane_stack_under_vmap():
@@ -221,7 +240,8 @@ def test_sequential_pav_loop_is_one_kernel(dtype):
     solver's loop must stay under the budget, in float32 and float64."""
     n = 100
     p = jnp.zeros((4, n), dtype)
-    for pav in (sorting._pav_l2_sequential, sorting._pav_kl_sequential, sorting._pav_kl_sorted_sequential):
+    for pav in (sorting._pav_l2_sequential, sorting._pav_kl_sequential, sorting._pav_kl_sorted_sequential,
+                sorting._pav_kl_rank_sequential):
         hlo = jax.jit(lambda a, b, pav=pav: pav(a, b, 1.0)).lower(p, p).compile(_DEFAULT_COMPILE).as_text()
         assert "xla_cpu_small_call" in hlo
 
