@@ -59,7 +59,59 @@ def solve_cg(matvec: MatVec, b: PyTree, *, ridge: float | None = None, init: PyT
       ``x``, a pytree like ``b``.
     """
     _check_common(tol, maxiter, ridge)
-    return _jaxopt().linear_solve.solve_cg(matvec, b, ridge=ridge, init=init, tol=tol, maxiter=maxiter)
+    if init is not None:
+        return _jaxopt().linear_solve.solve_cg(matvec, b, ridge=ridge, init=init, tol=tol,
+                                               maxiter=maxiter)
+    return _cg_from_zero(matvec, b, ridge=ridge, tol=tol, maxiter=maxiter)
+
+
+def _tree_vdot(x: PyTree, y: PyTree) -> jax.Array:
+    return sum(jax.tree.leaves(jax.tree.map(
+        lambda u, v: jnp.vdot(u, v, precision=jax.lax.Precision.HIGHEST), x, y)))
+
+
+def _cg_from_zero(matvec: MatVec, b: PyTree, *, ridge: float | None, tol: float,
+                  maxiter: int | None) -> PyTree:
+    """``jax.scipy.sparse.linalg.cg`` from ``x0 = 0`` (what jaxopt's ``solve_cg`` runs without
+    ``init``), with the first residual taken as ``b`` instead of ``b - A 0``.
+
+    Same iteration, stopping rule (``|r|^2 <= tol^2 |b|^2``), default ``maxiter`` (10 times the
+    size of ``b``) and implicit differentiation (``lax.custom_linear_solve``, symmetric), so the
+    result equals jaxopt's wherever ``A 0 = 0``; but the program holds one ``matvec`` fewer.  For
+    the implicit hypergradient ``matvec`` is a Hessian-vector product of the training loss: the
+    ``A 0`` outside the loop was a third copy of it (with the loop body and the final mixed
+    product) in the compiled search step, about a third of its compile time.
+    """
+    if ridge is not None:
+        plain = matvec
+        matvec = lambda v: jax.tree.map(lambda av, x: av + ridge * x, plain(v), v)  # noqa: E731
+    if maxiter is None:
+        maxiter = 10 * sum(jnp.size(leaf) for leaf in jax.tree.leaves(b))
+
+    def solve(a_matvec, rhs):
+        dtype = jnp.result_type(*jax.tree.leaves(rhs))
+        atol2 = jnp.square(tol) * _tree_vdot(rhs, rhs)
+
+        def cond(carry):
+            _, _, gamma, _, k = carry
+            return (gamma > atol2) & (k < maxiter)
+
+        def body(carry):
+            x, r, gamma, p, k = carry
+            ap = a_matvec(p)
+            alpha = gamma / _tree_vdot(p, ap).astype(dtype)
+            x = jax.tree.map(lambda xi, pi: xi + alpha * pi, x, p)
+            r = jax.tree.map(lambda ri, api: ri - alpha * api, r, ap)
+            gamma_new = _tree_vdot(r, r).astype(dtype)
+            beta = gamma_new / gamma
+            p = jax.tree.map(lambda ri, pi: ri + beta * pi, r, p)
+            return x, r, gamma_new, p, k + 1
+
+        x0 = jax.tree.map(jnp.zeros_like, rhs)
+        gamma0 = _tree_vdot(rhs, rhs).astype(dtype)
+        return jax.lax.while_loop(cond, body, (x0, rhs, gamma0, rhs, 0))[0]
+
+    return jax.lax.custom_linear_solve(matvec, b, solve=solve, transpose_solve=solve, symmetric=True)
 
 
 def solve_normal_cg(matvec: MatVec, b: PyTree, *, ridge: float | None = None, init: PyTree | None = None,
