@@ -5,19 +5,18 @@ XLA:CPU's lowering shows up here, so the profile's labels stay true."""
 from __future__ import annotations
 
 import collections
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import load_script
+from conftest import ROOT, load_script
 from diffnas_jax.spaces import layers
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's lowering")
 def test_convolution_kinds_label_forward_input_and_kernel_gradients():
-    bench = load_script(pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_supernet.py", "bench_supernet")
+    bench = load_script(ROOT / "benchmarks" / "bench_supernet.py", "bench_supernet")
     x = jnp.ones((2, 8, 8, 4), jnp.float32)
     kern = jnp.ones((3, 3, 1, 4), jnp.float32)
     loss = lambda x, w: jnp.sum(jnp.sin(layers.depthwise_conv(x, w, 1, 1, 1, "grouped")))  # noqa: E731
