@@ -36,7 +36,9 @@ stride, or one ``vmap`` per source state); ``all`` prints the DARTS rows for eac
 cells' states) for the NB201 rows (``all``: the NB201 row once with ``dot`` and once with
 ``none``, in one run, to compare the two programs under the same load); for the DARTS rows set
 the variable in the environment.
-``--profile`` prints, after each weight-step row, its time per XLA kernel kind (``jax.profiler``).
+``--profile`` prints, after each weight-step row, its time per XLA kernel kind (``jax.profiler``),
+then the convolution kernels' time by what they compute (read from the optimised HLO: depthwise
+forward, input gradient, kernel gradient, other).
 ``--per-op`` prints the forward + backward time of each DARTS candidate op's edge group (4 edges)
 at the first normal cell's and the first reduction cell's shapes, JAX and PyTorch side by side.  A diverged step exits non-zero.
 """
@@ -210,6 +212,57 @@ def print_profile(compiled, args, runs: int = 2, top: int = 15) -> None:
     print(f"  profile: {total:.0f} ms of XLA kernels per run (both threads)", flush=True)
     for kind, t in sorted(ms.items(), key=lambda kv: -kv[1])[:top]:
         print(f"    {t:8.1f} ms {100 * t / total:5.1f} %  {len(names[kind]):5d} x {kind}")
+    conv_ms, conv_n = collections.defaultdict(float), collections.Counter()
+    kinds = _convolution_kinds(compiled.as_text())
+    for e in trace["traceEvents"]:
+        kind = kinds.get(e.get("name", "")) if e.get("ph") == "X" else None
+        if kind is not None:
+            conv_ms[kind] += e.get("dur", 0) / 1e3 / runs
+            conv_n[kind] += 1
+    print("  convolution kernels by what they compute:", flush=True)
+    for kind, t in sorted(conv_ms.items(), key=lambda kv: -kv[1]):
+        print(f"    {t:8.1f} ms {100 * t / total:5.1f} %  {conv_n[kind] // runs:5d} x {kind}")
+
+
+def _convolution_kinds(hlo: str) -> dict[str, str]:
+    """The kernels (fusion or instruction names) of the optimised HLO ``hlo`` that run a
+    convolution, each labelled: a grouped convolution (``feature_group_count``: a depthwise forward
+    pass, or its input gradient when the metadata says reverse mode), a kernel gradient that XLA:CPU
+    expanded into a dense (E*C) x (E*C) convolution (output ``[E*C, k, k, E*C]``: a depthwise
+    kernel gradient whose diagonal is then taken), or another (dense) convolution."""
+    import re
+
+    computations, current = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            current = computations.setdefault(head.group(1), [])
+        elif current is not None and line.startswith("  "):
+            current.append(line)
+    def label(line):
+        if "feature_group_count" in line:
+            # reverse mode's ops carry transpose(...) in their metadata
+            return "grouped depthwise, input gradient" if "transpose(" in line else "grouped depthwise, forward"
+        shape = re.search(r"= f32\[([\d,]+)\]", line)
+        dims = shape.group(1).split(",") if shape else []
+        if len(dims) == 4 and dims[0] == dims[3] and dims[1] == dims[2] and int(dims[1]) <= 7:
+            return "depthwise kernel gradient (dense (E*C)x(E*C) convolution)"
+        return "other convolution"
+
+    kinds = {}
+    for name, body in computations.items():
+        for line in body:
+            m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .* (fusion|convolution)\(", line)
+            if not m:
+                continue
+            if m.group(2) == "convolution":
+                kinds[m.group(1)] = label(line)
+                continue
+            called = re.search(r"calls=%?([\w.\-]+)", line)
+            convs = [c for c in computations.get(called.group(1), []) if " convolution(" in c] if called else []
+            if convs:
+                kinds[m.group(1)] = label(convs[0])
+    return kinds
 
 
 def time_program(step, args, steps: int, feed, loss_of, profile: bool = False) -> dict:

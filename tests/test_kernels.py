@@ -185,3 +185,47 @@ def test_default_formulation_per_backend(monkeypatch):
         kernels.default_formulation("cpu")
     assert kernels.prefers_batched_input("hybrid") and kernels.prefers_batched_input("grouped")
     assert not kernels.prefers_batched_input("shifted")
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation", [(3, 1, 1, 1), (5, 2, 4, 2), (3, (2, 1), (1, 2), (1, 2)),
+                                                       (5, 1, 0, 1), (3, 2, 2, 2)])
+def test_hybrid_scanned_kernel_tangent_equals_grouped_under_vmap(k, stride, padding, dilation):
+    # hybrid's kernel tangent is a lax.scan over the taps (kernels._tap_scan); an edge group vmaps
+    # it over E edges with the state broadcast.  Values, gradients in x and kernel, forward mode
+    # and forward-over-reverse equal XLA's grouped convolution in float64 (odd, non-square sizes).
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    args = (pair(stride), pair(padding), pair(dilation))
+    x = jax.random.normal(jax.random.key(0), (2, 9, 7, 3), jnp.float64)
+    xs = jnp.broadcast_to(x, (3,) + x.shape)
+    ks = jax.random.normal(jax.random.key(1), (3, k, k, 1, 3), jnp.float64)
+    tx, tk = jnp.cos(xs), jnp.sin(ks)
+
+    @jax.jit
+    def derivatives(xs, ks):
+        out = {}
+        for name, f in (("hybrid", kernels.depthwise_conv_hybrid), ("grouped", kernels._grouped)):
+            conv = jax.vmap(lambda x, w, f=f: f(x, w, *args))
+            loss = lambda xs, ks, conv=conv: jnp.sum(jnp.sin(conv(xs, ks)) ** 2)  # noqa: E731
+            out[name] = dict(value=conv(xs, ks), grad=jax.grad(loss, (0, 1))(xs, ks),
+                             jvp=jax.jvp(conv, (xs, ks), (jnp.zeros_like(xs), tk))[1],
+                             hvp=jax.jvp(jax.grad(loss, (0, 1)), (xs, ks), (tx, tk))[1])
+        return out
+
+    out = derivatives(xs, ks)
+    for a, b in zip(jax.tree_util.tree_leaves(out["grouped"]), jax.tree_util.tree_leaves(out["hybrid"])):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-11)
+
+
+def test_hybrid_kernel_gradient_is_not_a_convolution():
+    # The point of the scanned kernel tangent: XLA:CPU expands a grouped convolution's kernel
+    # gradient into a dense (E*C) x (E*C) convolution; the hybrid's must contain no convolution.
+    xs = jnp.ones((2, 2, 8, 8, 4), jnp.float32)
+    ks = jnp.ones((2, 5, 5, 1, 4), jnp.float32)
+
+    def hlo(f):
+        conv = jax.vmap(lambda x, w: f(x, w, (1, 1), (4, 4), (2, 2)))
+        grad = jax.grad(lambda ks: jnp.sum(jnp.sin(conv(xs, ks))))
+        return jax.jit(grad).lower(ks).compile().as_text()
+
+    assert " convolution(" in hlo(kernels.depthwise_conv_grouped)
+    assert " convolution(" not in hlo(kernels.depthwise_conv_hybrid)

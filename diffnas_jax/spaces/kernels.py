@@ -13,12 +13,21 @@ took 30-80 ms against 1-5 ms for the forward pass (stride-2 DARTS edges).
 JAX.  ~10 HLO ops per kernel tap (a 5x5 kernel's value and gradient: ~1000 optimised HLO lines
 against ~100); this made the DARTS supernet take ten minutes to compile.
 
-``hybrid`` (the CPU default): a custom JVP whose primal and input tangent are shifted multiplies
+``hybrid`` (opt-in on CPU): a custom JVP whose primal and input tangent are shifted multiplies
 (XLA fuses each into one loop; the input gradient is their transpose, shifted pads) and whose
-kernel tangent is the grouped convolution (its transpose, the kernel gradient, is one XLA op
-instead of ``kh*kw`` reductions).  DARTS weight step at C=8, 3 layers, batch 16, 16x16 on the
-2-core CPU, one process at load ~10: step 1.88 s against 4.16 s grouped, compile 251 s against
-141 s, StableHLO 49k against 27k lines (BUILD_NOTES section 5).
+kernel tangent is :func:`_tap_scan`, one ``lax.scan`` over the taps (its transpose, the kernel
+gradient, is one multiply-reduce per tap in one loop body).  DARTS weight step at C=8, 3 layers,
+batch 16, 16x16 on the 2-core CPU, one process at load ~10: step 1.88 s against 4.16 s grouped,
+compile 251 s against 141 s, StableHLO 49k against 27k lines (BUILD_NOTES section 5; then with
+the grouped kernel tangent).
+
+The kernel gradient is where XLA:CPU loses most at the supernet's sizes: it has no batch-grouped
+convolution, so the kernel gradient of a grouped depthwise convolution (``batch_group_count``) is
+expanded into a dense (E*C) x (E*C) convolution whose diagonal is kept (E edges of an edge group
+side by side: 64-256 times the needed work at C=16).  That was 32 % of the grouped DARTS weight
+step and 47 % of the hybrid's at C=16, 8 layers, batch 32 (notes/dwstep.md).  The scanned taps
+do the needed work only (memory-bound) and compile as one loop body; 3-4x faster per kernel
+gradient at those shapes (``benchmarks/bench_depthwise.py``).
 
 Under ``vmap`` the grouped convolution needs its input batched too: with a shared (unbatched)
 input and batched kernels JAX emits a channel-multiplier convolution, which XLA:CPU runs 20-70x
@@ -149,8 +158,42 @@ def _grouped_unit_stride(x: Array, kernel: Array, stride: tuple[int, int], paddi
     return _grouped(x, kernel, (1, 1), padding, dilation)[:, ::sh, ::sw, :]
 
 
+def _tap_scan(x: Array, kernel_dot: Array, stride: tuple[int, int], padding: tuple[int, int],
+              dilation: tuple[int, int]) -> Array:
+    """``_shifted(x, kernel_dot, ...)`` as one ``lax.scan`` over the ``kh*kw`` taps: the kernel
+    tangent of ``hybrid``, linear in ``kernel_dot``.
+
+    Reverse mode transposes it into one loop whose body multiplies the cotangent with one shifted
+    slice of ``x`` and reduces: the kernel gradient with no wasted work, where the grouped
+    convolution's costs (E*C)^2 per position on XLA:CPU, and one loop body to compile instead of
+    ``kh*kw`` fused copies (unrolled, the DARTS supernet compiled over 3x longer).  The body is
+    rematerialised, so reverse mode keeps the padded ``x`` only, not ``kh*kw`` slices of it."""
+    kh, kw = kernel_dot.shape[0], kernel_dot.shape[1]
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    n, h, w, c = x.shape
+    ho = conv_out_size(h, kh, sh, ph, dh)
+    wo = conv_out_size(w, kw, sw, pw, dw)
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    offsets = jnp.asarray([(i * dh, j * dw) for i in range(kh) for j in range(kw)], jnp.int32)
+    taps = kernel_dot.reshape(kh * kw, c).astype(x.dtype)
+
+    @jax.checkpoint
+    def body(acc, inp):
+        off, k = inp
+        zero = jnp.zeros((), off.dtype)
+        patch = lax.dynamic_slice(xp, (zero, off[0], off[1], zero), (n, sh * (ho - 1) + 1, sw * (wo - 1) + 1, c))
+        patch = patch[:, ::sh, ::sw, :]
+        # The tap broadcast along (W, C) behind a reshape: reverse mode then reduces over N*H
+        # keeping a contiguous W*C block (then over W); reducing straight to C (what XLA makes of
+        # a plain broadcast) ran 2-4x slower on XLA:CPU.
+        k = jnp.broadcast_to(k, (wo, c)).reshape(wo * c)
+        return acc + (patch.reshape(n * ho, wo * c) * k).reshape(n, ho, wo, c), None
+
+    return lax.scan(body, jnp.zeros((n, ho, wo, c), x.dtype), (offsets, taps))[0]
+
+
 _grouped_strided = _make_hybrid(_grouped, _grouped_unit_stride, _grouped)
-_hybrid = _make_hybrid(_shifted, _shifted, _grouped)
+_hybrid = _make_hybrid(_shifted, _shifted, _tap_scan)
 
 
 def depthwise_conv_grouped(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int],
@@ -166,5 +209,5 @@ def depthwise_conv_grouped(x: Array, kernel: Array, stride: tuple[int, int], pad
 def depthwise_conv_hybrid(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int],
                           dilation: tuple[int, int]) -> Array:
     """``x`` (N, H, W, C) * ``kernel`` (kh, kw, 1, C): shifted multiplies forward and for the input
-    gradient, the grouped convolution for the kernel gradient (module docstring)."""
+    gradient, a scan over the taps for the kernel gradient (module docstring)."""
     return _hybrid(x, kernel, tuple(stride), tuple(padding), tuple(dilation))
