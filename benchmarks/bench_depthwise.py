@@ -19,7 +19,7 @@ runs NCHW (its native layout, as the reference code), its gradients through
 (one pass over all of them per repetition) so that load changes hit every column alike.
 
 ``--forms`` takes the library's formulations (``kernels.FORMULATIONS``) and the candidates of
-:data:`CANDIDATES`, defined here because none was taken into the library (notes/dwstep.md).
+:data:`CANDIDATES`, defined here because none was taken into the library (BUILD_NOTES section 5, round 6).
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def _tap_sums_rows(x, kernel_dot, stride, padding, dilation):
     return out
 
 
-# Candidates measured for issue #20 and not taken into the library (notes/dwstep.md): the kernel
+# Candidates measured for issue #20 and not taken into the library (BUILD_NOTES section 5, round 6): the kernel
 # tangent as unrolled shifted multiplies of x, rematerialised so only x is kept (reverse mode: one
 # multiply-reduce per tap instead of XLA:CPU's dense (E*C) x (E*C) kernel-gradient convolution);
 # the library's hybrid runs the same taps as one lax.scan (kernels._tap_scan), which compiles as
@@ -85,7 +85,7 @@ _taps_rows = kernels._make_hybrid(kernels._shifted, kernels._shifted,
 # hybrid as it was before issue #20's change (kernel tangent: the grouped convolution)
 _hybrid_grouped_kgrad = kernels._make_hybrid(kernels._shifted, kernels._shifted, kernels._grouped)
 # grouped forward and input gradient, hybrid's scanned kernel tangent: 19 % faster DARTS step at the
-# reduced size but 44 % longer compile (90 loops), so not the default (notes/dwstep.md)
+# reduced size but 44 % longer compile (90 loops), so not the default (BUILD_NOTES section 5, round 6)
 _grouped_scan_taps = kernels._make_hybrid(kernels._grouped, kernels._grouped_unit_stride, kernels._tap_scan)
 _grouped_taps = kernels._make_hybrid(kernels._grouped, kernels._grouped_unit_stride,
                                      jax.checkpoint(kernels._shifted, static_argnums=(2, 3, 4)))

@@ -1,6 +1,6 @@
 """The benchmark's reading of the optimised HLO (``bench_supernet._convolution_kinds``): which
 convolution kernels compute a depthwise forward pass, its input gradient, or its kernel gradient
-(XLA:CPU expands the latter into a dense (E*C) x (E*C) convolution, notes/dwstep.md).  A change of
+(XLA:CPU expands the latter into a dense (E*C) x (E*C) convolution, BUILD_NOTES section 5, round 6).  A change of
 XLA:CPU's lowering shows up here, so the profile's labels stay true."""
 from __future__ import annotations
 

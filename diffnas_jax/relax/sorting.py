@@ -615,7 +615,7 @@ def _kl_sorted_rule(n: int, linear_w: bool = False):
         if linear_w:
             # exp(dw) = W1 / W0 in [1/n, 1] never underflows; where exp(dy) does, the test is
             # rightly false (sy0 sw1 W1 / W0 >= 1/n), so no max-shift is needed: 1 exp, 1 divide
-            # (a log1p for dw and the max-shift form decided no better: notes/klgrad.md)
+            # (a log1p for dw and the max-shift form decided no better: BUILD_NOTES section 3)
             ry, rw = jnp.exp(dy), pw1 / pw0
             return sy0 * sw1 * rw <= ry * (sy1 * sw0), (sy0 + ry * sy1, sw0 + rw * sw1)
         dw = _diff(pw1, pw0, 0.0, 0.0, 1.0, n)

@@ -25,7 +25,7 @@ The kernel gradient is where XLA:CPU loses most at the supernet's sizes: it has 
 convolution, so the kernel gradient of a grouped depthwise convolution (``batch_group_count``) is
 expanded into a dense (E*C) x (E*C) convolution whose diagonal is kept (E edges of an edge group
 side by side: 64-256 times the needed work at C=16).  That was 32 % of the grouped DARTS weight
-step and 47 % of the hybrid's at C=16, 8 layers, batch 32 (notes/dwstep.md).  The scanned taps
+step and 47 % of the hybrid's at C=16, 8 layers, batch 32 (BUILD_NOTES section 5, round 6).  The scanned taps
 do the needed work only (memory-bound) and compile as one loop body; 3-4x faster per kernel
 gradient at those shapes (``benchmarks/bench_depthwise.py``).
 
@@ -119,14 +119,21 @@ def _make_hybrid(primal, input_tangent, kernel_tangent):
     return conv
 
 
+def _padded_input(x: Array, kernel_size: tuple[int, int], stride: tuple[int, int],
+                  padding: tuple[int, int], dilation: tuple[int, int]) -> tuple[Array, int, int]:
+    """``x`` (N, H, W, C) zero-padded in H and W, and the output height and width."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    ho = conv_out_size(x.shape[1], kh, sh, ph, dh)
+    wo = conv_out_size(x.shape[2], kw, sw, pw, dw)
+    return jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0))), ho, wo
+
+
 def _shifted(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int],
              dilation: tuple[int, int]) -> Array:
     kh, kw = kernel.shape[0], kernel.shape[1]
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    n, h, w, c = x.shape
-    ho = conv_out_size(h, kh, sh, ph, dh)
-    wo = conv_out_size(w, kw, sw, pw, dw)
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    (sh, sw), (dh, dw) = stride, dilation
+    n, c = x.shape[0], x.shape[3]
+    xp, ho, wo = _padded_input(x, (kh, kw), stride, padding, dilation)
     k = kernel.reshape(kh, kw, c).astype(x.dtype)
     out = None
     for i in range(kh):
@@ -169,11 +176,9 @@ def _tap_scan(x: Array, kernel_dot: Array, stride: tuple[int, int], padding: tup
     ``kh*kw`` fused copies (unrolled, the DARTS supernet compiled over 3x longer).  The body is
     rematerialised, so reverse mode keeps the padded ``x`` only, not ``kh*kw`` slices of it."""
     kh, kw = kernel_dot.shape[0], kernel_dot.shape[1]
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    n, h, w, c = x.shape
-    ho = conv_out_size(h, kh, sh, ph, dh)
-    wo = conv_out_size(w, kw, sw, pw, dw)
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    (sh, sw), (dh, dw) = stride, dilation
+    n, c = x.shape[0], x.shape[3]
+    xp, ho, wo = _padded_input(x, (kh, kw), stride, padding, dilation)
     offsets = jnp.asarray([(i * dh, j * dw) for i in range(kh) for j in range(kw)], jnp.int32)
     taps = kernel_dot.reshape(kh * kw, c).astype(x.dtype)
 
