@@ -56,11 +56,9 @@ def _tap_sums_rows(x, kernel_dot, stride, padding, dilation):
     reduces each tap over (N*H) keeping a contiguous (W*C) block, then over W (XLA:CPU folds the
     two reduces of a plain broadcast into one that keeps only C, which ran 2-4x slower)."""
     kh, kw = kernel_dot.shape[0], kernel_dot.shape[1]
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    n, h, w, c = x.shape
-    ho = kernels.conv_out_size(h, kh, sh, ph, dh)
-    wo = kernels.conv_out_size(w, kw, sw, pw, dw)
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    (sh, sw), (dh, dw) = stride, dilation
+    n, c = x.shape[0], x.shape[3]
+    xp, ho, wo = kernels._padded_input(x, (kh, kw), stride, padding, dilation)
     k = kernel_dot.reshape(kh, kw, c).astype(x.dtype)
     out = None
     for i in range(kh):

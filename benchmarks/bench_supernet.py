@@ -48,6 +48,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -192,7 +193,6 @@ def print_profile(compiled, args, runs: int = 2, top: int = 15) -> None:
     import collections
     import glob
     import gzip
-    import re
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -230,8 +230,6 @@ def _convolution_kinds(hlo: str) -> dict[str, str]:
     pass, or its input gradient when the metadata says reverse mode), a kernel gradient that XLA:CPU
     expanded into a dense (E*C) x (E*C) convolution (output ``[E*C, k, k, E*C]``: a depthwise
     kernel gradient whose diagonal is then taken), or another (dense) convolution."""
-    import re
-
     computations, current = {}, None
     for line in hlo.splitlines():
         head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from optax.tree_utils import tree_vdot
 
 from ._checks import check_int_in_range, check_nonnegative, check_positive
 
@@ -65,11 +66,6 @@ def solve_cg(matvec: MatVec, b: PyTree, *, ridge: float | None = None, init: PyT
     return _cg_from_zero(matvec, b, ridge=ridge, tol=tol, maxiter=maxiter)
 
 
-def _tree_vdot(x: PyTree, y: PyTree) -> jax.Array:
-    return sum(jax.tree.leaves(jax.tree.map(
-        lambda u, v: jnp.vdot(u, v, precision=jax.lax.Precision.HIGHEST), x, y)))
-
-
 def _cg_from_zero(matvec: MatVec, b: PyTree, *, ridge: float | None, tol: float,
                   maxiter: int | None) -> PyTree:
     """``jax.scipy.sparse.linalg.cg`` from ``x0 = 0`` (what jaxopt's ``solve_cg`` runs without
@@ -90,7 +86,7 @@ def _cg_from_zero(matvec: MatVec, b: PyTree, *, ridge: float | None, tol: float,
 
     def solve(a_matvec, rhs):
         dtype = jnp.result_type(*jax.tree.leaves(rhs))
-        atol2 = jnp.square(tol) * _tree_vdot(rhs, rhs)
+        atol2 = jnp.square(tol) * tree_vdot(rhs, rhs)
 
         def cond(carry):
             _, _, gamma, _, k = carry
@@ -99,16 +95,16 @@ def _cg_from_zero(matvec: MatVec, b: PyTree, *, ridge: float | None, tol: float,
         def body(carry):
             x, r, gamma, p, k = carry
             ap = a_matvec(p)
-            alpha = gamma / _tree_vdot(p, ap).astype(dtype)
+            alpha = gamma / tree_vdot(p, ap).astype(dtype)
             x = jax.tree.map(lambda xi, pi: xi + alpha * pi, x, p)
             r = jax.tree.map(lambda ri, api: ri - alpha * api, r, ap)
-            gamma_new = _tree_vdot(r, r).astype(dtype)
+            gamma_new = tree_vdot(r, r).astype(dtype)
             beta = gamma_new / gamma
             p = jax.tree.map(lambda ri, pi: ri + beta * pi, r, p)
             return x, r, gamma_new, p, k + 1
 
         x0 = jax.tree.map(jnp.zeros_like, rhs)
-        gamma0 = _tree_vdot(rhs, rhs).astype(dtype)
+        gamma0 = tree_vdot(rhs, rhs).astype(dtype)
         return jax.lax.while_loop(cond, body, (x0, rhs, gamma0, rhs, 0))[0]
 
     return jax.lax.custom_linear_solve(matvec, b, solve=solve, transpose_solve=solve, symmetric=True)

@@ -735,11 +735,16 @@ _LANE_MIN_ROWS = 128
 
 _pav_l2_sequential_2d = _stack_solver(_l2_stack_step, (0.0,))
 _pav_kl_sequential_2d = _stack_solver(_kl_stack_step, (0.0, 0.0))
-_pav_kl_sorted_sequential_2d = _stack_solver(_kl_sorted_stack_step, (1.0, 1.0),
-                                             lambda sums: tuple(jnp.log(a) for a in sums), _kl_sorted_rule)
+
+
+def _log_sums(sums):
+    """The sorted kl solvers keep block sums in the linear domain; callers take their logs."""
+    return tuple(jnp.log(a) for a in sums)
+
+
+_pav_kl_sorted_sequential_2d = _stack_solver(_kl_sorted_stack_step, (1.0, 1.0), _log_sums, _kl_sorted_rule)
 _pav_kl_rank_sequential_2d = _stack_solver(functools.partial(_kl_sorted_stack_step, linear_w=True), (1.0, 1.0),
-                                           lambda sums: tuple(jnp.log(a) for a in sums),
-                                           functools.partial(_kl_sorted_rule, linear_w=True))
+                                           _log_sums, functools.partial(_kl_sorted_rule, linear_w=True))
 
 
 def _fold_vmapped_rows(solver):
@@ -820,8 +825,10 @@ def _pav_kl(py: jax.Array, pw: jax.Array, ey, method: str = "auto", sorted_rows:
     if _pav_method(method) == "sequential":
         if linear_w:
             solver = _pav_kl_rank_sequential
+        elif sorted_rows:
+            solver = _pav_kl_sorted_sequential
         else:
-            solver = _pav_kl_sorted_sequential if sorted_rows else _pav_kl_sequential
+            solver = _pav_kl_sequential
         first, size, stats = solver(py, pw, ey)
         return _Blocks(first, size.astype(py.dtype)), stats
     py, pw, ey = (lax.stop_gradient(x) for x in (py, pw, ey))
