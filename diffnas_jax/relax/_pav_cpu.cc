@@ -221,16 +221,29 @@ void Rows(const T* pd, const T* qd, const T* ed, int64_t rows, int64_t n, T big,
   RowsLoop<T, Rule>(pd, qd, ed, rows, n, big, fd, sd, stats);
 }
 
-// The same loop compiled for FMA hardware, where MulAdd is one fused instruction.
+// The same loop compiled for FMA hardware, where MulAdd is one fused instruction (x86-64: a
+// clone for CPUs with FMA, picked at run time; AArch64 always has it).
+#if defined(__x86_64__) || defined(__i386__)
+#define DIFFNAS_TARGET_FMA __attribute__((target("fma")))
+#else
+#define DIFFNAS_TARGET_FMA
+#endif
+
 template <typename T, typename Rule>
-__attribute__((target("fma"))) void RowsFma(const T* pd, const T* qd, const T* ed, int64_t rows, int64_t n,
+DIFFNAS_TARGET_FMA void RowsFma(const T* pd, const T* qd, const T* ed, int64_t rows, int64_t n,
                                             T big, int32_t* fd, T* sd, T* const* stats) {
   RowsLoop<T, Rule>(pd, qd, ed, rows, n, big, fd, sd, stats);
 }
 
 bool HasFma() {
+#if defined(__x86_64__) || defined(__i386__)
   static const bool has = __builtin_cpu_supports("fma");
   return has;
+#elif defined(__aarch64__)
+  return true;
+#else
+  return false;
+#endif
 }
 
 template <typename T, template <typename, bool> class RuleOf>
