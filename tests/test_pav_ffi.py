@@ -145,29 +145,34 @@ def _ops():
     }
 
 
-def _with(impl: str, monkeypatch, fn):
-    """Run ``fn`` with ``DIFFNAS_PAV=impl``, the jit caches cleared so that the choice, made at
-    trace time, is made again."""
-    monkeypatch.setenv("DIFFNAS_PAV", impl)
-    jax.clear_caches()
-    try:
-        return fn()
-    finally:
-        monkeypatch.delenv("DIFFNAS_PAV")
+def _with(impl: str, fn):
+    """Run ``fn`` with ``DIFFNAS_PAV=impl`` (whatever the environment of the test run says), the
+    jit caches cleared so that the choice, made at trace time, is made again."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFNAS_PAV", impl)
         jax.clear_caches()
+        try:
+            return fn()
+        finally:
+            jax.clear_caches()
 
 
 def test_choice_of_implementation(monkeypatch):
     x = jnp.ones((2, 5))
-    assert "diffnas_pav_l2" in str(jax.make_jaxpr(lambda v: soft_sort(v))(x))  # the default on the CPU
-    assert "diffnas_pav" not in _with("xla", monkeypatch, lambda: str(jax.make_jaxpr(lambda v: soft_sort(v))(x)))
+    jaxpr = lambda: str(jax.make_jaxpr(lambda v: soft_sort(v))(x))  # noqa: E731
+    assert "diffnas_pav_l2" in _with("ffi", jaxpr)
+    assert "diffnas_pav" not in _with("xla", jaxpr)
+    monkeypatch.delenv("DIFFNAS_PAV", raising=False)
+    jax.clear_caches()
+    assert ("diffnas_pav_l2" in jaxpr()) == (jax.default_backend() == "cpu")  # the default: the kernel
+    jax.clear_caches()
     monkeypatch.setenv("DIFFNAS_PAV", "cuda")
     with pytest.raises(ValueError, match="DIFFNAS_PAV"):
         _pav_ffi.enabled()
 
 
 @pytest.mark.parametrize("name", list(_ops()))
-def test_ops_through_the_kernel_equal_the_xla_path(name, monkeypatch):
+def test_ops_through_the_kernel_equal_the_xla_path(name):
     """Values, VJPs under jit, vmap over a leading axis, and forward-over-reverse
     (``jax.jvp(jax.grad(...))``, what the hypergradients use), float64."""
     op = _ops()[name]
@@ -184,8 +189,7 @@ def test_ops_through_the_kernel_equal_the_xla_path(name, monkeypatch):
         fwd_rev = jax.jvp(jax.grad(loss), (x,), (v,))[1]
         return value, grad, vmapped, fwd_rev
 
-    ours = run()
-    ref = _with("xla", monkeypatch, run)
+    ours, ref = _with("ffi", run), _with("xla", run)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(ours[2], ours[0], rtol=1e-12, atol=1e-12)
@@ -195,7 +199,7 @@ def test_ops_through_the_kernel_equal_the_xla_path(name, monkeypatch):
 def test_ops_through_the_kernel_check_grads(name):
     op = _ops()[name]
     x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 9)) * 3)
-    check_grads(op, (x,), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+    _with("ffi", lambda: check_grads(op, (x,), order=1, modes=("rev",), atol=1e-6, rtol=1e-6))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -203,15 +207,19 @@ def test_ops_through_the_kernel_keep_narrow_dtypes(dtype):
     """float32 runs the kernel in float32; bfloat16 is upcast to float32 in Python, as on the
     XLA path."""
     x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 33)), dtype)
-    for name, op in _ops().items():
-        out = op(x)
-        assert out.dtype == dtype, name
-        ref = op(x.astype(jnp.float64))
-        tol = 1e-4 if dtype == jnp.float32 else 5e-2
-        np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=tol, atol=tol * 10, err_msg=name)
+
+    def run():
+        for name, op in _ops().items():
+            out = op(x)
+            assert out.dtype == dtype, name
+            ref = op(x.astype(jnp.float64))
+            tol = 1e-4 if dtype == jnp.float32 else 5e-2
+            np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=tol, atol=tol * 10, err_msg=name)
+
+    _with("ffi", run)
 
 
-def test_nan_rows_and_masks_through_the_kernel(monkeypatch):
+def test_nan_rows_and_masks_through_the_kernel():
     x = np.random.default_rng(6).standard_normal((3, 20))
     x[1, 4] = np.nan
     x[2, :5] = -np.inf
@@ -220,7 +228,7 @@ def test_nan_rows_and_masks_through_the_kernel(monkeypatch):
     def run():
         return [op(x) for op in _ops().values()]
 
-    ours, ref = run(), _with("xla", monkeypatch, run)
+    ours, ref = _with("ffi", run), _with("xla", run)
     for a, b in zip(ours, ref):
         np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
         assert np.all(np.isnan(a[1]))
