@@ -31,7 +31,7 @@ PAV_IMPLEMENTATIONS = ("ffi", "xla")
 @functools.cache
 def _targets() -> tuple[str, ...] | None:
     """Import the extension and register its handlers with XLA (once); None when not built."""
-    if not hasattr(jax, "ffi"):  # jax < 0.4.38: no jax.ffi; the pure-XLA solvers run
+    if not hasattr(jax, "ffi"):  # an older jax without jax.ffi: the pure-XLA solvers run
         return None
     try:
         from diffnas_jax.relax import _pav_cpu  # noqa: PLC0415 - optional, loaded at first use
