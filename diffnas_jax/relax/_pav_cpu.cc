@@ -93,15 +93,16 @@ struct L2Rule {
   const T* q;
   T eps, big;
   // below = block starting at bf, top = block [tf, end); returns whether they violate the
-  // order and writes the pooled statistics to out.
+  // order and, if they do, writes the pooled statistics to out.
   inline __attribute__((always_inline)) bool operator()(int64_t end, const T* below, int64_t bf,
                                                         const T* top, int64_t tf, T* out) const {
     T offset = Diff(p[tf], p[bf], q[tf], q[bf], eps, big);
     T bb = static_cast<T>(static_cast<int32_t>(tf - bf));
     T tb = static_cast<T>(static_cast<int32_t>(end - tf));
     T ba = below[0], ta = top[0];
-    out[0] = MulAdd<kFma>(tb, offset, ba + ta);
-    return ba / bb <= offset + ta / tb;
+    const bool violates = ba / bb <= offset + ta / tb;
+    if (violates) out[0] = MulAdd<kFma>(tb, offset, ba + ta);
+    return violates;
   }
 };
 
@@ -120,18 +121,24 @@ struct KlSortedRule {
     T dy = Diff(p[tf], p[bf], T(0), T(0), eps, big);
     if (kLinearW) {
       T ry = Exp(dy), rw = q[tf] / q[bf];
-      out[0] = MulAdd<kFma>(ry, sy1, sy0);
-      out[1] = MulAdd<kFma>(rw, sw1, sw0);
-      return (sy0 * sw1) * rw <= ry * (sy1 * sw0);
+      const bool violates = (sy0 * sw1) * rw <= ry * (sy1 * sw0);
+      if (violates) {
+        out[0] = MulAdd<kFma>(ry, sy1, sy0);
+        out[1] = MulAdd<kFma>(rw, sw1, sw0);
+      }
+      return violates;
     }
     T dw = Diff(q[tf], q[bf], T(0), T(0), T(1), big);
     bool y_larger = dy >= dw;
     T rest = Exp(-std::fabs(dy - dw));
     T ry = y_larger ? T(1) : rest, rw = y_larger ? rest : T(1);
-    T top_scale = Exp(Max(dy, dw));
-    out[0] = MulAdd<kFma>(ry * top_scale, sy1, sy0);
-    out[1] = MulAdd<kFma>(rw * top_scale, sw1, sw0);
-    return (sy0 * sw1) * rw <= ry * (sy1 * sw0);
+    const bool violates = (sy0 * sw1) * rw <= ry * (sy1 * sw0);
+    if (violates) {  // the pooled sums only when they are used (one exp less per push)
+      T top_scale = Exp(Max(dy, dw));
+      out[0] = MulAdd<kFma>(ry * top_scale, sy1, sy0);
+      out[1] = MulAdd<kFma>(rw * top_scale, sw1, sw0);
+    }
+    return violates;
   }
 };
 
@@ -155,9 +162,12 @@ struct KlRule {
     const T ya0 = below[0], wa0 = below[1], ya1 = top[0], wa1 = top[1];
     T dy = Diff(p[tf], p[bf], T(0), T(0), eps, big) + ya1;
     T dw = Diff(q[tf], q[bf], T(0), T(0), T(1), big) + wa1;
-    out[0] = LogAddExpFinite(ya0, dy);
-    out[1] = LogAddExpFinite(wa0, dw);
-    return dy - ya0 >= dw - wa0;
+    const bool violates = dy - ya0 >= dw - wa0;
+    if (violates) {
+      out[0] = LogAddExpFinite(ya0, dy);
+      out[1] = LogAddExpFinite(wa0, dw);
+    }
+    return violates;
   }
 };
 
