@@ -230,7 +230,8 @@ def main() -> None:
                                               (jnp.asarray(x_np), jnp.asarray(w_np)), warmup, repeats, budget)
             diff = None if ref_out is None else float(np.max(np.abs(np.asarray(out) - ref_out)))
             label = f"{name} [{impl}]" if len(pavs) > 1 else name
-            print(_line(label, first, ours, ref, "torchsort", diff, refs["missing"].get("torchsort")), flush=True)
+            missing = refs["missing"].get("torchsort")
+            print(_line(label, first, ours, ref, "torchsort", diff, missing), flush=True)
         os.environ.pop("DIFFNAS_PAV", None)
         jax.clear_caches()
 

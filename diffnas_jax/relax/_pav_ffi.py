@@ -60,7 +60,8 @@ def enabled() -> bool:
         raise RuntimeError("DIFFNAS_PAV=ffi but the PAV kernel diffnas_jax.relax._pav_cpu is not built "
                            "(reinstall with a C++17 compiler, or set DIFFNAS_PAV=xla)")
     if chosen == "ffi" and backend != "cpu":
-        raise RuntimeError(f"DIFFNAS_PAV=ffi: the PAV kernel runs on the CPU only, the default backend is {backend!r}")
+        raise RuntimeError(f"DIFFNAS_PAV=ffi: the PAV kernel runs on the CPU only, the default backend "
+                           f"is {backend!r}")
     return chosen == "ffi"
 
 

@@ -28,10 +28,11 @@ How it is made fast under XLA on CPU (see BUILD_NOTES.md for numbers):
   under 1 kB.  The sorted kl problems of soft_sort / soft_rank with 128 rows or more run the rows
   side by side instead (``_lane_stack_pav``: about n to 2n vector steps, same blocks bit for
   bit).  Where the optional C++ kernel is built (``_pav_cpu.cc`` via ``_pav_ffi``; an XLA FFI
-  call), the CPU runs the same stack PAV in it instead, same blocks, 1.4-2x faster end to end
-  (``DIFFNAS_PAV=xla`` forces the pure-XLA loop, the reference).  Elsewhere it runs as parallel rounds: every maximal run of adjacent
-  violating blocks is pooled at once (any order of pooling gives the same solution), with segment
-  sums over the block ids; 1-130 rounds, each a handful of vectorised O(batch n) operations.
+  call), the CPU runs the same stack PAV in it instead, same blocks, 1.4-1.9x faster end to end
+  (``DIFFNAS_PAV=xla`` forces the pure-XLA loop, the reference).  Elsewhere it runs as parallel
+  rounds: every maximal run of adjacent violating blocks is pooled at once (any order of
+  pooling gives the same solution), with segment sums over the block ids; 1-130 rounds, each
+  a handful of vectorised O(batch n) operations.
   Both decide on the same differences relative to each block's first element.  The solver
   returns per element its block's first index, size and statistics (the stack PAV gathers
   them from its stack; the parallel rounds compute them with segment sums), so the outputs
@@ -809,8 +810,8 @@ def _pav_l2(p: jax.Array, q: jax.Array, eps, method: str = "auto"):
     block's sum ``a`` of ``y - y_first``: (``_Blocks``, (a,)).  "auto": the sequential stack PAV
     when JAX's default backend is the CPU (one cheap step per push or pool), the parallel rounds
     otherwise (a GPU/TPU runs a scalar loop step for step, microseconds each); the sequential
-    solver is the C++ kernel where built (``_pav_ffi.enabled()``), else the XLA loop.  Chosen at trace
-    time rather than with ``lax.platform_dependent``, which traces both solvers (about a second
+    solver is the C++ kernel where built (``_pav_ffi.enabled()``), else the XLA loop.  Chosen at
+    trace time rather than with ``lax.platform_dependent``, which traces both solvers (about a second
     more per compilation in the tests); an array placed on the CPU of a GPU machine gets the
     parallel rounds: slower, same blocks."""
     if _pav_method(method) == "sequential":
