@@ -36,7 +36,10 @@ Run it from the side venv that has the references (torch is not a project depend
 ``-e .``, ``diffsort``, and ``torchsort`` with ``--no-build-isolation`` and any ``nvcc`` hidden
 from PATH, since its setup builds a CUDA extension whenever ``nvcc`` runs.)  Without torch,
 torchsort or diffsort the script says which reference is missing and prints our times only.
-The machine is shared and noisy: compare the ratios of one run, not times across runs.  On a
+Where the CPU kernel of the sequential PAV is built (``diffnas_jax/relax/_pav_cpu.cc``), each
+soft sort / rank case is timed twice against the same torchsort time, once through the kernel
+(``[ffi]``) and once through the pure-XLA solvers (``[xla]``, ``DIFFNAS_PAV=xla``); ``--pav``
+picks one.  The machine is shared and noisy: compare the ratios of one run, not times across runs.  On a
 loaded 2-core machine two OpenMP threads make PyTorch's many small ops wait on each other
 (diffsort took ~3.6 s instead of ~14 ms per call), so there also run ``--torch-threads 1``.
 """
@@ -52,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffnas_jax.relax import soft_rank, soft_sort, sorting_network
+from diffnas_jax.relax import _pav_ffi, soft_rank, soft_sort, sorting_network
 
 SOFT_SIZES = ((128, 100), (16, 1000), (1, 10000))
 SOFT_SIZES_QUICK = ((32, 50), (4, 500))
@@ -158,7 +161,7 @@ def _ms(t: float | None) -> str:
 
 def _line(name: str, first: float, ours: float, ref: float | None, ref_name: str, diff: float | None,
           missing: str | None) -> str:
-    head = f"{name:38s} compile {first:6.2f} s  ours {_ms(ours)} ms  {ref_name:9s} {_ms(ref)} ms"
+    head = f"{name:44s} compile {first:6.2f} s  ours {_ms(ours)} ms  {ref_name:9s} {_ms(ref)} ms"
     if ref is None:
         return f"{head}  ratio    n/a  (reference missing)"
     return f"{head}  ratio {ref / ours:6.2f}  maxdiff {diff:.1e}"
@@ -175,7 +178,14 @@ def main() -> None:
                    help="torch.set_num_threads (default 2; on a loaded 2-core machine 2 OpenMP threads "
                         "can be 100x slower than 1 on small ops, so check with 1)")
     p.add_argument("--only", default="", help="run only cases whose name contains this text")
+    p.add_argument("--pav", default="auto",
+                   help="PAV solver(s) for soft_sort / soft_rank, comma-separated: ffi, xla (DIFFNAS_PAV); "
+                        "default: both where the CPU kernel is built, else xla")
     args = p.parse_args()
+    pavs = (["ffi", "xla"] if _pav_ffi.available() else ["xla"]) if args.pav == "auto" else args.pav.split(",")
+    for impl in pavs:
+        if impl not in _pav_ffi.PAV_IMPLEMENTATIONS:
+            p.error(f"--pav: unknown solver {impl!r}; expected ffi and/or xla")
     repeats = args.repeats or (5 if args.quick else 30)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     budget = args.budget if args.budget is not None else (2.0 if args.quick else 10.0)
@@ -189,7 +199,8 @@ def main() -> None:
         print(f"reference missing: {why}; printing our times only for its cases")
     print(f"median of up to {repeats} repeats after {warmup} warm-up calls; "
           f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
-    print("ratio = reference time / ours (>= 1.0: diffnas_jax is faster)")
+    print("ratio = reference time / ours (>= 1.0: diffnas_jax is faster); "
+          f"PAV solvers: {', '.join(pavs)} (kernel built: {_pav_ffi.available()})")
     rng = np.random.default_rng(0)
 
     ours_fns = {"soft_sort": soft_sort, "soft_rank": soft_rank}
@@ -205,16 +216,24 @@ def main() -> None:
             out = fn(x, regularization_strength=EPS, regularization=reg)
             return jnp.sum(out * w), out
 
-        first, ours, ((_, out), _) = _time_jax(jax.value_and_grad(loss, has_aux=True),
-                                          (jnp.asarray(x_np), jnp.asarray(w_np)), warmup, repeats, budget)
-        ref = diff = None
+        ref = ref_out = None
         if ts is not None:
             ref_fn = getattr(ts, op)
             ref, (ref_out,) = _time_torch(
                 torch, lambda x, f=ref_fn, reg=reg: (f(x, regularization=reg, regularization_strength=EPS),),
                 x_np, (w_np,), warmup, repeats, budget)
-            diff = float(np.max(np.abs(np.asarray(out) - ref_out)))
-        print(_line(name, first, ours, ref, "torchsort", diff, refs["missing"].get("torchsort")), flush=True)
+        for impl in pavs:
+            # the solver is chosen at trace time: clear the jit caches so that each path retraces
+            os.environ["DIFFNAS_PAV"] = impl
+            jax.clear_caches()
+            first, ours, ((_, out), _) = _time_jax(jax.value_and_grad(loss, has_aux=True),
+                                              (jnp.asarray(x_np), jnp.asarray(w_np)), warmup, repeats, budget)
+            diff = None if ref_out is None else float(np.max(np.abs(np.asarray(out) - ref_out)))
+            label = f"{name} [{impl}]" if len(pavs) > 1 else name
+            missing = refs["missing"].get("torchsort")
+            print(_line(label, first, ours, ref, "torchsort", diff, missing), flush=True)
+        os.environ.pop("DIFFNAS_PAV", None)
+        jax.clear_caches()
 
     for network, batch, n in _net_cases(NET_SIZES_QUICK if args.quick else NET_SIZES):
         name = f"sorting_network {network} batch {batch} n {n}"

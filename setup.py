@@ -1,0 +1,37 @@
+"""The optional CPU kernel of the sequential PAV (``diffnas_jax/relax/_pav_cpu.cc``).
+
+Everything else about the package is in ``pyproject.toml``.  The extension is optional: without
+a C++17 compiler (or jaxlib's XLA FFI headers) the install still succeeds and the pure-XLA
+solvers run instead (``diffnas_jax.relax._pav_ffi.available()``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from setuptools import Extension, setup
+
+
+def _ffi_include_dir() -> str:
+    # jax.ffi.include_dir() is jaxlib/include; find it without importing jax (a build
+    # environment needs only jaxlib, see [build-system] requires)
+    spec = importlib.util.find_spec("jaxlib")
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    return os.path.join(list(spec.submodule_search_locations)[0], "include")
+
+
+setup(
+    ext_modules=[
+        Extension(
+            "diffnas_jax.relax._pav_cpu",
+            sources=["diffnas_jax/relax/_pav_cpu.cc"],
+            include_dirs=[_ffi_include_dir()],
+            language="c++",
+            # -ffp-contract=off: no fused multiply-adds, so the kernel rounds where XLA does and
+            # decides near-ties alike; no -march=native: the wheel must run on any x86-64
+            extra_compile_args=["-std=c++17", "-O3", "-ffp-contract=off", "-fvisibility=hidden"],
+            optional=True,
+        )
+    ],
+)
