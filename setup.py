@@ -30,7 +30,7 @@ setup(
             language="c++",
             # -ffp-contract=off: no fused multiply-adds, so the kernel rounds where XLA does and
             # decides near-ties alike; no -march=native: the wheel must run on any x86-64
-            extra_compile_args=["-std=c++17", "-O3", "-ffp-contract=off", "-fvisibility=hidden"],
+            extra_compile_args=["-std=c++17", "-O3", "-g0", "-ffp-contract=off", "-fvisibility=hidden"],
             optional=True,
         )
     ],
