@@ -21,8 +21,14 @@ def _ffi_include_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "include")
 
 
+def _kernel_wanted() -> bool:
+    # DIFFNAS_BUILD_KERNEL=0 builds a pure-Python (py3-none-any) wheel, e.g. one built on a laptop
+    # for Colab: a platform wheel would only install on the OS and Python it was built with
+    return os.environ.get("DIFFNAS_BUILD_KERNEL", "1") != "0"
+
+
 setup(
-    ext_modules=[
+    ext_modules=[] if not _kernel_wanted() else [
         Extension(
             "diffnas_jax.relax._pav_cpu",
             sources=["diffnas_jax/relax/_pav_cpu.cc"],

@@ -33,8 +33,9 @@ INSTALL = '''# Install diffnas_jax if this kernel lacks it. It is NOT published 
 # written in, which has no internet; routes 2 and 3 are the ones for Colab):
 #   1. the checkout this notebook sits in (local Jupyter, opened from notebooks/): `pip install -e ..`;
 #   2. a wheel uploaded next to the notebook (Colab): on your machine, in the repository, run
-#      `pip wheel . --no-deps -w dist`, then upload dist/diffnas_jax-*.whl with Colab's Files
-#      panel (it lands in /content, the notebook's working folder);
+#      `DIFFNAS_BUILD_KERNEL=0 pip wheel . --no-deps -w dist` (a pure-Python wheel: without the
+#      0 it holds the CPU sort kernel built for your OS and Python only), then upload
+#      dist/diffnas_jax-*.whl with Colab's Files panel (it lands in /content, the notebook's folder);
 #   3. a git URL you set in REPO, e.g. your fork: REPO = "https://github.com/<you>/diffnas_jax.git".
 # If pip replaced Colab's preinstalled jax, restart the runtime once and run the cells again.
 REPO = ""
@@ -51,7 +52,8 @@ except ImportError:
         %pip install -q "diffnas-jax @ git+{REPO}"
     else:
         raise RuntimeError("diffnas_jax is not installed and not on PyPI: upload a wheel built with "
-                           "`pip wheel . --no-deps -w dist`, or set REPO to a git URL of the repository")
+                           "`DIFFNAS_BUILD_KERNEL=0 pip wheel . --no-deps -w dist`, or set REPO to a git URL "
+                           "of the repository")
     import importlib, sys
     if os.path.exists("../pyproject.toml"):  # an editable install is seen only after a kernel restart
         sys.path.insert(0, os.path.abspath(".."))
