@@ -24,6 +24,12 @@ PROGRAM (one DARTS supernet loss: softmax mixing, cross-entropy, train-mode Batc
 - ``imp_split``: the implicit CG-10 hypergradient with the linearisation's residuals returned by
   one program, the tangent ``v -> (H_ww v, H_aw v)`` compiled alone (outside any loop), the
   validation gradient, one CG update program, and the 10 CG iterations driven from Python.
+- ``imp_split_jvp``: as ``imp_split`` but no residuals cross programs: the gradient program serves
+  the training and the validation gradient, and the tangent program is ``jax.jvp`` of the
+  gradient (its primal pass recomputed at every call; ``H_aw x`` accumulated from the ``H_aw p``
+  of the iterations, so no final product);
+- ``residual_bytes``: no compile; ``jax.eval_shape`` of ``imp_split``'s linearisation: the number
+  and size of the residuals it would ship between programs at the given size.
 
 ``XLA_FLAGS`` / ``TF_CPP_VMODULE=hlo_pass_pipeline=1,cpu_compiler=1`` (with
 ``TF_CPP_MIN_LOG_LEVEL=0``) give XLA's own time per HLO pass and the backend phases. Timing
@@ -49,7 +55,8 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_supernet import SGD, _data, _host_init, _weight_opt  # noqa: E402
 
-PROGRAMS = ("wstep", "gwa", "hvp_fr", "hvp_rr", "hvp_rf", "so_fused", "imp_fused", "so_split", "imp_split")
+PROGRAMS = ("wstep", "gwa", "hvp_fr", "hvp_rr", "hvp_rf", "so_fused", "imp_fused", "so_split", "imp_split",
+            "imp_split_jvp", "residual_bytes")
 
 
 
@@ -179,6 +186,42 @@ def main(argv=None) -> int:
             return c_c(va, c_h(w, arch, bt, vw)), gw
         out.update(total_lower_compile_s=round(t_g + t_v + t_h + t_c, 1), pieces=[r_g, r_h],
                    step_s=round(_median_time(step, args.runs), 3))
+    elif p == "residual_bytes":
+        def linearize(w, a, batch):
+            _, lin, _ = jax.linearize(lambda w_: grads(w_, a, batch), w, has_aux=True)
+            return jax.tree.leaves(lin)
+        leaves = jax.eval_shape(linearize, w, arch, bt)
+        out["residuals"] = {"arrays": len(leaves),
+                            "MiB": round(sum(x.size * x.dtype.itemsize for x in leaves) / 2**20)}
+    elif p == "imp_split_jvp":
+        ridge = 1e-2
+
+        def tangent(w, a, batch, v):
+            return jax.jvp(lambda w_: grads(w_, a, batch)[0], (w,), (v,))[1]
+
+        def cg_update(x, r, p_, rs, hx, ap, hp):
+            ap = tree_axpy(ridge, p_, ap)
+            alpha = rs / tree_vdot(p_, ap)
+            x, r, hx = tree_axpy(alpha, p_, x), tree_axpy(-alpha, ap, r), tree_axpy(alpha, hp, hx)
+            rs_new = tree_vdot(r, r)
+            return x, r, tree_axpy(rs_new / rs, p_, r), rs_new, hx
+
+        c_g, t_g, r_g = _compile("gradient (train at w, val at w)", grads, w, arch, bt)
+        c_t, t_t, r_t = _compile("tangent (H_ww v, H_aw v), primal recomputed", tangent, w, arch, bt, v)
+        zeros = jax.tree.map(jnp.zeros_like, w)
+        c_u, t_u, _ = _compile("CG update", cg_update, zeros, v, v, jnp.float32(1.0), arch, v, arch)
+
+        def step():
+            (gw, _), _ = c_g(w, arch, bt)
+            (gvw, gva), _ = c_g(w, arch, bv)
+            x, r, p_, rs, hx = zeros, gvw, gvw, tree_vdot(gvw, gvw), jax.tree.map(jnp.zeros_like, arch)
+            for _ in range(10):
+                ap, hp = c_t(w, arch, bt, p_)
+                x, r, p_, rs, hx = c_u(x, r, p_, rs, hx, ap, hp)
+            return tree_axpy(-1.0, hx, gva), gw
+        out.update(total_lower_compile_s=round(t_g + t_t + t_u, 1), pieces=[r_g, r_t],
+                   step_s=round(_median_time(step, args.runs), 3),
+                   tangent_s=round(_median_time(lambda: c_t(w, arch, bt, v), args.runs), 3))
     else:  # imp_split
         ridge = 1e-2
         treedef = {}
