@@ -28,6 +28,13 @@ PROGRAM (one DARTS supernet loss: softmax mixing, cross-entropy, train-mode Batc
   the training and the validation gradient, and the tangent program is ``jax.jvp`` of the
   gradient (its primal pass recomputed at every call; ``H_aw x`` accumulated from the ``H_aw p``
   of the iterations, so no final product);
+- ``imp_staged``: the implicit CG-10 search step as the library runs it by default:
+  ``driver.make_jitted_step`` on ``make_step(...).stages`` (three programs: gradients, one CG
+  iteration, update; chained on the host), compiled by the driver's ``_compile``; prints each
+  program's lower / compile time and fusions, the sum, and the step time. ``imp_fused_driver``:
+  the same through the driver with ``staged_step=False`` (the one fused program);
+  ``wstep_driver``: the first-order search step through the driver (``hypergrad.first_order``,
+  one program), the unit of "weight steps" that the step time is divided by.
 - ``residual_bytes``: no compile; ``jax.eval_shape`` of ``imp_split``'s linearisation: the number
   and size of the residuals it would ship between programs at the given size.
 
@@ -56,7 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_supernet import SGD, _data, _host_init, _weight_opt  # noqa: E402
 
 PROGRAMS = ("wstep", "gwa", "hvp_fr", "hvp_rr", "hvp_rf", "so_fused", "imp_fused", "so_split", "imp_split",
-            "imp_split_jvp", "residual_bytes")
+            "imp_split_jvp", "residual_bytes", "imp_staged", "imp_fused_driver", "wstep_driver")
 
 
 
@@ -186,6 +193,41 @@ def main(argv=None) -> int:
             return c_c(va, c_h(w, arch, bt, vw)), gw
         out.update(total_lower_compile_s=round(t_g + t_v + t_h + t_c, 1), pieces=[r_g, r_h],
                    step_s=round(_median_time(step, args.runs), 3))
+    elif p in ("imp_staged", "imp_fused_driver", "wstep_driver"):
+        import types
+
+        from diffnas_jax.search.driver import StagedStep, _compile as driver_compile, make_jitted_step
+
+        est = (hypergrad.first_order() if p == "wstep_driver"
+               else hypergrad.implicit("cg", maxiter=10, damping=1e-2))
+        w_opt = _weight_opt(clip=False)
+        a_opt = optax.chain(optax.add_decayed_weights(1e-3), optax.adam(3e-4, b1=0.5, b2=0.999))
+        state = init_search_state(jax.random.key(2), sp, bt[0], w_opt, a_opt, est)
+        setup = types.SimpleNamespace(step_fn=make_step(sp, mixing.softmax(), est, w_opt, a_opt),
+                                      config=types.SimpleNamespace(staged_step=p == "imp_staged", vmapped=False))
+        jstep = make_jitted_step(setup)
+        fargs = (state, bt, bv, key, jnp.asarray(False))
+        t = time.perf_counter()
+        compiled, times = driver_compile(jstep, fargs)
+        out.update(total_lower_compile_s=round(time.perf_counter() - t, 1), driver=times)
+        progs = ((("prepare", compiled.prepare), ("iterate", compiled.iterate), ("finish", compiled.finish))
+                 if isinstance(compiled, StagedStep) else (("step", compiled),))
+        out["fusions"] = {name: _opcodes(c.as_text())[1] for name, c in progs}
+        peaks = {}
+        for name, c in progs:
+            try:
+                peaks[name] = round(c.memory_analysis().temp_size_in_bytes / 2**20)
+            except Exception:  # noqa: BLE001 - not every backend reports it
+                pass
+        out["temp_MiB"] = peaks
+        st = [state]
+
+        def run():
+            # the step donates its state: feed each run the previous one's
+            st[0], m = compiled(st[0], bt, bv, key, jnp.asarray(False))
+            return m["train_loss"]
+        out.update(step_s=round(_median_time(run, args.runs), 3), rss_MiB=round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     elif p == "residual_bytes":
         def linearize(w, a, batch):
             _, lin, _ = jax.linearize(lambda w_: grads(w_, a, batch), w, has_aux=True)

@@ -445,26 +445,28 @@ class StagedStep:
         """Lower and compile the three programs for ``args`` (the ``jstep`` arguments); returns the
         compiled step and the summed tracing and XLA times."""
         state, bt, bv, keys, frozen = args
-        trace_s = xla_s = 0.0
+        times = {}
 
-        def aot(fn, *fargs):
-            nonlocal trace_s, xla_s
+        def aot(name, fn, *fargs):
             t0 = time.time()
             lowered = fn.lower(*fargs)
             t1 = time.time()
             with xla_log_to_debug():
                 compiled = lowered.compile()
-            trace_s, xla_s = trace_s + t1 - t0, xla_s + time.time() - t1
+            times[name] = (t1 - t0, time.time() - t1)
             return compiled
 
-        prepare = aot(self.prepare, state, bt, bv, keys)
+        prepare = aot("prepare", self.prepare, state, bt, bv, keys)
         # the carry's shapes and placement as prepare leaves it: the next programs compile for that
         carry = jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s),
                              prepare.out_info, prepare.output_shardings)
-        iterate = aot(self.iterate, state, bt, bv, keys, carry)
-        finish = aot(self.finish, state, bt, bv, keys, frozen, carry)
+        iterate = aot("iterate", self.iterate, state, bt, bv, keys, carry)
+        finish = aot("finish", self.finish, state, bt, bv, keys, frozen, carry)
         return (StagedStep(prepare, iterate, finish, self.max_iterations),
-                {"trace_s": round(trace_s, 2), "xla_compile_s": round(xla_s, 2), "programs": 3})
+                {"trace_s": round(sum(t for t, _ in times.values()), 2),
+                 "xla_compile_s": round(sum(c for _, c in times.values()), 2), "programs": len(times),
+                 "per_program": {k: {"trace_s": round(t, 2), "xla_compile_s": round(c, 2)}
+                                 for k, (t, c) in times.items()}})
 
 
 def step_keys(config: SearchConfig, step: int) -> jax.Array:
