@@ -92,7 +92,9 @@ class Staged(NamedTuple):
       prepare: ``Problem -> carry`` (the gradients the solve needs, the solver's initial state).
       iterate: ``(Problem, carry) -> carry``, one solver iteration; once ``converged(carry)`` it
         returns ``carry`` unchanged, so ``max_iterations`` calls equal the fused ``while_loop``
-        with its tolerance, and a host may stop as soon as ``converged`` holds.
+        with its tolerance, and a host may stop as soon as ``converged`` holds (which is never
+        before the first call: an iteration may fill in what its products compute anyway, e.g.
+        the training gradient, the primal of a Hessian-vector product).
       finish: ``(Problem, carry) -> HypergradResult``, equal to the fused ``impl``'s result.
       converged: ``carry -> bool`` (a scalar array).
       max_iterations: iterations after which ``converged`` always holds.
@@ -248,14 +250,20 @@ def linearize_grad(loss: Callable, weights: PyTree, arch: PyTree, batch: Any) ->
     return Linearization(value, aux, gw, ga, tangent)
 
 
-def grad_tangent(loss: Callable, weights: PyTree, arch: PyTree, batch: Any, v: PyTree) -> tuple[PyTree, PyTree]:
-    """``(H_ww v, H_aw v)`` by ``jax.jvp`` of the gradient w.r.t. ``(w, arch)``: the primal pass
-    recomputed at every call (nothing kept between calls, unlike :func:`linearize_grad`)."""
+def grad_and_tangent(loss: Callable, weights: PyTree, arch: PyTree, batch: Any, v: PyTree):
+    """``value, aux, dL/dw, (H_ww v, H_aw v)`` by ``jax.jvp`` of the gradient w.r.t. ``(w, arch)``.
+
+    The primal pass is recomputed at every call (nothing kept between calls, unlike
+    :func:`linearize_grad`, whose residuals would have to cross program boundaries: 10.4 GiB at
+    the full DARTS size); its outputs, the loss and the training gradient, come back too.
+    """
 
     def g(w):
-        return jax.grad(lambda w_, a_: loss(w_, a_, batch)[0], argnums=(0, 1))(w, arch)
+        (value, aux), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(w, arch, batch)
+        return grads, (value, aux)
 
-    return jax.jvp(g, (weights,), (v,))[1]
+    (g_w, _), tangent, (value, aux) = jax.jvp(g, (weights,), (v,), has_aux=True)
+    return value, aux, g_w, tangent
 
 
 def mixed_hvp(loss: Callable, weights: PyTree, arch: PyTree, batch: Any, v: PyTree) -> PyTree:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from .. import _solvers
 from .._checks import check_choice, check_int_in_range, check_nonnegative, check_positive
-from ._core import (Hypergradient, HypergradResult, Problem, Staged, grad_tangent, linearize_grad,
+from ._core import (Hypergradient, HypergradResult, Problem, Staged, grad_and_tangent, linearize_grad,
                     tree_axpy)
 
 __all__ = ["implicit"]
@@ -45,9 +45,10 @@ def implicit(solver: str = "cg", maxiter: int = 10, tol: float = 1e-5, damping: 
       A :class:`~diffnas_jax.hypergrad.Hypergradient`; ``weight_grad`` is dL_train/dw at the
       current ``(weights, arch)`` (the primal of the linearization). For ``"cg"`` and
       ``"neumann"`` its ``staged`` form runs one Hessian-vector product per ``iterate`` (primal
-      recomputed: ``jax.jvp`` of the gradient, no residuals kept between programs) and takes
-      ``H_aw u`` as the sum of the iterations' ``H_aw p`` weighted as ``u`` sums the ``p``
-      (no final product); it equals the fused estimator up to rounding.
+      recomputed: ``jax.jvp`` of the gradient, no residuals kept between programs; the first
+      one's primal is the training gradient), takes ``H_aw u`` as the sum of the iterations'
+      ``H_aw p`` weighted as ``u`` sums the ``p`` (no final product), and leaves ``prepare``
+      only the validation gradient; it equals the fused estimator up to rounding.
 
     >>> import jax.numpy as jnp
     >>> from diffnas_jax import hypergrad
@@ -86,7 +87,9 @@ def implicit(solver: str = "cg", maxiter: int = 10, tol: float = 1e-5, damping: 
 
 
 class _Gradients(NamedTuple):
-    """What ``prepare`` computes once and ``finish`` reports (the carry passes it through)."""
+    """What the stages compute once and ``finish`` reports (the carry passes it through): the
+    validation gradient from ``prepare``, the training gradient from the first ``iterate`` (the
+    primal of its Hessian-vector product, so no program computes it twice)."""
 
     weight_grad: Any
     train_loss: Any
@@ -94,6 +97,7 @@ class _Gradients(NamedTuple):
     val_loss: Any
     val_aux: Any
     val_grad_arch: Any
+    have_train: jax.Array  # the training half is filled in (after the first iterate)
 
 
 class _CGCarry(NamedTuple):
@@ -110,21 +114,35 @@ class _NeumannCarry(NamedTuple):
     k: jax.Array
 
 
+def _where(cond: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda n, o: jnp.where(cond, n, o), new, old)
+
+
 def _prepare(problem: Problem) -> tuple[_Gradients, Any]:
     lt, lv, w, a, bt, bv, _ = problem
-    (t_value, t_aux), gt_w = jax.value_and_grad(lt, argnums=0, has_aux=True)(w, a, bt)
     (v_value, v_aux), (gv_w, gv_a) = jax.value_and_grad(lv, argnums=(0, 1), has_aux=True)(w, a, bv)
-    return _Gradients(gt_w, t_value, t_aux, v_value, v_aux, gv_a), gv_w
+    # placeholders of the training half, shaped as the first iterate will return it
+    t_value, t_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lt, w, a, bt))
+    return _Gradients(jax.tree.map(jnp.zeros_like, w), t_value, t_aux, v_value, v_aux, gv_a,
+                      jnp.zeros((), bool)), gv_w
+
+
+def _products(problem: Problem, grads: _Gradients, v: Any) -> tuple[Any, Any, _Gradients]:
+    """``H_ww v``, ``H_aw v``, and ``grads`` with the training gradient (the primal) filled in."""
+    value, aux, g_w, (ap, hp) = grad_and_tangent(problem.loss_train, problem.weights, problem.arch,
+                                                 problem.batch_train, v)
+    grads = grads._replace(**_where(grads.have_train,
+                                    dict(weight_grad=grads.weight_grad, train_loss=grads.train_loss,
+                                         train_aux=grads.train_aux),
+                                    dict(weight_grad=g_w, train_loss=value, train_aux=aux)),
+                           have_train=jnp.ones((), bool))
+    return ap, hp, grads
 
 
 def _result(problem: Problem, g: _Gradients, h_aw_u: Any) -> HypergradResult:
     return HypergradResult(d_arch=tree_axpy(-1.0, h_aw_u, g.val_grad_arch), weight_grad=g.weight_grad,
                            train_loss=g.train_loss, train_aux=g.train_aux, val_loss=g.val_loss,
                            val_aux=g.val_aux, state=problem.ctx.state)
-
-
-def _tangent(problem: Problem, v: Any) -> tuple[Any, Any]:
-    return grad_tangent(problem.loss_train, problem.weights, problem.arch, problem.batch_train, v)
 
 
 def _staged_cg(tol: float, maxiter: int, damping: float) -> Staged:
@@ -136,17 +154,15 @@ def _staged_cg(tol: float, maxiter: int, damping: float) -> Staged:
 
     def iterate(problem, carry):
         active = _solvers.cg_active(carry.solver, maxiter)
-        ap, hp = _tangent(problem, carry.solver.p)
+        ap, hp, grads = _products(problem, carry.grads, carry.solver.p)
         solver, alpha = _solvers.cg_iterate(carry.solver, ap, maxiter=maxiter, ridge=ridge)
-        h_aw_x = jax.tree.map(lambda n, o: jnp.where(active, n, o), tree_axpy(alpha, hp, carry.h_aw_x),
-                              carry.h_aw_x)
-        return carry._replace(solver=solver, h_aw_x=h_aw_x)
+        return _CGCarry(grads, solver, _where(active, tree_axpy(alpha, hp, carry.h_aw_x), carry.h_aw_x))
 
     def finish(problem, carry):
         return _result(problem, carry.grads, carry.h_aw_x)
 
     def converged(carry):
-        return ~_solvers.cg_active(carry.solver, maxiter)
+        return carry.grads.have_train & ~_solvers.cg_active(carry.solver, maxiter)
 
     return Staged(prepare, iterate, finish, converged, maxiter)
 
@@ -161,22 +177,19 @@ def _staged_neumann(maxiter: int, damping: float, alpha: float) -> Staged:
         return _NeumannCarry(grads, p0, p0, jax.tree.map(jnp.zeros_like, problem.arch), jnp.zeros((), jnp.int32))
 
     def iterate(problem, carry):
-        ap, hp = _tangent(problem, carry.p)
+        ap, hp, grads = _products(problem, carry.grads, carry.p)
         if damping:
             ap = jax.tree.map(lambda av, pv: av + damping * pv, ap, carry.p)
         p = jax.tree.map(lambda pi, api: pi - alpha * api, carry.p, ap)
-        step = carry.k < maxiter
-        sum_in = carry.k <= maxiter
-        keep = lambda cond: (lambda n, o: jnp.where(cond, n, o))  # noqa: E731
-        return _NeumannCarry(carry.grads, jax.tree.map(keep(step), p, carry.p),
-                             jax.tree.map(keep(step), jax.tree.map(jnp.add, carry.acc, p), carry.acc),
-                             jax.tree.map(keep(sum_in), jax.tree.map(jnp.add, carry.h_aw_acc, hp), carry.h_aw_acc),
+        step, sum_in = carry.k < maxiter, carry.k <= maxiter
+        return _NeumannCarry(grads, _where(step, p, carry.p), _where(step, jax.tree.map(jnp.add, carry.acc, p), carry.acc),
+                             _where(sum_in, jax.tree.map(jnp.add, carry.h_aw_acc, hp), carry.h_aw_acc),
                              jnp.where(sum_in, carry.k + 1, carry.k))
 
     def finish(problem, carry):
         return _result(problem, carry.grads, carry.h_aw_acc)
 
     def converged(carry):
-        return carry.k > maxiter
+        return carry.k > maxiter  # the first iterate (k = 0 -> 1) filled the training half
 
     return Staged(prepare, iterate, finish, converged, maxiter + 1)
