@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from .. import _solvers
 from .._checks import check_choice, check_int_in_range, check_nonnegative, check_positive
@@ -88,10 +89,11 @@ def implicit(solver: str = "cg", maxiter: int = 10, tol: float = 1e-5, damping: 
 
 class _Gradients(NamedTuple):
     """What the stages compute once and ``finish`` reports (the carry passes it through): the
-    validation gradient from ``prepare``, the training gradient from the first ``iterate`` (the
-    primal of its Hessian-vector product, so no program computes it twice)."""
+    validation gradient from ``prepare``, the training gradient from every ``iterate`` (the
+    primal of its Hessian-vector product: the same values at every call, so overwriting them is
+    a no-op after the first, and no program computes them twice)."""
 
-    weight_grad: Any
+    weight_grad: Any  # flat, like the solver's vectors
     train_loss: Any
     train_aux: Any
     val_loss: Any
@@ -118,31 +120,38 @@ def _where(cond: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda n, o: jnp.where(cond, n, o), new, old)
 
 
-def _prepare(problem: Problem) -> tuple[_Gradients, Any]:
+# The solver's vectors (and the training gradient) live in the carry as one flat vector each: a
+# pytree of a supernet's ~200-1000 weight leaves made every CG update, select and dot product one
+# XLA:CPU kernel per leaf, about a quarter of the iterate program's kernels (and compile time).
+def _flat(tree: Any) -> jax.Array:
+    return ravel_pytree(tree)[0]
+
+
+def _unflat(problem: Problem, vec: jax.Array) -> Any:
+    return ravel_pytree(problem.weights)[1](vec)
+
+
+def _prepare(problem: Problem) -> tuple[_Gradients, jax.Array]:
     lt, lv, w, a, bt, bv, _ = problem
     (v_value, v_aux), (gv_w, gv_a) = jax.value_and_grad(lv, argnums=(0, 1), has_aux=True)(w, a, bv)
     # placeholders of the training half, shaped as the first iterate will return it
     t_value, t_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lt, w, a, bt))
-    return _Gradients(jax.tree.map(jnp.zeros_like, w), t_value, t_aux, v_value, v_aux, gv_a,
-                      jnp.zeros((), bool)), gv_w
+    gv_w = _flat(gv_w)
+    return _Gradients(jnp.zeros_like(gv_w), t_value, t_aux, v_value, v_aux, gv_a, jnp.zeros((), bool)), gv_w
 
 
-def _products(problem: Problem, grads: _Gradients, v: Any) -> tuple[Any, Any, _Gradients]:
-    """``H_ww v``, ``H_aw v``, and ``grads`` with the training gradient (the primal) filled in."""
+def _products(problem: Problem, grads: _Gradients, v: jax.Array) -> tuple[jax.Array, Any, _Gradients]:
+    """``H_ww v`` (flat), ``H_aw v``, and ``grads`` with the training half (the primal) filled in."""
     value, aux, g_w, (ap, hp) = grad_and_tangent(problem.loss_train, problem.weights, problem.arch,
-                                                 problem.batch_train, v)
-    grads = grads._replace(**_where(grads.have_train,
-                                    dict(weight_grad=grads.weight_grad, train_loss=grads.train_loss,
-                                         train_aux=grads.train_aux),
-                                    dict(weight_grad=g_w, train_loss=value, train_aux=aux)),
-                           have_train=jnp.ones((), bool))
-    return ap, hp, grads
+                                                 problem.batch_train, _unflat(problem, v))
+    grads = grads._replace(weight_grad=_flat(g_w), train_loss=value, train_aux=aux, have_train=jnp.ones((), bool))
+    return _flat(ap), hp, grads
 
 
 def _result(problem: Problem, g: _Gradients, h_aw_u: Any) -> HypergradResult:
-    return HypergradResult(d_arch=tree_axpy(-1.0, h_aw_u, g.val_grad_arch), weight_grad=g.weight_grad,
-                           train_loss=g.train_loss, train_aux=g.train_aux, val_loss=g.val_loss,
-                           val_aux=g.val_aux, state=problem.ctx.state)
+    return HypergradResult(d_arch=tree_axpy(-1.0, h_aw_u, g.val_grad_arch),
+                           weight_grad=_unflat(problem, g.weight_grad), train_loss=g.train_loss,
+                           train_aux=g.train_aux, val_loss=g.val_loss, val_aux=g.val_aux, state=problem.ctx.state)
 
 
 def _staged_cg(tol: float, maxiter: int, damping: float) -> Staged:
@@ -173,16 +182,16 @@ def _staged_neumann(maxiter: int, damping: float, alpha: float) -> Staged:
     # fused form's n in its loop and one H_aw u after it)
     def prepare(problem):
         grads, gv_w = _prepare(problem)
-        p0 = jax.tree.map(lambda x: alpha * x, gv_w)
+        p0 = alpha * gv_w
         return _NeumannCarry(grads, p0, p0, jax.tree.map(jnp.zeros_like, problem.arch), jnp.zeros((), jnp.int32))
 
     def iterate(problem, carry):
         ap, hp, grads = _products(problem, carry.grads, carry.p)
         if damping:
-            ap = jax.tree.map(lambda av, pv: av + damping * pv, ap, carry.p)
-        p = jax.tree.map(lambda pi, api: pi - alpha * api, carry.p, ap)
+            ap = ap + damping * carry.p
+        p = carry.p - alpha * ap
         step, sum_in = carry.k < maxiter, carry.k <= maxiter
-        return _NeumannCarry(grads, _where(step, p, carry.p), _where(step, jax.tree.map(jnp.add, carry.acc, p), carry.acc),
+        return _NeumannCarry(grads, _where(step, p, carry.p), _where(step, carry.acc + p, carry.acc),
                              _where(sum_in, jax.tree.map(jnp.add, carry.h_aw_acc, hp), carry.h_aw_acc),
                              jnp.where(sum_in, carry.k + 1, carry.k))
 
