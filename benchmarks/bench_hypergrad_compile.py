@@ -92,12 +92,13 @@ def _compile(name: str, f, *args) -> tuple:
 
 
 def _median_time(fn, runs: int = 3) -> float:
+    """Median over ``runs`` runs after the first (``runs=1``: that one run; for full-size steps)."""
     times = []
     for _ in range(runs):
         t = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t)
-    return float(np.median(times[1:]))
+    return float(np.median(times[1:] if runs > 1 else times))
 
 
 def main(argv=None) -> int:
@@ -108,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=16)
     ap.add_argument("--runs", type=int, default=3, help="runs of the compiled step; the first is dropped")
+    ap.add_argument("--max-temp-gib", type=float, default=None,
+                    help="driver modes: do not run the step if a program's compiled temporary memory is larger")
     args = ap.parse_args(argv)
 
     from diffnas_jax import hypergrad, mixing
@@ -220,6 +223,10 @@ def main(argv=None) -> int:
             except Exception:  # noqa: BLE001 - not every backend reports it
                 pass
         out["temp_MiB"] = peaks
+        if args.max_temp_gib is not None and max(peaks.values(), default=0) > 1024 * args.max_temp_gib:
+            out["skipped_run"] = f"compiled temporary memory over {args.max_temp_gib} GiB"
+            print(json.dumps(out), flush=True)
+            return 0
         st = [state]
 
         def run():
