@@ -24,6 +24,19 @@ PROGRAM (one DARTS supernet loss: softmax mixing, cross-entropy, train-mode Batc
 - ``imp_split``: the implicit CG-10 hypergradient with the linearisation's residuals returned by
   one program, the tangent ``v -> (H_ww v, H_aw v)`` compiled alone (outside any loop), the
   validation gradient, one CG update program, and the 10 CG iterations driven from Python.
+- ``imp_split_jvp``: as ``imp_split`` but no residuals cross programs: the gradient program serves
+  the training and the validation gradient, and the tangent program is ``jax.jvp`` of the
+  gradient (its primal pass recomputed at every call; ``H_aw x`` accumulated from the ``H_aw p``
+  of the iterations, so no final product);
+- ``imp_staged``: the implicit CG-10 search step as the library runs it by default:
+  ``driver.make_jitted_step`` on ``make_step(...).stages`` (three programs: gradients, one CG
+  iteration, update; chained on the host), compiled by the driver's ``_compile``; prints each
+  program's lower / compile time and fusions, the sum, and the step time. ``imp_fused_driver``:
+  the same through the driver with ``staged_step=False`` (the one fused program);
+  ``wstep_driver``: the first-order search step through the driver (``hypergrad.first_order``,
+  one program), the unit of "weight steps" that the step time is divided by.
+- ``residual_bytes``: no compile; ``jax.eval_shape`` of ``imp_split``'s linearisation: the number
+  and size of the residuals it would ship between programs at the given size.
 
 ``XLA_FLAGS`` / ``TF_CPP_VMODULE=hlo_pass_pipeline=1,cpu_compiler=1`` (with
 ``TF_CPP_MIN_LOG_LEVEL=0``) give XLA's own time per HLO pass and the backend phases. Timing
@@ -49,7 +62,8 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_supernet import SGD, _data, _host_init, _weight_opt  # noqa: E402
 
-PROGRAMS = ("wstep", "gwa", "hvp_fr", "hvp_rr", "hvp_rf", "so_fused", "imp_fused", "so_split", "imp_split")
+PROGRAMS = ("wstep", "gwa", "hvp_fr", "hvp_rr", "hvp_rf", "so_fused", "imp_fused", "so_split", "imp_split",
+            "imp_split_jvp", "residual_bytes", "imp_staged", "imp_fused_driver", "wstep_driver")
 
 
 
@@ -78,12 +92,13 @@ def _compile(name: str, f, *args) -> tuple:
 
 
 def _median_time(fn, runs: int = 3) -> float:
+    """Median over ``runs`` runs after the first (``runs=1``: that one run; for full-size steps)."""
     times = []
     for _ in range(runs):
         t = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t)
-    return float(np.median(times[1:]))
+    return float(np.median(times[1:] if runs > 1 else times))
 
 
 def main(argv=None) -> int:
@@ -94,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=16)
     ap.add_argument("--runs", type=int, default=3, help="runs of the compiled step; the first is dropped")
+    ap.add_argument("--max-temp-gib", type=float, default=None,
+                    help="driver modes: do not run the step if a program's compiled temporary memory is larger")
     args = ap.parse_args(argv)
 
     from diffnas_jax import hypergrad, mixing
@@ -179,6 +196,81 @@ def main(argv=None) -> int:
             return c_c(va, c_h(w, arch, bt, vw)), gw
         out.update(total_lower_compile_s=round(t_g + t_v + t_h + t_c, 1), pieces=[r_g, r_h],
                    step_s=round(_median_time(step, args.runs), 3))
+    elif p in ("imp_staged", "imp_fused_driver", "wstep_driver"):
+        import types
+
+        from diffnas_jax.search.driver import StagedStep, _compile as driver_compile, make_jitted_step
+
+        est = (hypergrad.first_order() if p == "wstep_driver"
+               else hypergrad.implicit("cg", maxiter=10, damping=1e-2))
+        w_opt = _weight_opt(clip=False)
+        a_opt = optax.chain(optax.add_decayed_weights(1e-3), optax.adam(3e-4, b1=0.5, b2=0.999))
+        state = init_search_state(jax.random.key(2), sp, bt[0], w_opt, a_opt, est)
+        setup = types.SimpleNamespace(step_fn=make_step(sp, mixing.softmax(), est, w_opt, a_opt),
+                                      config=types.SimpleNamespace(staged_step=p == "imp_staged", vmapped=False))
+        jstep = make_jitted_step(setup)
+        fargs = (state, bt, bv, key, jnp.asarray(False))
+        t = time.perf_counter()
+        compiled, times = driver_compile(jstep, fargs)
+        out.update(total_lower_compile_s=round(time.perf_counter() - t, 1), driver=times)
+        progs = ((("prepare", compiled.prepare), ("iterate", compiled.iterate), ("finish", compiled.finish))
+                 if isinstance(compiled, StagedStep) else (("step", compiled),))
+        out["fusions"] = {name: _opcodes(c.as_text())[1] for name, c in progs}
+        peaks = {}
+        for name, c in progs:
+            try:
+                peaks[name] = round(c.memory_analysis().temp_size_in_bytes / 2**20)
+            except Exception:  # noqa: BLE001 - not every backend reports it
+                pass
+        out["temp_MiB"] = peaks
+        if args.max_temp_gib is not None and max(peaks.values(), default=0) > 1024 * args.max_temp_gib:
+            out["skipped_run"] = f"compiled temporary memory over {args.max_temp_gib} GiB"
+            print(json.dumps(out), flush=True)
+            return 0
+        st = [state]
+
+        def run():
+            # the step donates its state: feed each run the previous one's
+            st[0], m = compiled(st[0], bt, bv, key, jnp.asarray(False))
+            return m["train_loss"]
+        out.update(step_s=round(_median_time(run, args.runs), 3), rss_MiB=round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    elif p == "residual_bytes":
+        def linearize(w, a, batch):
+            _, lin, _ = jax.linearize(lambda w_: grads(w_, a, batch), w, has_aux=True)
+            return jax.tree.leaves(lin)
+        leaves = jax.eval_shape(linearize, w, arch, bt)
+        out["residuals"] = {"arrays": len(leaves),
+                            "MiB": round(sum(x.size * x.dtype.itemsize for x in leaves) / 2**20)}
+    elif p == "imp_split_jvp":
+        ridge = 1e-2
+
+        def tangent(w, a, batch, v):
+            return jax.jvp(lambda w_: grads(w_, a, batch)[0], (w,), (v,))[1]
+
+        def cg_update(x, r, p_, rs, hx, ap, hp):
+            ap = tree_axpy(ridge, p_, ap)
+            alpha = rs / tree_vdot(p_, ap)
+            x, r, hx = tree_axpy(alpha, p_, x), tree_axpy(-alpha, ap, r), tree_axpy(alpha, hp, hx)
+            rs_new = tree_vdot(r, r)
+            return x, r, tree_axpy(rs_new / rs, p_, r), rs_new, hx
+
+        c_g, t_g, r_g = _compile("gradient (train at w, val at w)", grads, w, arch, bt)
+        c_t, t_t, r_t = _compile("tangent (H_ww v, H_aw v), primal recomputed", tangent, w, arch, bt, v)
+        zeros = jax.tree.map(jnp.zeros_like, w)
+        c_u, t_u, _ = _compile("CG update", cg_update, zeros, v, v, jnp.float32(1.0), arch, v, arch)
+
+        def step():
+            (gw, _), _ = c_g(w, arch, bt)
+            (gvw, gva), _ = c_g(w, arch, bv)
+            x, r, p_, rs, hx = zeros, gvw, gvw, tree_vdot(gvw, gvw), jax.tree.map(jnp.zeros_like, arch)
+            for _ in range(10):
+                ap, hp = c_t(w, arch, bt, p_)
+                x, r, p_, rs, hx = c_u(x, r, p_, rs, hx, ap, hp)
+            return tree_axpy(-1.0, hx, gva), gw
+        out.update(total_lower_compile_s=round(t_g + t_t + t_u, 1), pieces=[r_g, r_t],
+                   step_s=round(_median_time(step, args.runs), 3),
+                   tangent_s=round(_median_time(lambda: c_t(w, arch, bt, v), args.runs), 3))
     else:  # imp_split
         ridge = 1e-2
         treedef = {}

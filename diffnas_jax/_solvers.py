@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
 
 __all__ = ["solve_cg", "solve_normal_cg", "solve_gmres", "solve_neumann", "custom_root",
-           "SOLVERS", "get_solver"]
+           "SOLVERS", "get_solver", "CGState", "cg_start", "cg_active", "cg_iterate"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,6 +108,63 @@ def _cg_from_zero(matvec: MatVec, b: PyTree, *, ridge: float | None, tol: float,
         return jax.lax.while_loop(cond, body, (x0, rhs, gamma0, rhs, 0))[0]
 
     return jax.lax.custom_linear_solve(matvec, b, solve=solve, transpose_solve=solve, symmetric=True)
+
+
+class CGState(NamedTuple):
+    """The carry of :func:`solve_cg`'s iteration from ``x0 = 0``, for a loop driven from outside.
+
+    ``x`` the iterate, ``r`` the residual, ``gamma = <r, r>``, ``p`` the search direction, ``k``
+    the iterations done, ``atol2`` the squared absolute stopping tolerance ``tol^2 <b, b>``.
+    """
+
+    x: PyTree
+    r: PyTree
+    gamma: jax.Array
+    p: PyTree
+    k: jax.Array
+    atol2: jax.Array
+
+
+def cg_start(b: PyTree, *, tol: float = 1e-5) -> CGState:
+    """The state :func:`solve_cg` (without ``init``) starts its loop from: ``x = 0``, ``r = p = b``."""
+    check_positive("tol", tol)
+    dtype = jnp.result_type(*jax.tree.leaves(b))
+    gamma = tree_vdot(b, b).astype(dtype)
+    return CGState(jax.tree.map(jnp.zeros_like, b), b, gamma, b, jnp.zeros((), jnp.int32),
+                   jnp.square(tol) * tree_vdot(b, b))
+
+
+def cg_active(state: CGState, maxiter: int) -> jax.Array:
+    """``True`` while :func:`solve_cg`'s ``while_loop`` would run another iteration."""
+    return (state.gamma > state.atol2) & (state.k < maxiter)
+
+
+def cg_iterate(state: CGState, ap: PyTree, *, maxiter: int, ridge: float | None = None
+               ) -> tuple[CGState, jax.Array]:
+    """One iteration of :func:`solve_cg` given ``ap = A p`` (without the ridge), for a host loop
+    that computes the product in a program of its own (no product inside a ``while_loop``).
+
+    Same arithmetic as the fused loop's body; once :func:`cg_active` is false the state comes
+    back unchanged, so ``maxiter`` calls equal the fused solve with its stopping rule.
+
+    Returns:
+      ``(state, alpha)``: the new state and the step length taken (``0`` when inactive), so
+      that a caller can accumulate ``B x = sum_k alpha_k B p_k`` for another linear map ``B``.
+    """
+    active = cg_active(state, maxiter)
+    x, r, gamma, p, k, atol2 = state
+    dtype = jnp.result_type(*jax.tree.leaves(r))
+    if ridge is not None:
+        ap = jax.tree.map(lambda av, pi: av + ridge * pi, ap, p)
+    alpha = gamma / tree_vdot(p, ap).astype(dtype)
+    x_new = jax.tree.map(lambda xi, pi: xi + alpha * pi, x, p)
+    r_new = jax.tree.map(lambda ri, api: ri - alpha * api, r, ap)
+    gamma_new = tree_vdot(r_new, r_new).astype(dtype)
+    beta = gamma_new / gamma
+    p_new = jax.tree.map(lambda ri, pi: ri + beta * pi, r_new, p)
+    new = CGState(x_new, r_new, gamma_new, p_new, k + 1, atol2)
+    keep = lambda n, o: jnp.where(active, n, o)  # noqa: E731
+    return jax.tree.map(keep, new, state), jnp.where(active, alpha, jnp.zeros_like(alpha))
 
 
 def solve_normal_cg(matvec: MatVec, b: PyTree, *, ridge: float | None = None, init: PyTree | None = None,

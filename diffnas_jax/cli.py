@@ -158,6 +158,9 @@ def _add_search(sub) -> None:
     p.add_argument("--compile-cache", default=None, metavar="DIR|off",
                    help="persistent XLA compilation cache (default: $DIFFNAS_COMPILE_CACHE, else "
                         "$XDG_CACHE_HOME/diffnas_jax/xla, i.e. ~/.cache/diffnas_jax/xla); 'off' disables it")
+    p.add_argument("--fused-step", action="store_true",
+                   help="compile the search step as one program even when the estimator has a staged form "
+                        "(implicit cg / neumann run their solver loop from the host by default: much shorter compile)")
     p.add_argument("--augment", action="store_true", help="random crop (+flip) on search batches")
     p.add_argument("--cost", default="flops",
                    help="cost of the resource-aware methods (fbnet, proxyless, ...): flops | params | a latency "
@@ -351,7 +354,7 @@ def cmd_search(args) -> int:
               devices=args.devices, out=args.out, resume=args.resume, channels=args.channels,
               layers=args.layers, arch_lr=args.arch_lr, weight_lr=args.weight_lr, augment=args.augment,
               cost=args.cost, progress=not args.no_progress, plots=not args.no_plots,
-              compile_cache=args.compile_cache)
+              compile_cache=args.compile_cache, staged_step=not args.fused_step)
     for k in ("epochs", "batch_size", "checkpoint_every", "data_seed"):
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)

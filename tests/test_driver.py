@@ -350,3 +350,56 @@ def test_scaled_arch_lr_keeps_the_papers_step_budget():
     assert scaled_arch_lr(darts, 1) == MAX_SCALED_ARCH_LR
     pc = get_method("pcdarts")  # 15 of 50 epochs warm-up, batch 256
     assert scaled_arch_lr(pc, 35 * 98) == pytest.approx(pc.arch_lr)
+
+
+class TinyNet64(nn.Module):
+    """TinyNet in float64: CG's rounding in float32 (1e-4 of the hypergradient after 10 iterations
+    on this non-convex net) would hide a real difference behind the tolerance."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        f64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
+        x = nn.Conv(4, (3, 3), **f64)(x)
+        x = Choice([nn.Conv(4, (3, 3), **f64), nn.Conv(4, (1, 1), **f64), lambda v: v],
+                   names=["conv3", "conv1", "skip"])(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, **f64)(x)
+        return nn.Dense(4, **f64)(jax.nn.relu(x).mean((1, 2)))
+
+
+def test_staged_implicit_step_equals_fused_step(tiny):
+    """implicit CG runs as host-chained programs by default (issue #20): two vmapped steps of the
+    driver's compiled StagedStep equal the one fused program's (float64)."""
+    from diffnas_jax.search.driver import StagedStep, _compile, build_search, init_state, make_jitted_step, step_keys
+
+    ds, _ = tiny
+    space = from_module(TinyNet64(), jnp.zeros((2, 4, 4, 1), jnp.float64))
+    states = {}
+    for staged in (True, False):
+        cfg = SearchConfig(hypergrad="implicit", seeds=(0, 3), staged_step=staged, **{**BASE, "epochs": 1})
+        setup = build_search(cfg, ds, space)
+        jstep = make_jitted_step(setup)
+        assert isinstance(jstep, StagedStep) == staged
+        state = init_state(setup)
+        init_arch = jax.device_get(state.arch)  # the step donates the state
+        # flax starts BatchNorm statistics in float32 whatever the dtypes; the step returns float64
+        state = state.replace(model_state=jax.tree.map(lambda x: x.astype(jnp.float64), state.model_state))
+        assert jax.tree.leaves(state.weights)[0].dtype == jnp.float64
+        for i in range(2):
+            bt = tuple(np.stack([a[16 * i:16 * (i + 1)]] * 2) for a in (ds.x_train, ds.y_train))
+            bv = tuple(np.stack([a[16 * i:16 * (i + 1)]] * 2) for a in (ds.x_val, ds.y_val))
+            args = (state, bt, bv, step_keys(cfg, i), jnp.asarray(False))
+            if i == 0:
+                jstep, info = _compile(jstep, args)
+                assert info["xla_compile_s"] >= 0 and info.get("programs", 1) == (3 if staged else 1)
+            state, metrics = jstep(*args)
+            assert all(bool(np.all(metrics[k])) for k in ("finite_weights", "finite_arch"))
+        states[staged] = jax.device_get(state)
+    moved = 0.0
+    for x, y, x0 in zip(jax.tree.leaves(states[True].arch), jax.tree.leaves(states[False].arch),
+                        jax.tree.leaves(init_arch)):
+        moved = max(moved, float(np.max(np.abs(y - x0))))
+    assert moved > 1e-3  # the architecture steps were taken (not frozen, not zero)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(states[True]), jax.tree.leaves(states[False])):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12, err_msg=jax.tree_util.keystr(path))

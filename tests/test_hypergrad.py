@@ -197,6 +197,114 @@ def test_dominant_eigenvalue_needs_key(ridge):
         hg.dominant_eigenvalue(ridge["lv"], ridge["w"], ridge["a"], ridge["bv"], 3, None)
 
 
+# ----------------------------------------------------------------------------- staged estimators
+@pytest.fixture(scope="module")
+def mlp():
+    """A non-convex problem (tanh layer) whose Hessians depend on the weights and the arch."""
+    k = jax.random.split(jax.random.PRNGKey(5), 4)
+    X, Y = jax.random.normal(k[0], (24, 5)), jax.random.normal(k[1], (24, 3))
+
+    def lt(w, a, batch):
+        x, y = batch
+        h = jnp.tanh(x @ (w["W"] * jax.nn.sigmoid(a["gate"])))
+        return jnp.mean((h @ w["V"] - y) ** 2) + 0.05 * jnp.sum(jnp.exp(a["log_lam"]) * w["W"] ** 2)
+
+    def lv(w, a, batch):
+        x, y = batch
+        return jnp.mean((jnp.tanh(x @ (w["W"] * jax.nn.sigmoid(a["gate"]))) @ w["V"] - y) ** 2)
+
+    w = {"W": 0.5 * jax.random.normal(k[2], (5, 4)), "V": 0.5 * jax.random.normal(k[3], (4, 3))}
+    a = {"gate": 0.1 * jnp.arange(20.0).reshape(5, 4), "log_lam": jnp.full((5, 4), -0.5)}
+    return dict(lt=lt, lv=lv, w=w, a=a, bt=(X[:12], Y[:12]), bv=(X[12:], Y[12:]))
+
+
+def _run_stages_jitted(est, p, w, extra_iterations=0):
+    """The stages as separately jitted programs (the losses rebuilt inside each, as make_step does)."""
+    args = (w, p["a"], p["bt"], p["bv"])
+    bind = lambda w_, a_, bt_, bv_: est.bind(p["lt"], p["lv"], w_, a_, bt_, bv_)  # noqa: E731
+    prepare = jax.jit(lambda *xs: est.staged.prepare(bind(*xs)))
+    iterate = jax.jit(lambda c, *xs: est.staged.iterate(bind(*xs), c))
+    finish = jax.jit(lambda c, *xs: est.staged.finish(bind(*xs), c))
+    carry = prepare(*args)
+    iterations = 0
+    while not bool(est.staged.converged(carry)):
+        carry = iterate(carry, *args)
+        iterations += 1
+    for _ in range(extra_iterations):  # a converged carry must come back unchanged
+        again = iterate(carry, *args)
+        for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(carry)):
+            np.testing.assert_array_equal(x, y)
+    return finish(carry, *args), iterations
+
+
+def _assert_results_close(staged, fused, tol):
+    for name in ("d_arch", "weight_grad", "train_loss", "val_loss"):
+        for x, y in zip(jax.tree.leaves(getattr(staged, name)), jax.tree.leaves(getattr(fused, name))):
+            assert rel_err(x, y, floor=1e-3) < tol, name
+
+
+@pytest.mark.parametrize("problem, kwargs, early", [
+    ("ridge", dict(solver="cg", maxiter=40, tol=1e-8), True),                  # tol reached (D = 6)
+    ("ridge", dict(solver="cg", maxiter=3, tol=1e-12), False),
+    ("ridge", dict(solver="cg", maxiter=40, tol=1e-8, damping=0.3), True),
+    ("ridge", dict(solver="cg", maxiter=3, tol=1e-12, damping=0.3), False),
+    ("mlp", dict(solver="cg", maxiter=4, tol=1e-12), False),
+    ("mlp", dict(solver="cg", maxiter=60, tol=1e-6, damping=0.5), True),
+    ("mlp", dict(solver="cg", maxiter=5, tol=1e-12, damping=0.5), False),
+    ("ridge", dict(solver="neumann", maxiter=6, neumann_alpha=0.5), False),
+    ("mlp", dict(solver="neumann", maxiter=6, neumann_alpha=0.3, damping=0.2), False),
+])
+def test_staged_implicit_equals_fused(request, problem, kwargs, early):
+    p = request.getfixturevalue(problem)
+    w = (p["w"] if problem == "mlp" else {"w": request.getfixturevalue("off_optimum")["w"]})
+    est = hg.implicit(**kwargs)
+    fused = jax.jit(lambda w_: est.compute(p["lt"], p["lv"], w_, p["a"], p["bt"], p["bv"]))(w)
+    staged, iterations = _run_stages_jitted(est, p, w, extra_iterations=2)
+    _assert_results_close(staged, fused, 1e-10)
+    full = est.staged.max_iterations
+    assert (iterations < full) if early else (iterations == full)
+    eager = est.compute_staged(p["lt"], p["lv"], w, p["a"], p["bt"], p["bv"])
+    _assert_results_close(eager, fused, 1e-10)
+
+
+def test_staged_implicit_under_vmap_and_has_aux(mlp):
+    est = hg.implicit("cg", maxiter=4, damping=0.5)
+    lt_aux = lambda w, a, b: (mlp["lt"](w, a, b), {"n": jnp.sum(w["W"])})  # noqa: E731
+    lv_aux = lambda w, a, b: (mlp["lv"](w, a, b), {"m": jnp.sum(w["V"])})  # noqa: E731
+    archs = jax.tree.map(lambda x: jnp.stack([x, 0.5 * x + 0.2]), mlp["a"])
+
+    def staged(a):
+        return est.compute_staged(lt_aux, lv_aux, mlp["w"], a, mlp["bt"], mlp["bv"], has_aux=True)
+
+    out = jax.jit(jax.vmap(staged))(archs)
+    for i in range(2):
+        a = jax.tree.map(lambda x: x[i], archs)
+        ref = est.compute(lt_aux, lv_aux, mlp["w"], a, mlp["bt"], mlp["bv"], has_aux=True)
+        _assert_results_close(jax.tree.map(lambda x: x[i], out), ref, 1e-10)
+        assert float(out.train_aux["n"][i]) == pytest.approx(float(ref.train_aux["n"]), rel=1e-12)
+        assert float(out.val_aux["m"][i]) == pytest.approx(float(ref.val_aux["m"]), rel=1e-12)
+
+
+def test_grad_and_tangent_equals_linearization(mlp):
+    from diffnas_jax.hypergrad._core import grad_and_tangent, linearize_grad, with_aux
+
+    lt = with_aux(mlp["lt"], False)
+    v = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape), mlp["w"])
+    value, _, g_w, tangent = jax.jit(lambda w: grad_and_tangent(lt, w, mlp["a"], mlp["bt"], v))(mlp["w"])
+    lin = linearize_grad(lt, mlp["w"], mlp["a"], mlp["bt"])
+    assert rel_err(value, lin.value) < 1e-14
+    for x, y in zip(jax.tree.leaves((g_w, tangent)), jax.tree.leaves((lin.grad_w, lin.tangent(v)))):
+        assert rel_err(x, y) < 1e-12
+
+
+def test_staged_form_only_where_defined(ridge):
+    assert hg.implicit("cg").staged is not None and hg.implicit("neumann").staged is not None
+    for est in (hg.implicit("gmres"), hg.implicit("normal_cg"), hg.first_order(), hg.unrolled(0.1)):
+        assert est.staged is None
+        with pytest.raises(ValueError, match="staged"):
+            est.compute_staged(ridge["lt"], ridge["lv"], ridge["w"], ridge["a"], ridge["bt"], ridge["bv"])
+
+
 # ----------------------------------------------------------------------------- DARTS fixture
 # compiles the DARTS supernet's second-order step as one program: ~11 min on 2 cores at XLA CPU
 # optimisation level 0 with the vmapped edge groups, 4.4 min with DIFFNAS_DARTS_CELL=scan

@@ -82,3 +82,24 @@ def test_cg_from_zero_keeps_float32_and_vmaps():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(xs))
     for k in b:  # linear in b
         np.testing.assert_allclose(xs[k][1], 2 * xs[k][0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ridge", [None, 0.3])
+@pytest.mark.parametrize("maxiter, tol", [(3, 1e-12), (40, 1e-9)])  # stopped by maxiter / by tol
+def test_cg_driven_from_outside_equals_solve_cg(ridge, maxiter, tol):
+    a, b, n = _system(1)
+    mv = _matvec(a, n)
+    want = _solvers.solve_cg(mv, b, ridge=ridge, tol=tol, maxiter=maxiter)
+    step = jax.jit(lambda st: _solvers.cg_iterate(st, mv(st.p), maxiter=maxiter, ridge=ridge))
+    state, calls = _solvers.cg_start(b, tol=tol), 0
+    while bool(_solvers.cg_active(state, maxiter)):
+        state, alpha = step(state)
+        calls += 1
+        assert float(alpha) != 0.0
+    assert (calls == maxiter) == (maxiter == 3) and int(state.k) == calls
+    again, alpha = step(state)  # past the stopping rule: nothing moves
+    assert float(alpha) == 0.0
+    for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(x, y)
+    for k in b:
+        np.testing.assert_allclose(state.x[k], want[k], rtol=1e-12, atol=1e-14)

@@ -14,12 +14,12 @@ weight step). See :mod:`diffnas_jax.hypergrad._core`.
 """
 from __future__ import annotations
 
-from ._core import Hypergradient, HypergradResult
+from ._core import Hypergradient, HypergradResult, Problem, Staged
 from .diagnostics import dominant_eigenvalue
 from .first_order import first_order, single_level
 from .implicit import implicit
 from .rarts import rarts
 from .unrolled import unrolled, unrolled_k
 
-__all__ = ["Hypergradient", "HypergradResult", "first_order", "single_level", "unrolled", "unrolled_k",
+__all__ = ["Hypergradient", "HypergradResult", "Problem", "Staged", "first_order", "single_level", "unrolled", "unrolled_k",
            "implicit", "rarts", "dominant_eigenvalue"]

@@ -13,6 +13,13 @@ Calling convention. An estimator ``est`` is a :class:`Hypergradient`:
   step can reuse it instead of paying for another backward pass (``None`` otherwise).
 - ``est.init(weights) -> state``: estimator state (RARTS' second copy of the weights; ``()`` for
   the others), threaded by the caller like an optax state.
+- ``est.staged``: ``None``, or a :class:`Staged` form of an estimator built around a solver loop
+  (``implicit`` with CG or Neumann): ``prepare -> carry``, ``iterate(carry) -> carry`` (one
+  solver iteration, a no-op once converged) and ``finish(carry) -> HypergradResult``, so that a
+  host loop can run them as separately compiled programs (``est.bind`` builds their input,
+  ``est.compute_staged`` chains them). On XLA:CPU the products inside a compiled ``while_loop``
+  run through a slow convolution emitter and the fused loop compiles for minutes; the stages keep
+  every product outside a loop (issue #20, BUILD_NOTES section 5, round 6).
 
 The second-order products use ``jax.linearize`` of ``jax.grad`` (forward-over-reverse, i.e.
 ``jax.jvp`` of ``jax.grad`` with the primal pass shared): one linearization at ``(w, arch)`` gives
@@ -61,6 +68,45 @@ class Context(NamedTuple):
     step: Any
 
 
+class Problem(NamedTuple):
+    """One bilevel problem instance, the input of every stage of a :class:`Staged` estimator.
+
+    Built by :meth:`Hypergradient.bind` (inside each compiled stage: the losses are closures and
+    never cross a program boundary). ``loss_train`` / ``loss_val`` return ``(value, aux)``.
+    """
+
+    loss_train: Callable[..., tuple[Any, Any]]
+    loss_val: Callable[..., tuple[Any, Any]]
+    weights: PyTree
+    arch: PyTree
+    batch_train: Any
+    batch_val: Any
+    ctx: Context
+
+
+class Staged(NamedTuple):
+    """An estimator's solver loop unrolled into stages a host loop chains (optax-style: pure
+    functions; the carry is a pytree of arrays).
+
+    Attributes:
+      prepare: ``Problem -> carry`` (the gradients the solve needs, the solver's initial state).
+      iterate: ``(Problem, carry) -> carry``, one solver iteration; once ``converged(carry)`` it
+        returns ``carry`` unchanged, so ``max_iterations`` calls equal the fused ``while_loop``
+        with its tolerance, and a host may stop as soon as ``converged`` holds (which is never
+        before the first call: an iteration may fill in what its products compute anyway, e.g.
+        the training gradient, the primal of a Hessian-vector product).
+      finish: ``(Problem, carry) -> HypergradResult``, equal to the fused ``impl``'s result.
+      converged: ``carry -> bool`` (a scalar array).
+      max_iterations: iterations after which ``converged`` always holds.
+    """
+
+    prepare: Callable[[Problem], PyTree]
+    iterate: Callable[[Problem, PyTree], PyTree]
+    finish: Callable[[Problem, PyTree], HypergradResult]
+    converged: Callable[[PyTree], jax.Array]
+    max_iterations: int
+
+
 def _no_state(weights: PyTree) -> PyTree:
     del weights
     return ()
@@ -76,12 +122,44 @@ class Hypergradient:
         losses return ``(value, aux)``; returns a :class:`HypergradResult`.
       init: ``weights -> state``.
       options: the constructor's options, for printing and hashing.
+      staged: the same estimator as separately runnable stages (:class:`Staged`), or ``None``.
     """
 
     name: str
     impl: Callable[..., HypergradResult] = dataclasses.field(repr=False)
     init: Callable[[PyTree], PyTree] = dataclasses.field(default=_no_state, repr=False)
     options: tuple = ()
+    staged: Staged | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def bind(self, loss_train: Loss, loss_val: Loss, weights: PyTree, arch: PyTree, batch_train: Any,
+             batch_val: Any, *, has_aux: bool = False, state: PyTree = None,
+             momentum_buffer: PyTree | None = None, step: Any = 0) -> Problem:
+        """The :class:`Problem` the stages of :attr:`staged` take (arguments as :meth:`compute`)."""
+        if state is None:
+            state = self.init(weights)
+        return Problem(with_aux(loss_train, has_aux), with_aux(loss_val, has_aux), weights, arch,
+                       batch_train, batch_val, Context(state, momentum_buffer, step))
+
+    def compute_staged(self, loss_train: Loss, loss_val: Loss, weights: PyTree, arch: PyTree,
+                       batch_train: Any, batch_val: Any, *, has_aux: bool = False, state: PyTree = None,
+                       momentum_buffer: PyTree | None = None, step: Any = 0) -> HypergradResult:
+        """:meth:`compute` through the stages: ``prepare``, ``max_iterations`` times ``iterate``,
+        ``finish`` (each may be jitted apart by the caller; here they run as given).
+
+        Raises:
+          ValueError: the estimator has no staged form (``staged is None``).
+        """
+        if self.staged is None:
+            raise ValueError(f"hypergradient {self.name!r} with {dict(self.options)} has no staged form")
+        problem = self.bind(loss_train, loss_val, weights, arch, batch_train, batch_val, has_aux=has_aux,
+                            state=state, momentum_buffer=momentum_buffer, step=step)
+        carry = self.staged.prepare(problem)
+        for _ in range(self.staged.max_iterations):
+            carry = self.staged.iterate(problem, carry)
+        res = self.staged.finish(problem, carry)
+        if not has_aux:
+            res = res._replace(train_aux=None, val_aux=None)
+        return res
 
     def compute(self, loss_train: Loss, loss_val: Loss, weights: PyTree, arch: PyTree,
                 batch_train: Any, batch_val: Any, *, has_aux: bool = False, state: PyTree = None,
@@ -170,6 +248,22 @@ def linearize_grad(loss: Callable, weights: PyTree, arch: PyTree, batch: Any) ->
 
     (gw, ga), tangent, (value, aux) = jax.linearize(g, weights, has_aux=True)
     return Linearization(value, aux, gw, ga, tangent)
+
+
+def grad_and_tangent(loss: Callable, weights: PyTree, arch: PyTree, batch: Any, v: PyTree):
+    """``value, aux, dL/dw, (H_ww v, H_aw v)`` by ``jax.jvp`` of the gradient w.r.t. ``(w, arch)``.
+
+    The primal pass is recomputed at every call (nothing kept between calls, unlike
+    :func:`linearize_grad`, whose residuals would have to cross program boundaries: 10.4 GiB at
+    the full DARTS size); its outputs, the loss and the training gradient, come back too.
+    """
+
+    def g(w):
+        (value, aux), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(w, arch, batch)
+        return grads, (value, aux)
+
+    (g_w, _), tangent, (value, aux) = jax.jvp(g, (weights,), (v,), has_aux=True)
+    return value, aux, g_w, tangent
 
 
 def mixed_hvp(loss: Callable, weights: PyTree, arch: PyTree, batch: Any, v: PyTree) -> PyTree:

@@ -8,9 +8,9 @@ from typing import Any
 
 from .objective import LossContext, Objective
 from .state import SearchState, init_search_state
-from .step import arch_entropy, cross_entropy, make_step
+from .step import StepStages, arch_entropy, cross_entropy, make_step
 
-__all__ = ["SearchState", "init_search_state", "make_step", "arch_entropy", "cross_entropy", "Objective",
+__all__ = ["SearchState", "init_search_state", "make_step", "StepStages", "arch_entropy", "cross_entropy", "Objective",
            "LossContext"]
 
 

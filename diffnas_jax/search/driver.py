@@ -62,11 +62,11 @@ from .logging import MetricsLogger, read_jsonl, to_jsonable
 from ..spaces.base import SearchSpace
 
 __all__ = ["SearchConfig", "search_to_dir", "run_search", "build_search", "UndecidedSearchWarning", "SearchSetup",
-           "RunInUseError", "make_space", "make_mesh", "shard_batch", "replicate"]
+           "RunInUseError", "make_space", "make_mesh", "shard_batch", "replicate", "StagedStep"]
 
 # fields that do not change the trajectory (outputs, resume, budgets): left out of the fingerprint
 _NOT_TRAJECTORY = ("out", "resume", "progress", "tensorboard", "plots", "max_steps", "checkpoint_every",
-                   "compile_cache")
+                   "compile_cache", "staged_step")
 
 
 class RunInUseError(RuntimeError):
@@ -102,6 +102,11 @@ class SearchConfig:
       compile_cache: persistent XLA cache directory, ``"off"``, or ``None`` (``DIFFNAS_COMPILE_CACHE``,
         else JAX's configured one, else ``$XDG_CACHE_HOME/diffnas_jax/xla``; see
         :mod:`diffnas_jax.search.compile_cache`).
+      staged_step: when the estimator has a staged form (``implicit`` with CG or Neumann), run the
+        step as separately compiled programs (gradients, one solver iteration, update) chained
+        by a host loop instead of one program with the solver's ``while_loop`` (same step up to
+        rounding; on XLA:CPU the fused loop compiles for minutes and runs its convolutions on a
+        slow path). ``False``: always the one fused program. Not part of the fingerprint.
     """
 
     space: str = "nb201"
@@ -130,6 +135,7 @@ class SearchConfig:
     plots: bool = True
     max_steps: int | None = None
     compile_cache: str | None = None
+    staged_step: bool = True
 
     def __post_init__(self):
         from .._checks import check_choice
@@ -159,6 +165,8 @@ class SearchConfig:
         if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
                                            or self.max_steps < 1):
             raise ValueError(f"`max_steps` must be a positive int or None, got {self.max_steps!r}")
+        if not isinstance(self.staged_step, bool):
+            raise TypeError(f"`staged_step` must be a bool, got {type(self.staged_step).__name__}")
         if self.checkpoint_every < 0:
             raise ValueError(f"`checkpoint_every` must be >= 0, got {self.checkpoint_every}")
         if self.seeds is not None:
@@ -364,23 +372,101 @@ def make_jitted_step(setup: SearchSetup) -> Callable:
     """``jstep(state, batch_train, batch_val, keys, frozen) -> (state, metrics)``, jit-compiled.
 
     ``frozen`` (a traced bool) keeps the architecture and its optimizer state during a method's
-    warm-up epochs, in the same compiled program.
+    warm-up epochs, in the same compiled program. When the step has stages
+    (:class:`~diffnas_jax.search.step.StepStages`) and ``config.staged_step`` is on, ``jstep`` is
+    a :class:`StagedStep`: the stages jitted apart (vmapped, guarded and donating alike).
     """
     from .loop import with_finiteness_flags
 
-    # finite_* flags ride along with the metrics: the loop stops on the first non-finite step
-    step = with_finiteness_flags(setup.step_fn)
+    vmapped = setup.config.vmapped
+    # a SearchSetup built by hand may hold any step function: no stages then
+    stages = getattr(setup.step_fn, "stages", None) if setup.config.staged_step else None
 
-    def guarded(state, bt, bv, key, frozen):
-        new, metrics = step(state, bt, bv, key)
+    def freeze(new, state, frozen):
         keep = lambda n, o: jnp.where(frozen, o, n)  # noqa: E731
-        new = new.replace(arch=jax.tree.map(keep, new.arch, state.arch),
-                          arch_opt_state=jax.tree.map(keep, new.arch_opt_state, state.arch_opt_state))
-        return new, metrics
+        return new.replace(arch=jax.tree.map(keep, new.arch, state.arch),
+                           arch_opt_state=jax.tree.map(keep, new.arch_opt_state, state.arch_opt_state))
 
-    if setup.config.vmapped:
-        guarded = jax.vmap(guarded, in_axes=(0, 0, 0, 0, None))
-    return jax.jit(guarded, donate_argnums=(0,))
+    if stages is None:
+        # finite_* flags ride along with the metrics: the loop stops on the first non-finite step
+        step = with_finiteness_flags(setup.step_fn)
+
+        def guarded(state, bt, bv, key, frozen):
+            new, metrics = step(state, bt, bv, key)
+            return freeze(new, state, frozen), metrics
+
+        if vmapped:
+            guarded = jax.vmap(guarded, in_axes=(0, 0, 0, 0, None))
+        return jax.jit(guarded, donate_argnums=(0,))
+
+    finish = with_finiteness_flags(stages.finish)
+
+    def guarded_finish(state, bt, bv, key, frozen, carry):
+        new, metrics = finish(state, bt, bv, key, carry)
+        return freeze(new, state, frozen), metrics
+
+    def iterate(state, bt, bv, key, carry):
+        carry = stages.iterate(state, bt, bv, key, carry)
+        return carry, stages.converged(carry)
+
+    prepare = stages.prepare
+    if vmapped:
+        prepare = jax.vmap(prepare)
+        iterate = jax.vmap(iterate)
+        guarded_finish = jax.vmap(guarded_finish, in_axes=(0, 0, 0, 0, None, 0))
+    return StagedStep(jax.jit(prepare), jax.jit(iterate, donate_argnums=(4,)),
+                      jax.jit(guarded_finish, donate_argnums=(0,)), stages.max_iterations)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedStep:
+    """The search step as three compiled programs and the host loop that chains them.
+
+    ``prepare(state, bt, bv, keys) -> carry``, ``iterate(state, bt, bv, keys, carry) -> (carry,
+    converged)`` (run until every seed has converged, at most ``max_iterations`` times) and
+    ``finish(state, bt, bv, keys, frozen, carry) -> (state, metrics)``; called like the fused
+    ``jstep``. The carry never leaves the device; the host reads one bool per seed per iteration.
+    """
+
+    prepare: Callable
+    iterate: Callable
+    finish: Callable
+    max_iterations: int
+
+    def __call__(self, state, bt, bv, keys, frozen):
+        carry = self.prepare(state, bt, bv, keys)
+        for _ in range(self.max_iterations):
+            carry, converged = self.iterate(state, bt, bv, keys, carry)
+            if bool(np.all(jax.device_get(converged))):
+                break
+        return self.finish(state, bt, bv, keys, frozen, carry)
+
+    def compile(self, args: tuple) -> tuple["StagedStep", dict]:
+        """Lower and compile the three programs for ``args`` (the ``jstep`` arguments); returns the
+        compiled step and the summed tracing and XLA times."""
+        state, bt, bv, keys, frozen = args
+        times = {}
+
+        def aot(name, fn, *fargs):
+            t0 = time.time()
+            lowered = fn.lower(*fargs)
+            t1 = time.time()
+            with xla_log_to_debug():
+                compiled = lowered.compile()
+            times[name] = (t1 - t0, time.time() - t1)
+            return compiled
+
+        prepare = aot("prepare", self.prepare, state, bt, bv, keys)
+        # the carry's shapes and placement as prepare leaves it: the next programs compile for that
+        carry = jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s),
+                             prepare.out_info, prepare.output_shardings)
+        iterate = aot("iterate", self.iterate, state, bt, bv, keys, carry)
+        finish = aot("finish", self.finish, state, bt, bv, keys, frozen, carry)
+        return (StagedStep(prepare, iterate, finish, self.max_iterations),
+                {"trace_s": round(sum(t for t, _ in times.values()), 2),
+                 "xla_compile_s": round(sum(c for _, c in times.values()), 2), "programs": len(times),
+                 "per_program": {k: {"trace_s": round(t, 2), "xla_compile_s": round(c, 2)}
+                                 for k, (t, c) in times.items()}})
 
 
 def step_keys(config: SearchConfig, step: int) -> jax.Array:
@@ -586,6 +672,11 @@ def _compile(jstep: Callable, args: tuple) -> tuple[Callable, dict]:
     """
     print("compiling the search step (first run only; cached afterwards) ...", end="", file=sys.stderr,
           flush=True)
+    if isinstance(jstep, StagedStep):
+        compiled, times = jstep.compile(args)
+        print(f" {times['trace_s'] + times['xla_compile_s']:.1f} s (tracing {times['trace_s']:.1f} s, "
+              f"XLA {times['xla_compile_s']:.1f} s; {times['programs']} programs)", file=sys.stderr, flush=True)
+        return compiled, times
     t0 = time.time()
     lowered = jstep.lower(*args)
     t1 = time.time()

@@ -33,7 +33,27 @@ from .state import SearchState
 PyTree = Any
 Batch = tuple[jax.Array, jax.Array]
 
-__all__ = ["make_step", "cross_entropy", "arch_entropy"]
+__all__ = ["make_step", "StepStages", "cross_entropy", "arch_entropy"]
+
+
+class StepStages(NamedTuple):
+    """The search step as stages, when its estimator has a staged form (``step.stages``).
+
+    ``step(ss, bt, bv, key)`` equals (up to rounding) ``carry = prepare(ss, bt, bv, key)``, then
+    ``carry = iterate(ss, bt, bv, key, carry)`` ``max_iterations`` times (or until
+    ``converged(carry)``: later calls return the carry unchanged), then ``finish(ss, bt, bv, key,
+    carry) -> (search_state, metrics)``. Each stage rebuilds the losses from the state and key;
+    only the carry (a pytree of arrays) passes between them, so each can be its own compiled
+    program (vmapped over seeds like the step) chained by a host loop: that keeps the solver's
+    products out of a compiled ``while_loop`` (XLA:CPU's slow path; see
+    :attr:`diffnas_jax.hypergrad.Hypergradient.staged`).
+    """
+
+    prepare: Callable[..., PyTree]
+    iterate: Callable[..., PyTree]
+    finish: Callable[..., tuple[SearchState, dict[str, jax.Array]]]
+    converged: Callable[[PyTree], jax.Array]
+    max_iterations: int
 
 
 class _LossAux(NamedTuple):
@@ -119,6 +139,8 @@ def make_step(space: SearchSpace, relaxation: Callable[[PyTree, jax.Array, Any],
       virtual weights of ``unrolled``), ``arch_entropy`` (after the update), ``arch_grad_norm``,
       ``weight_grad_norm`` (before clipping) and ``temperature`` when the relaxation has one.
       Pure: wrap it in ``jax.jit``; ``jax.vmap`` over a leading seed axis of the state (and key).
+      ``step.stages`` is a :class:`StepStages` when the estimator has a staged form (``None``
+      otherwise): the same step as separately compilable programs.
     """
     if not isinstance(hypergradient, Hypergradient):
         raise TypeError("`hypergradient` must be a diffnas_jax.hypergrad estimator, got "
@@ -143,8 +165,8 @@ def make_step(space: SearchSpace, relaxation: Callable[[PyTree, jax.Array, Any],
     elif not isinstance(objective, Objective):
         raise TypeError(f"`objective` must be a diffnas_jax.search.objective.Objective, got {type(objective).__name__}")
 
-    def step(ss: SearchState, batch_train: Batch, batch_val: Batch,
-             key: jax.Array | None = None) -> tuple[SearchState, dict[str, jax.Array]]:
+    def losses(ss: SearchState, key: jax.Array | None):
+        """The two loss closures of the step, and the state's next key (same in every stage)."""
         if key is None:
             key, next_key = jax.random.split(ss.key)
         else:
@@ -170,13 +192,15 @@ def make_step(space: SearchSpace, relaxation: Callable[[PyTree, jax.Array, Any],
                 return value, _LossAux(new_state, acc)
             return loss
 
-        loss_train = make_loss(k_relax_t, k_net_t, "train")
-        loss_val = make_loss(k_relax_v, k_net_v, "val")
+        return make_loss(k_relax_t, k_net_t, "train"), make_loss(k_relax_v, k_net_v, "val"), next_key
 
+    def estimator_args(ss, batch_train, batch_val, loss_train, loss_val):
+        return ((loss_train, loss_val, ss.weights, ss.arch, batch_train, batch_val),
+                dict(has_aux=True, state=ss.hyper_state, momentum_buffer=_momentum_buffer(ss.weight_opt_state),
+                     step=ss.step))
+
+    def apply_result(ss, res, batch_train, batch_val, loss_train, loss_val, next_key):
         # Architecture step.
-        res = hypergradient.compute(loss_train, loss_val, ss.weights, ss.arch, batch_train, batch_val,
-                                    has_aux=True, state=ss.hyper_state,
-                                    momentum_buffer=_momentum_buffer(ss.weight_opt_state), step=ss.step)
         a_updates, arch_opt_state = arch_opt.update(res.d_arch, ss.arch_opt_state, ss.arch)
         arch = optax.apply_updates(ss.arch, a_updates)
 
@@ -212,4 +236,33 @@ def make_step(space: SearchSpace, relaxation: Callable[[PyTree, jax.Array, Any],
                              objective_state=objective_state)
         return new_ss, metrics
 
+    def step(ss: SearchState, batch_train: Batch, batch_val: Batch,
+             key: jax.Array | None = None) -> tuple[SearchState, dict[str, jax.Array]]:
+        loss_train, loss_val, next_key = losses(ss, key)
+        args, kwargs = estimator_args(ss, batch_train, batch_val, loss_train, loss_val)
+        res = hypergradient.compute(*args, **kwargs)
+        return apply_result(ss, res, batch_train, batch_val, loss_train, loss_val, next_key)
+
+    step.stages = None
+    staged = hypergradient.staged
+    if staged is not None:
+        def problem(ss, batch_train, batch_val, key):
+            loss_train, loss_val, next_key = losses(ss, key)
+            args, kwargs = estimator_args(ss, batch_train, batch_val, loss_train, loss_val)
+            return hypergradient.bind(*args, **kwargs), next_key
+
+        def prepare(ss: SearchState, batch_train: Batch, batch_val: Batch, key: jax.Array | None = None) -> PyTree:
+            return staged.prepare(problem(ss, batch_train, batch_val, key)[0])
+
+        def iterate(ss: SearchState, batch_train: Batch, batch_val: Batch, key: jax.Array | None,
+                    carry: PyTree) -> PyTree:
+            return staged.iterate(problem(ss, batch_train, batch_val, key)[0], carry)
+
+        def finish(ss: SearchState, batch_train: Batch, batch_val: Batch, key: jax.Array | None,
+                   carry: PyTree) -> tuple[SearchState, dict[str, jax.Array]]:
+            pr, next_key = problem(ss, batch_train, batch_val, key)
+            res = staged.finish(pr, carry)
+            return apply_result(ss, res, batch_train, batch_val, pr.loss_train, pr.loss_val, next_key)
+
+        step.stages = StepStages(prepare, iterate, finish, staged.converged, staged.max_iterations)
     return step
