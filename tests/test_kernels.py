@@ -243,3 +243,20 @@ def test_hybrid_primal_and_max_pool_do_not_copy_their_producer_into_each_tap():
     for f, args in ((conv, (x, k)), (jax.grad(loss, (0, 1)), (x, k)), (pool, (x,)),
                     (jax.grad(lambda x: jnp.sum(pool(x) ** 2)), (x,))):
         assert jax.jit(f).lower(*args).compile().as_text().count(" sine(") == 1
+
+
+def test_hybrid_convolutions_of_one_input_share_its_padded_copy():
+    # A DARTS edge group's 3x3, 5x5 and dilated 5x5 convolutions read one state with paddings 1, 2
+    # and 4; padded alike (kernels._SHARED_PAD), XLA keeps one padded copy and computes the
+    # state's producer once instead of once per padding, in the value and in the gradient.
+    x = jnp.ones((2, 8, 8, 4), jnp.float32)
+    k3, k5 = jnp.ones((3, 3, 1, 4), jnp.float32), jnp.ones((5, 5, 1, 4), jnp.float32)
+
+    def f(x, k3, k5):
+        y = jnp.sin(x)
+        return (kernels.depthwise_conv_hybrid(y, k3, (1, 1), (1, 1), (1, 1))
+                + kernels.depthwise_conv_hybrid(y, k5, (1, 1), (2, 2), (1, 1))
+                + kernels.depthwise_conv_hybrid(y, k5, (1, 1), (4, 4), (2, 2)))
+
+    for g in (f, jax.grad(lambda *a: jnp.sum(f(*a) ** 2), (0, 1, 2))):
+        assert jax.jit(g).lower(x, k3, k5).compile().as_text().count(" sine(") == 1
