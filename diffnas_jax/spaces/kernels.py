@@ -22,7 +22,8 @@ first-order weight step at C=16, 8 layers, batch 32, 32x32 on the idle 2-core CP
 against 17.2 s grouped (PyTorch 5.3 s in the same runs), compile 87 s against 48 s, StableHLO
 148k against 72k lines (BUILD_NOTES section 5); the shared padded copy and the pad barrier
 (notes/hybridc.md) then cut the hybrid's compile by about a third in A/B runs on a loaded
-machine (121-123 s -> 79-85 s), not yet measured idle.
+machine (121-123 s -> 79-85 s); near idle after them: compile 61.9 s, step 5.98 s against
+PyTorch's 5.63 s.
 
 The kernel gradient is where XLA:CPU loses most at the supernet's sizes: it has no batch-grouped
 convolution, so the kernel gradient of a grouped depthwise convolution (``batch_group_count``) is
