@@ -229,3 +229,34 @@ def test_hybrid_kernel_gradient_is_not_a_convolution():
 
     assert " convolution(" in hlo(kernels.depthwise_conv_grouped)
     assert " convolution(" not in hlo(kernels.depthwise_conv_hybrid)
+
+
+def test_hybrid_primal_and_max_pool_do_not_copy_their_producer_into_each_tap():
+    # XLA's simplifier rewrites slice(pad(f(x))) into pad(slice(f(x))) per tap, copying x's
+    # producer into every shifted slice (a DARTS cell's BN / ReLU chain, 9-25 times per
+    # convolution); the barrier between pad and slices keeps one copy (compile time, not values).
+    x = jnp.ones((2, 8, 8, 4), jnp.float32)
+    k = jnp.ones((5, 5, 1, 4), jnp.float32)
+    conv = lambda x, k: kernels.depthwise_conv_hybrid(jnp.sin(x), k, (1, 1), (2, 2), (1, 1))  # noqa: E731
+    loss = lambda x, k: jnp.sum(conv(x, k) ** 2)  # noqa: E731
+    pool = lambda x: layers.max_pool(jnp.sin(x), 3, 1, 1)  # noqa: E731
+    for f, args in ((conv, (x, k)), (jax.grad(loss, (0, 1)), (x, k)), (pool, (x,)),
+                    (jax.grad(lambda x: jnp.sum(pool(x) ** 2)), (x,))):
+        assert jax.jit(f).lower(*args).compile().as_text().count(" sine(") == 1
+
+
+def test_hybrid_convolutions_of_one_input_share_its_padded_copy():
+    # A DARTS edge group's 3x3, 5x5 and dilated 5x5 convolutions read one state with paddings 1, 2
+    # and 4; padded alike (kernels._SHARED_PAD), XLA keeps one padded copy and computes the
+    # state's producer once instead of once per padding, in the value and in the gradient.
+    x = jnp.ones((2, 8, 8, 4), jnp.float32)
+    k3, k5 = jnp.ones((3, 3, 1, 4), jnp.float32), jnp.ones((5, 5, 1, 4), jnp.float32)
+
+    def f(x, k3, k5):
+        y = jnp.sin(x)
+        return (kernels.depthwise_conv_hybrid(y, k3, (1, 1), (1, 1), (1, 1))
+                + kernels.depthwise_conv_hybrid(y, k5, (1, 1), (2, 2), (1, 1))
+                + kernels.depthwise_conv_hybrid(y, k5, (1, 1), (4, 4), (2, 2)))
+
+    for g in (f, jax.grad(lambda *a: jnp.sum(f(*a) ** 2), (0, 1, 2))):
+        assert jax.jit(g).lower(x, k3, k5).compile().as_text().count(" sine(") == 1

@@ -16,10 +16,14 @@ against ~100); this made the DARTS supernet take ten minutes to compile.
 ``hybrid`` (opt-in on CPU): a custom JVP whose primal and input tangent are shifted multiplies
 (XLA fuses each into one loop; the input gradient is their transpose, shifted pads) and whose
 kernel tangent is :func:`_tap_scan`, one ``lax.scan`` over the taps (its transpose, the kernel
-gradient, is one multiply-reduce per tap in one loop body).  DARTS first-order weight step at
-C=16, 8 layers, batch 32, 32x32 on the idle 2-core CPU: step 6.5 s against 17.2 s grouped (PyTorch
-5.3 s in the same runs), compile 87 s against 48 s, StableHLO 148k against 72k lines
-(BUILD_NOTES section 5).
+gradient, is one multiply-reduce per tap in one loop body).  The primal reads one padded copy of
+its input, padded at least :data:`_SHARED_PAD` so that convolutions of one tensor share it.  DARTS
+first-order weight step at C=16, 8 layers, batch 32, 32x32 on the idle 2-core CPU: step 6.5 s
+against 17.2 s grouped (PyTorch 5.3 s in the same runs), compile 87 s against 48 s, StableHLO
+148k against 72k lines (BUILD_NOTES section 5); the shared padded copy and the pad barrier
+(notes/hybridc.md) then cut the hybrid's compile by about a third in A/B runs on a loaded
+machine (121-123 s -> 79-85 s); near idle after them: compile 61.9 s, step 5.98 s against
+PyTorch's 5.63 s.
 
 The kernel gradient is where XLA:CPU loses most at the supernet's sizes: it has no batch-grouped
 convolution, so the kernel gradient of a grouped depthwise convolution (``batch_group_count``) is
@@ -66,8 +70,9 @@ def default_formulation(backend: str | None = None) -> str:
 
     ``$DIFFNAS_DEPTHWISE`` (one of :data:`FORMULATIONS`) overrides it; otherwise ``"grouped"``
     on every backend (the native cuDNN / TPU kernel; on XLA:CPU the fastest to compile). On CPU
-    ``"hybrid"`` steps the full-size DARTS supernet 2.6x faster but compiles 1.8x longer (see the
-    module docstring): worth it for a long search whose compile the persistent cache keeps.
+    ``"hybrid"`` steps the full-size DARTS supernet 2.6x faster but compiles longer (1.8x before
+    the shared padded copy; see the module docstring): worth it for a long search whose compile
+    the persistent cache keeps.
     Chosen at trace time, so a program is specialised for the backend it is traced on.
     """
     backend = jax.default_backend() if backend is None else backend
@@ -128,18 +133,47 @@ def _padded_input(x: Array, kernel_size: tuple[int, int], stride: tuple[int, int
     return jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0))), ho, wo
 
 
+# The least zero padding of a hybrid depthwise input.  The convolutions that read one tensor with
+# different paddings (a DARTS edge group's 3x3, 5x5 and dilated ones: 1, 2, 2 and 4) then pad it
+# identically, so XLA keeps one padded copy; with a padded copy per padding it recomputed the
+# tensor's producer (a node state's mixing and BN chain) in each of them.  Full-size DARTS weight
+# step, hybrid, A/B at load ~1-3: compile 100 -> 80 s (notes/hybridc.md).
+_SHARED_PAD = 4
+
+
+def _shared_padded_input(x: Array, kernel_size: tuple[int, int], stride: tuple[int, int],
+                         padding: tuple[int, int], dilation: tuple[int, int]
+                         ) -> tuple[Array, tuple[int, int], int, int]:
+    """``x`` zero-padded by ``max(_SHARED_PAD, padding)`` in H and W, the offset of the requested
+    padding inside it, and the output height and width."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    ho = conv_out_size(x.shape[1], kh, sh, ph, dh)
+    wo = conv_out_size(x.shape[2], kw, sw, pw, dw)
+    qh, qw = max(_SHARED_PAD, ph), max(_SHARED_PAD, pw)
+    return jnp.pad(x, ((0, 0), (qh, qh), (qw, qw), (0, 0))), (qh - ph, qw - pw), ho, wo
+
+
 def _shifted(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int],
-             dilation: tuple[int, int]) -> Array:
+             dilation: tuple[int, int], pad_barrier: bool = False) -> Array:
     kh, kw = kernel.shape[0], kernel.shape[1]
     (sh, sw), (dh, dw) = stride, dilation
     n, c = x.shape[0], x.shape[3]
-    xp, ho, wo = _padded_input(x, (kh, kw), stride, padding, dilation)
+    if pad_barrier:
+        xp, (oh, ow), ho, wo = _shared_padded_input(x, (kh, kw), stride, padding, dilation)
+        # XLA's algebraic simplifier rewrites each tap's slice(pad(f(x))) into pad(slice(f(x))),
+        # which copies x's elementwise producer f (a cell's BN / ReLU chain) into every tap.
+        # The barrier stops that rewrite; XLA:CPU drops it before fusion, so it costs nothing at
+        # run time (hybrid primal, DARTS cell at C=16, batch 32, 32x32: fused HLO instructions
+        # 25.8k -> 22.1k, compile -20 %).
+        xp = lax.optimization_barrier(xp)
+    else:
+        (xp, ho, wo), oh, ow = _padded_input(x, (kh, kw), stride, padding, dilation), 0, 0
     k = kernel.reshape(kh, kw, c).astype(x.dtype)
     out = None
     for i in range(kh):
         for j in range(kw):
-            patch = lax.slice(xp, (0, i * dh, j * dw, 0),
-                              (n, i * dh + sh * (ho - 1) + 1, j * dw + sw * (wo - 1) + 1, c),
+            patch = lax.slice(xp, (0, oh + i * dh, ow + j * dw, 0),
+                              (n, oh + i * dh + sh * (ho - 1) + 1, ow + j * dw + sw * (wo - 1) + 1, c),
                               (1, sh, sw, 1))
             term = patch * k[i, j]
             out = term if out is None else out + term
@@ -178,8 +212,9 @@ def _tap_scan(x: Array, kernel_dot: Array, stride: tuple[int, int], padding: tup
     kh, kw = kernel_dot.shape[0], kernel_dot.shape[1]
     (sh, sw), (dh, dw) = stride, dilation
     n, c = x.shape[0], x.shape[3]
-    xp, ho, wo = _padded_input(x, (kh, kw), stride, padding, dilation)
-    offsets = jnp.asarray([(i * dh, j * dw) for i in range(kh) for j in range(kw)], jnp.int32)
+    # the primal's padded copy (same padding), not a second one
+    xp, (oh, ow), ho, wo = _shared_padded_input(x, (kh, kw), stride, padding, dilation)
+    offsets = jnp.asarray([(oh + i * dh, ow + j * dw) for i in range(kh) for j in range(kw)], jnp.int32)
     taps = kernel_dot.reshape(kh * kw, c).astype(x.dtype)
 
     @jax.checkpoint
@@ -198,7 +233,7 @@ def _tap_scan(x: Array, kernel_dot: Array, stride: tuple[int, int], padding: tup
 
 
 _grouped_strided = _make_hybrid(_grouped, _grouped_unit_stride, _grouped)
-_hybrid = _make_hybrid(_shifted, _shifted, _tap_scan)
+_hybrid = _make_hybrid(functools.partial(_shifted, pad_barrier=True), _shifted, _tap_scan)
 
 
 def depthwise_conv_grouped(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int],

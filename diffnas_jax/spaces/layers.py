@@ -309,6 +309,10 @@ def _window_slices(x: Array, k: int, stride: int, pad_value: float, padding: int
     ho = conv_out_size(h, k, stride, padding)
     wo = conv_out_size(w, k, stride, padding)
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=pad_value)
+    # Between the pad and the slices: XLA's simplifier would rewrite each slice(pad(f(x))) into
+    # pad(slice(f(x))), copying x's producer f into every window slice.  XLA:CPU removes the
+    # barrier before fusion (no run-time cost); in front of the pad it had no effect.
+    xp = lax.optimization_barrier(xp)
     for i in range(k):
         for j in range(k):
             yield lax.slice(xp, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
@@ -348,12 +352,12 @@ def max_pool(x: Array, kernel_size: int, stride: int, padding: int = 0) -> Array
     Written as an elementwise maximum of ``k*k`` shifted slices: the ``reduce_window`` form
     differentiates into ``select_and_scatter``, which XLA on CPU compiles and runs very slowly
     (minutes of compile inside the vmapped DARTS cell).  On exact ties inside a window the
-    gradient is shared between the tied cells instead of going to the first one. The barrier
-    keeps XLA from fusing the producer of ``x`` into each of the ``k*k`` slices (see
-    :func:`avg_pool`).
+    gradient is shared between the tied cells instead of going to the first one. A barrier on
+    the padded input keeps XLA from copying the producer of ``x`` into each of the ``k*k``
+    slices (see :func:`avg_pool`).
     """
     out = None
-    for s in _window_slices(lax.optimization_barrier(x), kernel_size, stride, -np.inf, padding):
+    for s in _window_slices(x, kernel_size, stride, -np.inf, padding):
         out = s if out is None else jnp.maximum(out, s)
     return out
 
