@@ -177,7 +177,8 @@ def test_strided_grouped_jvp_equals_xla_autodiff(k, stride, padding, dilation):
 
 def test_default_formulation_per_backend(monkeypatch):
     monkeypatch.delenv("DIFFNAS_DEPTHWISE", raising=False)
-    assert kernels.default_formulation("cpu") == kernels.default_formulation("gpu") == "grouped"
+    assert kernels.default_formulation("cpu") == "hybrid"
+    assert kernels.default_formulation("gpu") == kernels.default_formulation("tpu") == "grouped"
     monkeypatch.setenv("DIFFNAS_DEPTHWISE", "hybrid")
     assert kernels.default_formulation("cpu") == kernels.default_formulation("tpu") == "hybrid"
     monkeypatch.setenv("DIFFNAS_DEPTHWISE", "fast")

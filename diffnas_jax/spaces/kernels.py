@@ -13,17 +13,15 @@ took 30-80 ms against 1-5 ms for the forward pass (stride-2 DARTS edges).
 JAX.  ~10 HLO ops per kernel tap (a 5x5 kernel's value and gradient: ~1000 optimised HLO lines
 against ~100); this made the DARTS supernet take ten minutes to compile.
 
-``hybrid`` (opt-in on CPU): a custom JVP whose primal and input tangent are shifted multiplies
+``hybrid`` (the default on CPU): a custom JVP whose primal and input tangent are shifted multiplies
 (XLA fuses each into one loop; the input gradient is their transpose, shifted pads) and whose
 kernel tangent is :func:`_tap_scan`, one ``lax.scan`` over the taps (its transpose, the kernel
 gradient, is one multiply-reduce per tap in one loop body).  The primal reads one padded copy of
-its input, padded at least :data:`_SHARED_PAD` so that convolutions of one tensor share it.  DARTS
-first-order weight step at C=16, 8 layers, batch 32, 32x32 on the idle 2-core CPU: step 6.5 s
-against 17.2 s grouped (PyTorch 5.3 s in the same runs), compile 87 s against 48 s, StableHLO
-148k against 72k lines (BUILD_NOTES section 5); the shared padded copy and the pad barrier
-(notes/hybridc.md) then cut the hybrid's compile by about a third in A/B runs on a loaded
-machine (121-123 s -> 79-85 s); near idle after them: compile 61.9 s, step 5.98 s against
-PyTorch's 5.63 s.
+its input, padded at least :data:`_SHARED_PAD` so that convolutions of one tensor share it, behind
+an ``optimization_barrier`` that keeps XLA's simplifier from copying the input's producer into
+every tap.  DARTS first-order weight step at C=16, 8 layers, batch 32, 32x32 on the idle 2-core
+CPU (BUILD_NOTES section 5): step 6.1 s against 17.1 s grouped (PyTorch 5.4-5.8 s in the same
+runs), compile 66.8 s against 42.3 s.
 
 The kernel gradient is where XLA:CPU loses most at the supernet's sizes: it has no batch-grouped
 convolution, so the kernel gradient of a grouped depthwise convolution (``batch_group_count``) is
@@ -68,15 +66,14 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: i
 def default_formulation(backend: str | None = None) -> str:
     """The depthwise formulation used for ``backend`` (default: ``jax.default_backend()``).
 
-    ``$DIFFNAS_DEPTHWISE`` (one of :data:`FORMULATIONS`) overrides it; otherwise ``"grouped"``
-    on every backend (the native cuDNN / TPU kernel; on XLA:CPU the fastest to compile). On CPU
-    ``"hybrid"`` steps the full-size DARTS supernet 2.6x faster but compiles longer (1.8x before
-    the shared padded copy; see the module docstring): worth it for a long search whose compile
-    the persistent cache keeps.
-    Chosen at trace time, so a program is specialised for the backend it is traced on.
+    ``$DIFFNAS_DEPTHWISE`` (one of :data:`FORMULATIONS`) overrides it; otherwise ``"hybrid"`` on
+    CPU (the full-size DARTS weight step 2.8x faster than ``"grouped"``, at 1.6x its compile time:
+    66.8 s against 42.3 s idle; ``DIFFNAS_DEPTHWISE=grouped`` for the shortest compile) and
+    ``"grouped"`` elsewhere (the native cuDNN / TPU kernel).  Chosen at trace time, so a program is
+    specialised for the backend it is traced on.
     """
     backend = jax.default_backend() if backend is None else backend
-    return backend_default("DIFFNAS_DEPTHWISE", FORMULATIONS, backend, "grouped")
+    return backend_default("DIFFNAS_DEPTHWISE", FORMULATIONS, backend, "hybrid" if backend == "cpu" else "grouped")
 
 
 def prefers_batched_input(formulation: str | None = None) -> bool:

@@ -73,7 +73,7 @@ def depthwise_conv(x: Array, kernel: Array, stride: int | Sequence[int] = 1,
 
     ``formulation``: ``"grouped"`` (XLA's ``feature_group_count`` convolution), ``"shifted"``
     (``kh*kw`` shifted multiplies, rematerialised in the backward pass) or ``"hybrid"`` (shifted
-    forward and input gradient, grouped kernel gradient); ``None`` picks
+    forward and input gradient, a scan over the taps for the kernel gradient); ``None`` picks
     :func:`diffnas_jax.spaces.kernels.default_formulation` for the backend at trace time.  All three
     are equal up to float rounding (values, gradients, forward-over-reverse); they differ in
     compile time, run time and how they batch (see :mod:`diffnas_jax.spaces.kernels`).
