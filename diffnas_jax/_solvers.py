@@ -94,20 +94,25 @@ def _cg_from_zero(matvec: MatVec, b: PyTree, *, ridge: float | None, tol: float,
 
         def body(carry):
             x, r, gamma, p, k = carry
-            ap = a_matvec(p)
-            alpha = gamma / tree_vdot(p, ap).astype(dtype)
-            x = jax.tree.map(lambda xi, pi: xi + alpha * pi, x, p)
-            r = jax.tree.map(lambda ri, api: ri - alpha * api, r, ap)
-            gamma_new = tree_vdot(r, r).astype(dtype)
-            beta = gamma_new / gamma
-            p = jax.tree.map(lambda ri, pi: ri + beta * pi, r, p)
-            return x, r, gamma_new, p, k + 1
+            return _cg_update(x, r, gamma, p, k, a_matvec(p), dtype)[:5]
 
         x0 = jax.tree.map(jnp.zeros_like, rhs)
         gamma0 = tree_vdot(rhs, rhs).astype(dtype)
         return jax.lax.while_loop(cond, body, (x0, rhs, gamma0, rhs, 0))[0]
 
     return jax.lax.custom_linear_solve(matvec, b, solve=solve, transpose_solve=solve, symmetric=True)
+
+
+def _cg_update(x, r, gamma, p, k, ap, dtype):
+    """One CG iteration given ``ap = A p``: ``(x, r, gamma, p, k, alpha)`` after it (the body of
+    :func:`solve_cg`'s loop and of :func:`cg_iterate`)."""
+    alpha = gamma / tree_vdot(p, ap).astype(dtype)
+    x = jax.tree.map(lambda xi, pi: xi + alpha * pi, x, p)
+    r = jax.tree.map(lambda ri, api: ri - alpha * api, r, ap)
+    gamma_new = tree_vdot(r, r).astype(dtype)
+    beta = gamma_new / gamma
+    p = jax.tree.map(lambda ri, pi: ri + beta * pi, r, p)
+    return x, r, gamma_new, p, k + 1, alpha
 
 
 class CGState(NamedTuple):
@@ -156,13 +161,8 @@ def cg_iterate(state: CGState, ap: PyTree, *, maxiter: int, ridge: float | None 
     dtype = jnp.result_type(*jax.tree.leaves(r))
     if ridge is not None:
         ap = jax.tree.map(lambda av, pi: av + ridge * pi, ap, p)
-    alpha = gamma / tree_vdot(p, ap).astype(dtype)
-    x_new = jax.tree.map(lambda xi, pi: xi + alpha * pi, x, p)
-    r_new = jax.tree.map(lambda ri, api: ri - alpha * api, r, ap)
-    gamma_new = tree_vdot(r_new, r_new).astype(dtype)
-    beta = gamma_new / gamma
-    p_new = jax.tree.map(lambda ri, pi: ri + beta * pi, r_new, p)
-    new = CGState(x_new, r_new, gamma_new, p_new, k + 1, atol2)
+    *updated, alpha = _cg_update(x, r, gamma, p, k, ap, dtype)
+    new = CGState(*updated, atol2)
     keep = lambda n, o: jnp.where(active, n, o)  # noqa: E731
     return jax.tree.map(keep, new, state), jnp.where(active, alpha, jnp.zeros_like(alpha))
 

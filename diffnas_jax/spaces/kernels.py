@@ -134,7 +134,7 @@ def _padded_input(x: Array, kernel_size: tuple[int, int], stride: tuple[int, int
 # different paddings (a DARTS edge group's 3x3, 5x5 and dilated ones: 1, 2, 2 and 4) then pad it
 # identically, so XLA keeps one padded copy; with a padded copy per padding it recomputed the
 # tensor's producer (a node state's mixing and BN chain) in each of them.  Full-size DARTS weight
-# step, hybrid, A/B at load ~1-3: compile 100 -> 80 s (notes/hybridc.md).
+# step, hybrid, A/B at load ~1-3: compile 100 -> 80 s (BUILD_NOTES section 5, round 7).
 _SHARED_PAD = 4
 
 
