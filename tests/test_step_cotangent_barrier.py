@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 from diffnas_jax.spaces import layers, nb201
 
@@ -163,3 +164,34 @@ def test_nb201_infer_cells_with_barrier_equal_cells_without(monkeypatch):
     np.testing.assert_array_equal(val, val0)
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads0)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
+def test_state_barrier_is_exact_identity_for_finite_values(dtype):
+    x = (jax.random.normal(jax.random.key(3), (2, 5, 5, 7)) * 1e3).astype(dtype)
+    x = x.at[0, 0, 0, 0].set(1e-30).at[0, 0, 0, 1].set(-3.0e30 if dtype != jnp.bfloat16 else -3.0e30)
+    y = layers.state_barrier(x, "dot")
+    assert y.dtype == x.dtype and y.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(y, np.float64), np.asarray(x, np.float64))
+    assert layers.state_barrier(x, "none") is x
+
+
+def test_state_barrier_derivatives_are_the_identity():
+    x = jax.random.normal(jax.random.key(4), (3, 4, 6), jnp.float64)
+    f = lambda z: jnp.sum(jnp.sin(layers.state_barrier(z, "dot")) * z)  # noqa: E731
+    g = lambda z: jnp.sum(jnp.sin(z) * z)  # noqa: E731
+    np.testing.assert_allclose(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-14, atol=0)
+    v = jnp.ones_like(x)
+    np.testing.assert_allclose(jax.jvp(jax.grad(f), (x,), (v,))[1], jax.jvp(jax.grad(g), (x,), (v,))[1],
+                               rtol=1e-13, atol=1e-13)
+    check_grads(lambda z: layers.state_barrier(z, "dot") ** 2, (x,), order=2, modes=("fwd", "rev"))
+
+
+def test_state_barrier_nan_is_not_hidden_and_bad_input_is_refused():
+    x = jnp.ones((2, 3)).at[0, 1].set(jnp.nan)
+    y = layers.state_barrier(x, "dot")
+    assert bool(jnp.all(jnp.isnan(y[0]))) and bool(jnp.all(y[1] == 1))
+    with pytest.raises(ValueError, match="kind"):
+        layers.state_barrier(x, "matmul")
+    with pytest.raises(TypeError, match="x"):
+        layers.state_barrier(jnp.arange(3), "dot")

@@ -39,7 +39,8 @@ from .darts_ops import FactorizedReduce, ReLUConvBN, is_identity, make_op, pool_
 from .genotypes import (EVAL_OPS, GENOTYPES, PRIMITIVES, Genotype, format_genotype, get_genotype,
                         parse_genotype, validate_genotype)
 from .kernels import prefers_batched_input
-from .layers import BatchNorm2d, Conv2d, Linear, avg_pool, channel_shuffle, cotangent_barrier, global_avg_pool, max_pool
+from .layers import (BatchNorm2d, Conv2d, Linear, avg_pool, channel_shuffle, cotangent_barrier, global_avg_pool,
+                     max_pool, state_barrier)
 
 Array = jax.Array
 PyTree = Any
@@ -219,9 +220,10 @@ class SearchCell(nn.Module):
                             variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True})
         for j in range(self.steps + 1):
             if j >= 2:
-                # one cotangent per node: XLA:CPU would re-derive the node's elementwise cotangent
-                # chain inside every gradient fusion that reads it (layers.cotangent_barrier)
-                states.append(cotangent_barrier(partial[j - 2]))
+                # one value and one cotangent per node: XLA:CPU would recompute the node's
+                # elementwise chain inside every fusion that reads it (layers.state_barrier,
+                # layers.cotangent_barrier)
+                states.append(cotangent_barrier(state_barrier(partial[j - 2])))
             targets = _targets(j, self.steps)
             idx = np.asarray(_group_edges(j, self.steps))
             stride = 2 if self.reduction and j < 2 else 1

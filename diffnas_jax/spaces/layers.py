@@ -37,7 +37,7 @@ Array = jax.Array
 __all__ = [
     "torch_uniform_init", "Conv2d", "DepthwiseConv2d", "PointwiseConv2d", "Linear", "BatchNorm2d",
     "avg_pool", "max_pool", "channel_shuffle", "global_avg_pool", "depthwise_conv",
-    "pointwise_conv", "conv_out_size", "batch_norm", "ReLUConvBN", "cotangent_barrier",
+    "pointwise_conv", "conv_out_size", "batch_norm", "ReLUConvBN", "cotangent_barrier", "state_barrier",
     "COTANGENT_BARRIERS", "default_cotangent_barrier",
 ]
 
@@ -138,6 +138,33 @@ def cotangent_barrier(x: Array, kind: str | None = None) -> Array:
         raise TypeError(f"cotangent_barrier: `x` must be a floating array with at least one axis, got "
                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {getattr(x, 'shape', None)}")
     return _identity_with_dot_tangent(x) if kind == "dot" else x
+
+
+def state_barrier(x: Array, kind: str | None = None) -> Array:
+    """``x`` contracted with the C x C identity along its last axis: the same values, computed once.
+
+    ``x``: a floating array (..., C); returns an array of the same shape and dtype, equal to ``x``
+    for finite entries.  Why: XLA:CPU fuses a tensor's elementwise producer into every consumer
+    fusion that reads it.  A DARTS node state (the mixed sum of its incoming edges, their BN
+    chains) is read by the next edge group's padded copies, pools and skip, so every one of those
+    fusions recomputed it (~4.5k of 20.8k fused instructions per hybrid cell).  The contraction is
+    a boundary XLA keeps (``lax.optimization_barrier`` is removed before fusion on CPU); its
+    tangent and cotangent are contractions too.  Full-size DARTS weight step (C=16, 8 layers, batch
+    32, 32x32, hybrid, idle): compile 64-67 -> 45 s, step 5.9-6.1 -> 4.8 s (BUILD_NOTES section 5,
+    round 7).  A NaN or infinite entry makes all channels at that position NaN (like
+    :func:`cotangent_barrier`).  ``kind``: ``"dot"`` or ``"none"`` (``x`` itself); ``None`` picks
+    :func:`default_cotangent_barrier` (``"dot"`` on CPU only).  No paper: an XLA:CPU workaround.
+    """
+    kind = default_cotangent_barrier() if kind is None else kind
+    if kind not in COTANGENT_BARRIERS:
+        raise ValueError(f"state_barrier: `kind` must be one of {COTANGENT_BARRIERS} or None, got {kind!r}")
+    if not hasattr(x, "shape") or len(x.shape) < 1 or not jnp.issubdtype(x.dtype, jnp.inexact):
+        raise TypeError(f"state_barrier: `x` must be a floating array with at least one axis, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)} of shape {getattr(x, 'shape', None)}")
+    if kind == "none":
+        return x
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    return jnp.einsum("...c,cd->...d", x, eye, precision=lax.Precision.HIGHEST)
 
 
 def pointwise_conv(x: Array, kernel: Array) -> Array:
