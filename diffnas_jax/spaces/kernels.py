@@ -21,7 +21,8 @@ its input, padded at least :data:`_SHARED_PAD` so that convolutions of one tenso
 an ``optimization_barrier`` that keeps XLA's simplifier from copying the input's producer into
 every tap.  DARTS first-order weight step at C=16, 8 layers, batch 32, 32x32 on the idle 2-core
 CPU (BUILD_NOTES section 5): step 6.1 s against 17.1 s grouped (PyTorch 5.4-5.8 s in the same
-runs), compile 66.8 s against 42.3 s.
+runs), compile 66.8 s against 42.3 s; with ``layers.state_barrier`` on the node states, step
+4.8 s (PyTorch 5.4 s) and compile 44.7 s.
 
 The kernel gradient is where XLA:CPU loses most at the supernet's sizes: it has no batch-grouped
 convolution, so the kernel gradient of a grouped depthwise convolution (``batch_group_count``) is
@@ -68,7 +69,8 @@ def default_formulation(backend: str | None = None) -> str:
 
     ``$DIFFNAS_DEPTHWISE`` (one of :data:`FORMULATIONS`) overrides it; otherwise ``"hybrid"`` on
     CPU (the full-size DARTS weight step 2.8x faster than ``"grouped"``, at 1.6x its compile time:
-    66.8 s against 42.3 s idle; ``DIFFNAS_DEPTHWISE=grouped`` for the shortest compile) and
+    66.8 s against 42.3 s idle, 44.7 s with ``layers.state_barrier``; ``DIFFNAS_DEPTHWISE=grouped``
+    for the shortest compile) and
     ``"grouped"`` elsewhere (the native cuDNN / TPU kernel).  Chosen at trace time, so a program is
     specialised for the backend it is traced on.
     """
