@@ -104,10 +104,27 @@ def _identity_with_dot_tangent(x: Array) -> Array:
 @_identity_with_dot_tangent.defjvp
 def _identity_with_dot_tangent_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    # A contraction with the identity is exact (every other product is a zero) and its transpose is
-    # again one: XLA:CPU fuses neither into a consumer, so the cotangent is computed once.
-    eye = jnp.eye(t.shape[-1], dtype=t.dtype)
-    return x, lax.dot_general(t, eye, (((t.ndim - 1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)
+    return x, _dot_identity(t)
+
+
+def _dot_identity(a: Array) -> Array:
+    """``a`` contracted with the identity along its last axis.  Exact for finite entries (every
+    other product is a zero) and its transpose is again one: XLA:CPU fuses neither into a consumer,
+    so what passes through it is computed once."""
+    eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+    return lax.dot_general(a, eye, (((a.ndim - 1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)
+
+
+def _barrier_kind(name: str, x: Array, kind: str | None) -> str:
+    """The checked ``kind`` of :func:`cotangent_barrier` / :func:`state_barrier` (``None``: the
+    backend's default), after checking ``x``."""
+    kind = default_cotangent_barrier() if kind is None else kind
+    if kind not in COTANGENT_BARRIERS:
+        raise ValueError(f"{name}: `kind` must be one of {COTANGENT_BARRIERS} or None, got {kind!r}")
+    if not hasattr(x, "shape") or len(x.shape) < 1 or not jnp.issubdtype(x.dtype, jnp.inexact):
+        raise TypeError(f"{name}: `x` must be a floating array with at least one axis, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)} of shape {getattr(x, 'shape', None)}")
+    return kind
 
 
 def cotangent_barrier(x: Array, kind: str | None = None) -> Array:
@@ -131,12 +148,7 @@ def cotangent_barrier(x: Array, kind: str | None = None) -> Array:
     :func:`default_cotangent_barrier` (``"dot"`` on CPU only: other backends' fusion heuristics
     do not duplicate such chains).  No paper: an XLA:CPU workaround.
     """
-    kind = default_cotangent_barrier() if kind is None else kind
-    if kind not in COTANGENT_BARRIERS:
-        raise ValueError(f"cotangent_barrier: `kind` must be one of {COTANGENT_BARRIERS} or None, got {kind!r}")
-    if not hasattr(x, "shape") or len(x.shape) < 1 or not jnp.issubdtype(x.dtype, jnp.inexact):
-        raise TypeError(f"cotangent_barrier: `x` must be a floating array with at least one axis, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)} of shape {getattr(x, 'shape', None)}")
+    kind = _barrier_kind("cotangent_barrier", x, kind)
     return _identity_with_dot_tangent(x) if kind == "dot" else x
 
 
@@ -155,16 +167,8 @@ def state_barrier(x: Array, kind: str | None = None) -> Array:
     :func:`cotangent_barrier`).  ``kind``: ``"dot"`` or ``"none"`` (``x`` itself); ``None`` picks
     :func:`default_cotangent_barrier` (``"dot"`` on CPU only).  No paper: an XLA:CPU workaround.
     """
-    kind = default_cotangent_barrier() if kind is None else kind
-    if kind not in COTANGENT_BARRIERS:
-        raise ValueError(f"state_barrier: `kind` must be one of {COTANGENT_BARRIERS} or None, got {kind!r}")
-    if not hasattr(x, "shape") or len(x.shape) < 1 or not jnp.issubdtype(x.dtype, jnp.inexact):
-        raise TypeError(f"state_barrier: `x` must be a floating array with at least one axis, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)} of shape {getattr(x, 'shape', None)}")
-    if kind == "none":
-        return x
-    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
-    return jnp.einsum("...c,cd->...d", x, eye, precision=lax.Precision.HIGHEST)
+    kind = _barrier_kind("state_barrier", x, kind)
+    return _dot_identity(x) if kind == "dot" else x
 
 
 def pointwise_conv(x: Array, kernel: Array) -> Array:
