@@ -1,8 +1,9 @@
-"""The optional CPU kernel of the sequential PAV (``diffnas_jax/relax/_pav_cpu.cc``).
+"""The optional CPU kernels: the sequential PAV (``diffnas_jax/relax/_pav_cpu.cc``) and the depthwise
+convolution (``diffnas_jax/spaces/_dwconv_cpu.cc``).
 
-Everything else about the package is in ``pyproject.toml``.  The extension is optional: without
+Everything else about the package is in ``pyproject.toml``.  The extensions are optional: without
 a C++17 compiler (or jaxlib's XLA FFI headers) the install still succeeds and the pure-XLA
-solvers run instead (``diffnas_jax.relax._pav_ffi.available()``).
+forms run instead (``diffnas_jax.relax._pav_ffi.available()``, ``diffnas_jax.spaces._dwconv.available()``).
 """
 from __future__ import annotations
 
@@ -27,17 +28,22 @@ def _kernel_wanted() -> bool:
     return os.environ.get("DIFFNAS_BUILD_KERNEL", "1") != "0"
 
 
+def _kernel(name: str, source: str) -> Extension:
+    return Extension(
+        name,
+        sources=[source],
+        include_dirs=[_ffi_include_dir()],
+        language="c++",
+        # -ffp-contract=off: no fused multiply-adds, so the kernels round where XLA does (the PAV
+        # decides near-ties alike); no -march=native: the wheel must run on any x86-64
+        extra_compile_args=["-std=c++17", "-O3", "-g0", "-ffp-contract=off", "-fvisibility=hidden"],
+        optional=True,
+    )
+
+
 setup(
     ext_modules=[] if not _kernel_wanted() else [
-        Extension(
-            "diffnas_jax.relax._pav_cpu",
-            sources=["diffnas_jax/relax/_pav_cpu.cc"],
-            include_dirs=[_ffi_include_dir()],
-            language="c++",
-            # -ffp-contract=off: no fused multiply-adds, so the kernel rounds where XLA does and
-            # decides near-ties alike; no -march=native: the wheel must run on any x86-64
-            extra_compile_args=["-std=c++17", "-O3", "-g0", "-ffp-contract=off", "-fvisibility=hidden"],
-            optional=True,
-        )
+        _kernel("diffnas_jax.relax._pav_cpu", "diffnas_jax/relax/_pav_cpu.cc"),
+        _kernel("diffnas_jax.spaces._dwconv_cpu", "diffnas_jax/spaces/_dwconv_cpu.cc"),
     ],
 )

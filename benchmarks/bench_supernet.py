@@ -4,7 +4,7 @@ original PyTorch code on the same CPU in the same run.
     python benchmarks/bench_supernet.py --torch-ref /work/refcode/darts/cnn \\
         --nb201-ref /work/refcode/autodl [--space darts|nb201|both|none] [--second-order]
         [--implicit] [--eval-net] [--full] [--C 8] [--layers 3] [--N 1] [--batch 16] [--size 16]
-        [--steps 3] [--formulation default|grouped|shifted|hybrid] [--cell default|scan|groups|all]
+        [--steps 3] [--formulation default|grouped|shifted|hybrid|ffi] [--cell default|scan|groups|all]
         [--barrier default|dot|none|all] [--profile]
 
 Rows (each behind a flag; the defaults are reduced sizes that run in minutes on 2 cores, ``--full``
@@ -465,7 +465,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--cg-iters", type=int, default=10)
-    ap.add_argument("--formulation", choices=("default", "grouped", "shifted", "hybrid"), default="default")
+    ap.add_argument("--formulation", choices=("default", "grouped", "shifted", "hybrid", "ffi"), default="default")
     ap.add_argument("--cell", choices=("default", "scan", "groups", "all"), default="default",
                     help="DARTS search cell formulation ($DIFFNAS_DARTS_CELL); all: each in turn")
     ap.add_argument("--profile", action="store_true",

@@ -1,6 +1,7 @@
-"""The three depthwise-convolution formulations (spaces/kernels.py) against a direct numpy loop and
+"""The depthwise-convolution formulations (spaces/kernels.py) against a direct numpy loop and
 against each other: values, gradients, forward mode, forward-over-reverse, under vmap, and inside a
-DARTS cell."""
+DARTS cell.  ``ffi`` (the CPU kernel) is checked where it was built; tests/test_dwconv.py has its
+primitives' own tests."""
 from __future__ import annotations
 
 import jax
@@ -8,7 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffnas_jax.spaces import darts, kernels, layers
+from diffnas_jax.spaces import _dwconv, darts, kernels, layers
+
+# the formulations this install can run (``ffi`` needs the built kernel), and those compared with
+# the ``shifted`` reference
+FORMS = tuple(f for f in kernels.FORMULATIONS if f != "ffi" or _dwconv.available())
+OTHERS = tuple(f for f in FORMS if f != "shifted")
 
 CASES = [(3, 1, 1, 1), (5, 1, 2, 1), (3, 2, 2, 2), (5, 1, 4, 2), (5, 2, 2, 1), (3, 2, 0, 1)]
 
@@ -28,7 +34,7 @@ def _numpy_depthwise(x, kern, stride, padding, dilation):
     return out
 
 
-@pytest.mark.parametrize("formulation", kernels.FORMULATIONS)
+@pytest.mark.parametrize("formulation", FORMS)
 @pytest.mark.parametrize("k,stride,padding,dilation", CASES)
 def test_each_formulation_equals_a_direct_loop(formulation, k, stride, padding, dilation):
     x = np.random.default_rng(0).normal(size=(2, 9, 8, 3))
@@ -50,7 +56,7 @@ def test_formulations_agree_in_gradients_and_forward_over_reverse(k, stride, pad
     @jax.jit
     def derivatives(x, kern, tangents):
         out = {}
-        for form in kernels.FORMULATIONS:
+        for form in FORMS:
             conv = lambda x, w, form=form: layers.depthwise_conv(x, w, stride, padding, dilation, form)  # noqa: E731
             loss = lambda x, w, conv=conv: jnp.sum(jnp.sin(conv(x, w)))  # noqa: E731
             out[form] = dict(
@@ -63,7 +69,7 @@ def test_formulations_agree_in_gradients_and_forward_over_reverse(k, stride, pad
 
     out = derivatives(x, kern, tangents)
     ref = out["shifted"]
-    for form in ("grouped", "hybrid"):
+    for form in OTHERS:
         for a, b in zip(ref["grad"], out[form]["grad"]):
             np.testing.assert_allclose(b, a, rtol=1e-11, atol=1e-12)
         for a, b in zip(ref["hvp"], out[form]["hvp"]):
@@ -84,13 +90,13 @@ def test_formulations_agree_under_vmap_over_kernels(input_batched):
         return jax.jit(jax.value_and_grad(lambda w: jnp.sum(f(xs, w) ** 2)))(kerns)
 
     v_s, g_s = run("shifted")
-    for form in ("grouped", "hybrid"):
+    for form in OTHERS:
         v_g, g_g = run(form)
         np.testing.assert_allclose(v_s, v_g, rtol=1e-12)
         np.testing.assert_allclose(g_s, g_g, rtol=1e-11, atol=1e-12)
 
 
-@pytest.mark.parametrize("formulation", kernels.FORMULATIONS)
+@pytest.mark.parametrize("formulation", FORMS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_depthwise_conv_keeps_the_input_dtype(formulation, dtype):
     x = jnp.ones((1, 5, 5, 2), dtype)
@@ -111,7 +117,7 @@ def test_depthwise_conv_names_bad_arguments():
 
 def test_nan_in_gives_nan_out():
     x = jnp.ones((1, 5, 5, 1)).at[0, 2, 2, 0].set(jnp.nan)
-    for form in kernels.FORMULATIONS:
+    for form in FORMS:
         y = layers.depthwise_conv(x, jnp.ones((3, 3, 1, 1)), 1, 1, 1, form)
         assert bool(jnp.isnan(y[0, 2, 2, 0])) and bool(jnp.isfinite(y[0, 0, 0, 0]))
 
@@ -135,12 +141,12 @@ def test_darts_cell_is_the_same_function_under_either_formulation(monkeypatch):
         return jnp.sum(jnp.sin(y))
 
     results = {}
-    for form in kernels.FORMULATIONS:
+    for form in FORMS:
         monkeypatch.setattr(kernels, "default_formulation", lambda backend=None, form=form: form)
         # jitted (traced after the patch): one program compiles faster than eager op-by-op dispatch
         results[form] = jax.jit(jax.value_and_grad(loss, (0, 1)))(variables["params"], w)
     v_s, g_s = results["shifted"]
-    for form in ("grouped", "hybrid"):
+    for form in OTHERS:
         v_g, g_g = results[form]
         np.testing.assert_allclose(v_s, v_g, rtol=1e-12)
         for a, b in zip(jax.tree_util.tree_leaves(g_s), jax.tree_util.tree_leaves(g_g)):
@@ -177,6 +183,8 @@ def test_strided_grouped_jvp_equals_xla_autodiff(k, stride, padding, dilation):
 
 def test_default_formulation_per_backend(monkeypatch):
     monkeypatch.delenv("DIFFNAS_DEPTHWISE", raising=False)
+    assert kernels.default_formulation("cpu") == ("ffi" if _dwconv.available() else "hybrid")
+    monkeypatch.setattr(_dwconv, "available", lambda: False)  # an install without the kernel
     assert kernels.default_formulation("cpu") == "hybrid"
     assert kernels.default_formulation("gpu") == kernels.default_formulation("tpu") == "grouped"
     monkeypatch.setenv("DIFFNAS_DEPTHWISE", "hybrid")
@@ -185,7 +193,7 @@ def test_default_formulation_per_backend(monkeypatch):
     with pytest.raises(ValueError, match="DIFFNAS_DEPTHWISE"):
         kernels.default_formulation("cpu")
     assert kernels.prefers_batched_input("hybrid") and kernels.prefers_batched_input("grouped")
-    assert not kernels.prefers_batched_input("shifted")
+    assert not kernels.prefers_batched_input("shifted") and not kernels.prefers_batched_input("ffi")
 
 
 @pytest.mark.parametrize("k,stride,padding,dilation", [(3, 1, 1, 1), (5, 2, 4, 2), (3, (2, 1), (1, 2), (1, 2)),

@@ -1,4 +1,4 @@
-"""Three formulations of the depthwise 2-D convolution, equal up to float rounding, and the choice
+"""Four formulations of the depthwise 2-D convolution, equal up to float rounding, and the choice
 between them.
 
 ``grouped``: one ``lax.conv_general_dilated(..., feature_group_count=C)``.  Three HLO ops for
@@ -13,7 +13,7 @@ took 30-80 ms against 1-5 ms for the forward pass (stride-2 DARTS edges).
 JAX.  ~10 HLO ops per kernel tap (a 5x5 kernel's value and gradient: ~1000 optimised HLO lines
 against ~100); this made the DARTS supernet take ten minutes to compile.
 
-``hybrid`` (the default on CPU): a custom JVP whose primal and input tangent are shifted multiplies
+``hybrid`` (the CPU default when the ``ffi`` kernel is not built): a custom JVP whose primal and input tangent are shifted multiplies
 (XLA fuses each into one loop; the input gradient is their transpose, shifted pads) and whose
 kernel tangent is :func:`_tap_scan`, one ``lax.scan`` over the taps (its transpose, the kernel
 gradient, is one multiply-reduce per tap in one loop body).  The primal reads one padded copy of
@@ -23,6 +23,13 @@ every tap.  DARTS first-order weight step at C=16, 8 layers, batch 32, 32x32 on 
 CPU (BUILD_NOTES section 5): step 6.1 s against 17.1 s grouped (PyTorch 5.4-5.8 s in the same
 runs), compile 66.8 s against 42.3 s; with ``layers.state_barrier`` on the node states, step
 4.8 s (PyTorch 5.4 s) and compile 44.7 s.
+
+``ffi`` (the CPU default when built): three primitives, the convolution and its transposes in the
+input and in the kernel, each the other two's derivative (:mod:`diffnas_jax.spaces._dwconv`), run
+by the C++ kernel ``_dwconv_cpu.cc`` through XLA's FFI: one HLO instruction per form where the
+hybrid spends ~4-6 per tap and form (a supernet's forward-over-reverse program held five forms
+per convolution, three quarters of its instructions, and XLA:CPU's compile time follows the
+instruction count).
 
 The kernel gradient is where XLA:CPU loses most at the supernet's sizes: it has no batch-grouped
 convolution, so the kernel gradient of a grouped depthwise convolution (``batch_group_count``) is
@@ -54,9 +61,10 @@ from diffnas_jax._checks import backend_default
 Array = jax.Array
 
 __all__ = ["FORMULATIONS", "depthwise_conv_grouped", "depthwise_conv_shifted", "depthwise_conv_hybrid",
+           "depthwise_conv_ffi",
            "default_formulation", "prefers_batched_input", "conv_out_size"]
 
-FORMULATIONS = ("grouped", "shifted", "hybrid")
+FORMULATIONS = ("grouped", "shifted", "hybrid", "ffi")
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
@@ -67,15 +75,20 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: i
 def default_formulation(backend: str | None = None) -> str:
     """The depthwise formulation used for ``backend`` (default: ``jax.default_backend()``).
 
-    ``$DIFFNAS_DEPTHWISE`` (one of :data:`FORMULATIONS`) overrides it; otherwise ``"hybrid"`` on
-    CPU (the full-size DARTS weight step 2.8x faster than ``"grouped"``, at 1.6x its compile time:
-    66.8 s against 42.3 s idle, 44.7 s with ``layers.state_barrier``; ``DIFFNAS_DEPTHWISE=grouped``
-    for the shortest compile) and
+    ``$DIFFNAS_DEPTHWISE`` (one of :data:`FORMULATIONS`) overrides it; otherwise on CPU ``"ffi"``
+    when its kernel was built (the full-size DARTS weight step compiles in 30-32 s against
+    40-48 s with ``"hybrid"`` and steps 3.2-3.3 s against 3.7-4.6 s; the second-order step
+    compiles in 148 s against 216 s; BUILD_NOTES section 5) and ``"hybrid"`` when it was not, and
     ``"grouped"`` elsewhere (the native cuDNN / TPU kernel).  Chosen at trace time, so a program is
     specialised for the backend it is traced on.
     """
     backend = jax.default_backend() if backend is None else backend
-    return backend_default("DIFFNAS_DEPTHWISE", FORMULATIONS, backend, "hybrid" if backend == "cpu" else "grouped")
+    if backend == "cpu":
+        from diffnas_jax.spaces import _dwconv  # noqa: PLC0415 - loads the kernel only when asked
+        default = "ffi" if _dwconv.available() else "hybrid"
+    else:
+        default = "grouped"
+    return backend_default("DIFFNAS_DEPTHWISE", FORMULATIONS, backend, default)
 
 
 def prefers_batched_input(formulation: str | None = None) -> bool:
@@ -243,6 +256,14 @@ def depthwise_conv_grouped(x: Array, kernel: Array, stride: tuple[int, int], pad
     if stride == (1, 1):
         return _grouped(x, kernel, stride, padding, dilation)
     return _grouped_strided(x, kernel, stride, padding, dilation)
+
+
+def depthwise_conv_ffi(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int],
+                       dilation: tuple[int, int]) -> Array:
+    """``x`` (N, H, W, C) * ``kernel`` (kh, kw, 1, C) as one primitive per form (forward, input and
+    kernel transposes) run by the CPU kernel ``_dwconv_cpu.cc`` (:mod:`diffnas_jax.spaces._dwconv`)."""
+    from diffnas_jax.spaces import _dwconv  # noqa: PLC0415 - registers the primitives on first use
+    return _dwconv.depthwise_conv(x, kernel, tuple(stride), tuple(padding), tuple(dilation))
 
 
 def depthwise_conv_hybrid(x: Array, kernel: Array, stride: tuple[int, int], padding: tuple[int, int],

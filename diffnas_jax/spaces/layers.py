@@ -72,9 +72,10 @@ def depthwise_conv(x: Array, kernel: Array, stride: int | Sequence[int] = 1,
     (N, Ho, Wo, C) in ``x``'s dtype.
 
     ``formulation``: ``"grouped"`` (XLA's ``feature_group_count`` convolution), ``"shifted"``
-    (``kh*kw`` shifted multiplies, rematerialised in the backward pass) or ``"hybrid"`` (shifted
-    forward and input gradient, a scan over the taps for the kernel gradient); ``None`` picks
-    :func:`diffnas_jax.spaces.kernels.default_formulation` for the backend at trace time.  All three
+    (``kh*kw`` shifted multiplies, rematerialised in the backward pass), ``"hybrid"`` (shifted
+    forward and input gradient, a scan over the taps for the kernel gradient) or ``"ffi"`` (the
+    C++ CPU kernel, one primitive per form; needs the built extension); ``None`` picks
+    :func:`diffnas_jax.spaces.kernels.default_formulation` for the backend at trace time.  All four
     are equal up to float rounding (values, gradients, forward-over-reverse); they differ in
     compile time, run time and how they batch (see :mod:`diffnas_jax.spaces.kernels`).
     """
@@ -83,7 +84,7 @@ def depthwise_conv(x: Array, kernel: Array, stride: int | Sequence[int] = 1,
         raise ValueError(f"depthwise_conv: `x` must be (N, H, W, C) and `kernel` (kh, kw, 1, C); "
                          f"got x {x.shape}, kernel {kernel.shape}")
     impl = {"grouped": kernels.depthwise_conv_grouped, "shifted": kernels.depthwise_conv_shifted,
-            "hybrid": kernels.depthwise_conv_hybrid}[form]
+            "hybrid": kernels.depthwise_conv_hybrid, "ffi": kernels.depthwise_conv_ffi}[form]
     return impl(x, kernel, _pair(stride), _pair(padding), _pair(dilation))
 
 
