@@ -34,7 +34,7 @@ INSTALL = '''# Install diffnas_jax if this kernel lacks it. It is NOT published 
 #   1. the checkout this notebook sits in (local Jupyter, opened from notebooks/): `pip install -e ..`;
 #   2. a wheel uploaded next to the notebook (Colab): on your machine, in the repository, run
 #      `DIFFNAS_BUILD_KERNEL=0 pip wheel . --no-deps -w dist` (a pure-Python wheel: without the
-#      0 it holds the CPU sort kernel built for your OS and Python only), then upload
+#      0 it holds the CPU kernels built for your OS and Python only), then upload
 #      dist/diffnas_jax-*.whl with Colab's Files panel (it lands in /content, the notebook's folder);
 #   3. a git URL you set in REPO, e.g. your fork: REPO = "https://github.com/<you>/diffnas_jax.git".
 # If pip replaced Colab's preinstalled jax, restart the runtime once and run the cells again.
