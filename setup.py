@@ -32,7 +32,9 @@ def _kernel(name: str, source: str) -> Extension:
     return Extension(
         name,
         sources=[source],
-        include_dirs=[_ffi_include_dir()],
+        # diffnas_jax/ for _native/ffi_module.h, the kernels' shared CPython module and FP mode
+        include_dirs=[_ffi_include_dir(), "diffnas_jax"],
+        depends=["diffnas_jax/_native/ffi_module.h"],
         language="c++",
         # -ffp-contract=off: no fused multiply-adds, so the kernels round where XLA does (the PAV
         # decides near-ties alike); no -march=native: the wheel must run on any x86-64

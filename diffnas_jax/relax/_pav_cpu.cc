@@ -16,16 +16,12 @@
 // Why a kernel: XLA:CPU runs the sequential while loop at ~25-60 ns a step; a compiled C++
 // loop does the same step in a few ns (BUILD_NOTES section 3, issue 19).
 
-#include <Python.h>
+#include "_native/ffi_module.h"  // first: it includes Python.h
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
-
-#if defined(__SSE__)
-#include <xmmintrin.h>
-#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -56,19 +52,7 @@ inline __attribute__((always_inline)) T MulAdd(T a, T b, T c) {
   }
 }
 
-// XLA:CPU runs its kernels with denormals flushed to zero (FTZ and DAZ; checked: jitted
-// 1e-30f * 1e-10f is 0); the kernel does the same, for the same values and because a denormal
-// operand or result costs ~100 cycles (the kl soft_sort of one row of 10^4 ran 3 ms).
-class FlushDenormals {
- public:
-#if defined(__SSE__)
-  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ | DAZ
-  ~FlushDenormals() { _mm_setcsr(saved_); }
-
- private:
-  unsigned int saved_;
-#endif
-};
+using diffnas::FlushDenormals;
 
 // exp, with an argument whose result is below the smallest normal number giving 0 at once, as
 // the flush gives it anyway (glibc's underflow path is slow).
@@ -381,30 +365,15 @@ DIFFNAS_PAV_TWO_STATS(DiffnasPavKlSorted, PavKlSortedImpl)
 DIFFNAS_PAV_TWO_STATS(DiffnasPavKlRank, PavKlRankImpl)
 DIFFNAS_PAV_TWO_STATS(DiffnasPavKl, PavKlImpl)
 
-// A minimal CPython module: targets() -> {name: PyCapsule of the handler}, for
-// jax.ffi.register_ffi_target (no pybind11 / nanobind at run time).
+// The module: targets() -> {name: PyCapsule of the handler} (_native/ffi_module.h).
 static PyObject* Targets(PyObject*, PyObject*) {
-  PyObject* dict = PyDict_New();
-  if (dict == nullptr) return nullptr;
-  struct Entry {
-    const char* name;
-    void* fn;
-  } entries[] = {
+  static const diffnas::FfiTarget kTargets[] = {
       {"diffnas_pav_l2", reinterpret_cast<void*>(DiffnasPavL2)},
       {"diffnas_pav_kl_sorted", reinterpret_cast<void*>(DiffnasPavKlSorted)},
       {"diffnas_pav_kl_rank", reinterpret_cast<void*>(DiffnasPavKlRank)},
       {"diffnas_pav_kl", reinterpret_cast<void*>(DiffnasPavKl)},
   };
-  for (const Entry& e : entries) {
-    PyObject* capsule = PyCapsule_New(e.fn, nullptr, nullptr);
-    if (capsule == nullptr || PyDict_SetItemString(dict, e.name, capsule) != 0) {
-      Py_XDECREF(capsule);
-      Py_DECREF(dict);
-      return nullptr;
-    }
-    Py_DECREF(capsule);
-  }
-  return dict;
+  return diffnas::TargetsDict(kTargets);
 }
 
 static PyMethodDef kMethods[] = {

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from diffnas_jax._checks import backend_default
+from diffnas_jax._ffi_targets import register
 
 __all__ = ["available", "enabled", "solver"]
 
@@ -31,17 +32,7 @@ PAV_IMPLEMENTATIONS = ("ffi", "xla")
 @functools.cache
 def _targets() -> tuple[str, ...] | None:
     """Import the extension and register its handlers with XLA (once); None when not built."""
-    if not hasattr(jax, "ffi"):  # an older jax without jax.ffi: the pure-XLA solvers run
-        return None
-    try:
-        from diffnas_jax.relax import _pav_cpu  # noqa: PLC0415 - optional, loaded at first use
-    except ImportError:
-        return None
-    names = []
-    for name, capsule in _pav_cpu.targets().items():
-        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-        names.append(name)
-    return tuple(names)
+    return register("diffnas_jax.relax._pav_cpu")
 
 
 def available() -> bool:

@@ -31,6 +31,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from diffnas_jax._checks import backend_default
+from diffnas_jax._ffi_targets import register
 
 __all__ = ["available", "enabled", "depthwise_conv"]
 
@@ -40,17 +41,7 @@ IMPLEMENTATIONS = ("ffi", "xla")
 @functools.cache
 def _targets() -> tuple[str, ...] | None:
     """Import the extension and register its handlers with XLA (once); None when not built."""
-    if not hasattr(jax, "ffi"):
-        return None
-    try:
-        from diffnas_jax.spaces import _dwconv_cpu  # noqa: PLC0415 - optional, loaded at first use
-    except ImportError:
-        return None
-    names = []
-    for name, capsule in _dwconv_cpu.targets().items():
-        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-        names.append(name)
-    return tuple(names)
+    return register("diffnas_jax.spaces._dwconv_cpu")
 
 
 def available() -> bool:

@@ -15,7 +15,7 @@
 // (g, n) on XLA's intra-op thread pool; every output element is written by one task in a fixed
 // order (dk: per-task partial sums added in task order), so results do not depend on timing.
 
-#include <Python.h>
+#include "_native/ffi_module.h"  // first: it includes Python.h
 
 #include <algorithm>
 #include <atomic>
@@ -26,27 +26,13 @@
 #include <mutex>
 #include <vector>
 
-#if defined(__SSE__)
-#include <xmmintrin.h>
-#endif
-
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// XLA:CPU runs its kernels with denormals flushed (FTZ, DAZ); the kernel does the same.
-class FlushDenormals {
- public:
-#if defined(__SSE__)
-  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
-  ~FlushDenormals() { _mm_setcsr(saved_); }
-
- private:
-  unsigned int saved_;
-#endif
-};
+using diffnas::FlushDenormals;
 
 struct Geometry {
   int64_t g, gx, n, h, w, c, kh, kw, ho, wo, sh, sw, ph, pw, dh, dw;
@@ -133,114 +119,103 @@ bool HasAvx2() {
 #endif
 }
 
-template <typename T>
-inline __attribute__((always_inline)) void ForwardBody(const Geometry& s, const T* x, const T* k, T* y, int64_t gi, int64_t ni) {
-  const int64_t c = s.c;
-  for (int64_t o = 0; o < s.ho; ++o) {
-    T* yrow = y + s.YIndex(gi, ni, o, 0);
-    std::fill(yrow, yrow + s.wo * c, T(0));
-    for (int64_t i = 0; i < s.kh; ++i) {
-      const int64_t hi = o * s.sh - s.ph + i * s.dh;
-      if (hi < 0 || hi >= s.h) continue;
-      const T* xrow = x + s.XIndex(s.XGroup(gi), ni, hi, 0);
-      for (int64_t j = 0; j < s.kw; ++j) {
-        const T* kk = k + s.KIndex(gi, i, j);
-        int64_t lo, up;
-        ValidRange(s.wo, s.w, s.sw, s.pw, j * s.dw, &lo, &up);
-        for (int64_t p = lo; p < up; ++p) {
-          const T* xv = xrow + (p * s.sw - s.pw + j * s.dw) * c;
-          T* yv = yrow + p * c;
-          for (int64_t ci = 0; ci < c; ++ci) yv[ci] += xv[ci] * kk[ci];
-        }
-      }
+// Every (output row o, tap (i, j)) whose input row o*sh - ph + i*dh lies inside the input, with
+// the output columns [lo, up) whose input columns lie inside too: visit(o, hi, i, j, lo, up),
+// in the order the sums are defined in (o, then i, then j).
+template <typename Visit>
+inline __attribute__((always_inline)) void ForEachTap(const Geometry& s, int64_t o, Visit visit) {
+  for (int64_t i = 0; i < s.kh; ++i) {
+    const int64_t hi = o * s.sh - s.ph + i * s.dh;
+    if (hi < 0 || hi >= s.h) continue;
+    for (int64_t j = 0; j < s.kw; ++j) {
+      int64_t lo, up;
+      ValidRange(s.wo, s.w, s.sw, s.pw, j * s.dw, &lo, &up);
+      visit(hi, i, j, lo, up);
     }
   }
 }
 
+// y[g, n] = sum over the taps of x[gx, n] shifted * k[g]
 template <typename T>
-void Forward(const Geometry& s, const T* x, const T* k, T* y, int64_t gi, int64_t ni) {
-  ForwardBody(s, x, k, y, gi, ni);
+inline __attribute__((always_inline)) void ForwardBody(const Geometry& s, const T* x, const T* k, T* y, int64_t gi,
+                                                       int64_t ni) {
+  const int64_t c = s.c;
+  for (int64_t o = 0; o < s.ho; ++o) {
+    T* yrow = y + s.YIndex(gi, ni, o, 0);
+    std::fill(yrow, yrow + s.wo * c, T(0));
+    ForEachTap(s, o, [&](int64_t hi, int64_t i, int64_t j, int64_t lo, int64_t up) {
+      const T* xrow = x + s.XIndex(s.XGroup(gi), ni, hi, 0);
+      const T* kk = k + s.KIndex(gi, i, j);
+      for (int64_t p = lo; p < up; ++p) {
+        const T* xv = xrow + (p * s.sw - s.pw + j * s.dw) * c;
+        T* yv = yrow + p * c;
+        for (int64_t ci = 0; ci < c; ++ci) yv[ci] += xv[ci] * kk[ci];
+      }
+    });
+  }
 }
 
+// dx[gx, n] = sum over the groups g reading input group gx of ct[g, n] scattered through k[g]
 template <typename T>
-DIFFNAS_TARGET_AVX2 void ForwardAvx2(const Geometry& s, const T* x, const T* k, T* y, int64_t gi, int64_t ni) {
-  ForwardBody(s, x, k, y, gi, ni);
-}
-
-// dx[gx, n] += sum over the groups g reading it of ct[g, n] scattered through k[g].
-template <typename T>
-inline __attribute__((always_inline)) void InputTransposeBody(const Geometry& s, const T* ct, const T* k, T* dx, int64_t ni) {
+inline __attribute__((always_inline)) void InputTransposeBody(const Geometry& s, const T* ct, const T* k, T* dx,
+                                                              int64_t ni) {
   const int64_t c = s.c;
   for (int64_t gxi = 0; gxi < s.gx; ++gxi) {
     T* base = dx + s.XIndex(gxi, ni, 0, 0);
     std::fill(base, base + s.h * s.w * c, T(0));
   }
   for (int64_t gi = 0; gi < s.g; ++gi) {
-    T* dxg = dx + s.XIndex(s.XGroup(gi), ni, 0, 0);
     for (int64_t o = 0; o < s.ho; ++o) {
       const T* crow = ct + s.YIndex(gi, ni, o, 0);
-      for (int64_t i = 0; i < s.kh; ++i) {
-        const int64_t hi = o * s.sh - s.ph + i * s.dh;
-        if (hi < 0 || hi >= s.h) continue;
-        T* xrow = dxg + hi * s.w * c;
-        for (int64_t j = 0; j < s.kw; ++j) {
-          const T* kk = k + s.KIndex(gi, i, j);
-          int64_t lo, up;
-          ValidRange(s.wo, s.w, s.sw, s.pw, j * s.dw, &lo, &up);
-          for (int64_t p = lo; p < up; ++p) {
-            T* xv = xrow + (p * s.sw - s.pw + j * s.dw) * c;
-            const T* cv = crow + p * c;
-            for (int64_t ci = 0; ci < c; ++ci) xv[ci] += cv[ci] * kk[ci];
-          }
+      ForEachTap(s, o, [&](int64_t hi, int64_t i, int64_t j, int64_t lo, int64_t up) {
+        T* xrow = dx + s.XIndex(s.XGroup(gi), ni, hi, 0);
+        const T* kk = k + s.KIndex(gi, i, j);
+        for (int64_t p = lo; p < up; ++p) {
+          T* xv = xrow + (p * s.sw - s.pw + j * s.dw) * c;
+          const T* cv = crow + p * c;
+          for (int64_t ci = 0; ci < c; ++ci) xv[ci] += cv[ci] * kk[ci];
         }
-      }
+      });
     }
   }
 }
 
+// acc[i, j, :] += sum over (o, p) of x[gx, n] shifted * ct[g, n]   (acc: (KH, KW, C))
 template <typename T>
-void InputTranspose(const Geometry& s, const T* ct, const T* k, T* dx, int64_t ni) {
-  InputTransposeBody(s, ct, k, dx, ni);
-}
-
-template <typename T>
-DIFFNAS_TARGET_AVX2 void InputTransposeAvx2(const Geometry& s, const T* ct, const T* k, T* dx, int64_t ni) {
-  InputTransposeBody(s, ct, k, dx, ni);
-}
-
-// acc[i, j, :] += sum over (o, p) of x[gx, n, ...] * ct[g, n, o, p, :]   (acc: (KH, KW, C))
-template <typename T>
-inline __attribute__((always_inline)) void KernelTransposeBody(const Geometry& s, const T* x, const T* ct, T* acc, int64_t gi, int64_t ni) {
+inline __attribute__((always_inline)) void KernelTransposeBody(const Geometry& s, const T* x, const T* ct, T* acc,
+                                                               int64_t gi, int64_t ni) {
   const int64_t c = s.c;
   for (int64_t o = 0; o < s.ho; ++o) {
     const T* crow = ct + s.YIndex(gi, ni, o, 0);
-    for (int64_t i = 0; i < s.kh; ++i) {
-      const int64_t hi = o * s.sh - s.ph + i * s.dh;
-      if (hi < 0 || hi >= s.h) continue;
+    ForEachTap(s, o, [&](int64_t hi, int64_t i, int64_t j, int64_t lo, int64_t up) {
       const T* xrow = x + s.XIndex(s.XGroup(gi), ni, hi, 0);
-      for (int64_t j = 0; j < s.kw; ++j) {
-        T* a = acc + (i * s.kw + j) * c;
-        int64_t lo, up;
-        ValidRange(s.wo, s.w, s.sw, s.pw, j * s.dw, &lo, &up);
-        for (int64_t p = lo; p < up; ++p) {
-          const T* xv = xrow + (p * s.sw - s.pw + j * s.dw) * c;
-          const T* cv = crow + p * c;
-          for (int64_t ci = 0; ci < c; ++ci) a[ci] += xv[ci] * cv[ci];
-        }
+      T* a = acc + (i * s.kw + j) * c;
+      for (int64_t p = lo; p < up; ++p) {
+        const T* xv = xrow + (p * s.sw - s.pw + j * s.dw) * c;
+        const T* cv = crow + p * c;
+        for (int64_t ci = 0; ci < c; ++ci) a[ci] += xv[ci] * cv[ci];
       }
-    }
+    });
   }
 }
 
-template <typename T>
-void KernelTranspose(const Geometry& s, const T* x, const T* ct, T* acc, int64_t gi, int64_t ni) {
-  KernelTransposeBody(s, x, ct, acc, gi, ni);
-}
+// name(...) for baseline x86-64 and nameAvx2(...) for AVX2, both running nameBody
+#define DIFFNAS_LOOP_CLONES(name, params, args)                     \
+  template <typename T>                                             \
+  void name params {                                                \
+    name##Body args;                                                \
+  }                                                                 \
+  template <typename T>                                             \
+  DIFFNAS_TARGET_AVX2 void name##Avx2 params {                      \
+    name##Body args;                                                \
+  }
 
-template <typename T>
-DIFFNAS_TARGET_AVX2 void KernelTransposeAvx2(const Geometry& s, const T* x, const T* ct, T* acc, int64_t gi, int64_t ni) {
-  KernelTransposeBody(s, x, ct, acc, gi, ni);
-}
+DIFFNAS_LOOP_CLONES(Forward, (const Geometry& s, const T* x, const T* k, T* y, int64_t gi, int64_t ni),
+                    (s, x, k, y, gi, ni))
+DIFFNAS_LOOP_CLONES(InputTranspose, (const Geometry& s, const T* ct, const T* k, T* dx, int64_t ni),
+                    (s, ct, k, dx, ni))
+DIFFNAS_LOOP_CLONES(KernelTranspose, (const Geometry& s, const T* x, const T* ct, T* acc, int64_t gi, int64_t ni),
+                    (s, x, ct, acc, gi, ni))
 
 ffi::Error CheckRank(const ffi::AnyBuffer& b, size_t rank, const char* what) {
   if (b.dimensions().size() != rank) {
@@ -391,26 +366,12 @@ DIFFNAS_DWCONV_HANDLER(DiffnasDwconvInputTranspose, InputTransposeImpl)
 DIFFNAS_DWCONV_HANDLER(DiffnasDwconvKernelTranspose, KernelTransposeImpl)
 
 static PyObject* Targets(PyObject*, PyObject*) {
-  PyObject* dict = PyDict_New();
-  if (dict == nullptr) return nullptr;
-  struct Entry {
-    const char* name;
-    void* fn;
-  } entries[] = {
+  static const diffnas::FfiTarget kTargets[] = {
       {"diffnas_dwconv_fwd", reinterpret_cast<void*>(DiffnasDwconvForward)},
       {"diffnas_dwconv_dx", reinterpret_cast<void*>(DiffnasDwconvInputTranspose)},
       {"diffnas_dwconv_dk", reinterpret_cast<void*>(DiffnasDwconvKernelTranspose)},
   };
-  for (const Entry& e : entries) {
-    PyObject* capsule = PyCapsule_New(e.fn, nullptr, nullptr);
-    if (capsule == nullptr || PyDict_SetItemString(dict, e.name, capsule) != 0) {
-      Py_XDECREF(capsule);
-      Py_DECREF(dict);
-      return nullptr;
-    }
-    Py_DECREF(capsule);
-  }
-  return dict;
+  return diffnas::TargetsDict(kTargets);
 }
 
 static PyMethodDef kMethods[] = {
