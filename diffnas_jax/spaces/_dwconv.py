@@ -30,13 +30,9 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from diffnas_jax._checks import backend_default
 from diffnas_jax._ffi_targets import register
 
 __all__ = ["available", "enabled", "depthwise_conv"]
-
-IMPLEMENTATIONS = ("ffi", "xla")
-
 
 @functools.cache
 def _targets() -> tuple[str, ...] | None:
@@ -183,6 +179,8 @@ def _conv_batch(args, dims, **p):
 
 
 def _input_t_batch(args, dims, *, x_shape, **p):
+    # an unbatched cotangent is broadcast (a copy per batch entry); reverse mode under vmap
+    # batches it anyway
     ct, k = args
     bc, bk = dims
     size = ct.shape[bc] if bc is not None else k.shape[bk]
