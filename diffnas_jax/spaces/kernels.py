@@ -13,8 +13,8 @@ took 30-80 ms against 1-5 ms for the forward pass (stride-2 DARTS edges).
 JAX.  ~10 HLO ops per kernel tap (a 5x5 kernel's value and gradient: ~1000 optimised HLO lines
 against ~100); this made the DARTS supernet take ten minutes to compile.
 
-``hybrid`` (the CPU default when the ``ffi`` kernel is not built): a custom JVP whose primal and input tangent are shifted multiplies
-(XLA fuses each into one loop; the input gradient is their transpose, shifted pads) and whose
+``hybrid`` (the CPU default when the ``ffi`` kernel is not built): a custom JVP whose primal and
+input tangent are shifted multiplies (XLA fuses each into one loop; the input gradient is their transpose, shifted pads) and whose
 kernel tangent is :func:`_tap_scan`, one ``lax.scan`` over the taps (its transpose, the kernel
 gradient, is one multiply-reduce per tap in one loop body).  The primal reads one padded copy of
 its input, padded at least :data:`_SHARED_PAD` so that convolutions of one tensor share it, behind
@@ -76,9 +76,9 @@ def default_formulation(backend: str | None = None) -> str:
     """The depthwise formulation used for ``backend`` (default: ``jax.default_backend()``).
 
     ``$DIFFNAS_DEPTHWISE`` (one of :data:`FORMULATIONS`) overrides it; otherwise on CPU ``"ffi"``
-    when its kernel was built (the full-size DARTS weight step compiles in 30-32 s against
-    40-48 s with ``"hybrid"`` and steps 3.2-3.3 s against 3.7-4.6 s; the second-order step
-    compiles in 148 s against 216 s; BUILD_NOTES section 5) and ``"hybrid"`` when it was not, and
+    when its kernel was built (the full-size DARTS weight step compiles in 28-32 s against
+    40-48 s with ``"hybrid"`` and steps 2.5-3.3 s against 3.7-4.6 s; the second-order step
+    compiles in 121-148 s against 216 s; BUILD_NOTES section 5, round 8) and ``"hybrid"`` when it was not, and
     ``"grouped"`` elsewhere (the native cuDNN / TPU kernel).  Chosen at trace time, so a program is
     specialised for the backend it is traced on.
     """
