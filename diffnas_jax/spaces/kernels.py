@@ -14,9 +14,9 @@ JAX.  ~10 HLO ops per kernel tap (a 5x5 kernel's value and gradient: ~1000 optim
 against ~100); this made the DARTS supernet take ten minutes to compile.
 
 ``hybrid`` (the CPU default when the ``ffi`` kernel is not built): a custom JVP whose primal and
-input tangent are shifted multiplies (XLA fuses each into one loop; the input gradient is their transpose, shifted pads) and whose
-kernel tangent is :func:`_tap_scan`, one ``lax.scan`` over the taps (its transpose, the kernel
-gradient, is one multiply-reduce per tap in one loop body).  The primal reads one padded copy of
+input tangent are shifted multiplies (XLA fuses each into one loop; the input gradient is their
+transpose, shifted pads) and whose kernel tangent is :func:`_tap_scan`, one ``lax.scan`` over the
+taps (its transpose, the kernel gradient, is one multiply-reduce per tap in one loop body).  The primal reads one padded copy of
 its input, padded at least :data:`_SHARED_PAD` so that convolutions of one tensor share it, behind
 an ``optimization_barrier`` that keeps XLA's simplifier from copying the input's producer into
 every tap.  DARTS first-order weight step at C=16, 8 layers, batch 32, 32x32 on the idle 2-core
