@@ -16,13 +16,13 @@ against ~100); this made the DARTS supernet take ten minutes to compile.
 ``hybrid`` (the CPU default when the ``ffi`` kernel is not built): a custom JVP whose primal and
 input tangent are shifted multiplies (XLA fuses each into one loop; the input gradient is their
 transpose, shifted pads) and whose kernel tangent is :func:`_tap_scan`, one ``lax.scan`` over the
-taps (its transpose, the kernel gradient, is one multiply-reduce per tap in one loop body).  The primal reads one padded copy of
-its input, padded at least :data:`_SHARED_PAD` so that convolutions of one tensor share it, behind
-an ``optimization_barrier`` that keeps XLA's simplifier from copying the input's producer into
-every tap.  DARTS first-order weight step at C=16, 8 layers, batch 32, 32x32 on the idle 2-core
-CPU (BUILD_NOTES section 5): step 6.1 s against 17.1 s grouped (PyTorch 5.4-5.8 s in the same
-runs), compile 66.8 s against 42.3 s; with ``layers.state_barrier`` on the node states, step
-4.8 s (PyTorch 5.4 s) and compile 44.7 s.
+taps (its transpose, the kernel gradient, is one multiply-reduce per tap in one loop body). The
+primal reads one padded copy of its input, padded at least :data:`_SHARED_PAD` so that convolutions
+of one tensor share it, behind an ``optimization_barrier`` that keeps XLA's simplifier from copying
+the input's producer into every tap. DARTS first-order weight step at C=16, 8 layers, batch 32,
+32x32 on the idle 2-core CPU (BUILD_NOTES section 5): step 6.1 s against 17.1 s grouped (PyTorch
+5.4-5.8 s in the same runs), compile 66.8 s against 42.3 s; with ``layers.state_barrier`` on the
+node states, step 4.8 s (PyTorch 5.4 s) and compile 44.7 s.
 
 ``ffi`` (the CPU default when built): three primitives, the convolution and its transposes in the
 input and in the kernel, each the other two's derivative (:mod:`diffnas_jax.spaces._dwconv`), run
