@@ -135,16 +135,36 @@ inline __attribute__((always_inline)) void ForEachTap(const Geometry& s, int64_t
   }
 }
 
-// y[g, n] = sum over the taps of x[gx, n] shifted * k[g]
+// y[g, n] = sum over the taps of x[gx, n] shifted * k[g].  With unit column stride, an output
+// row's run [lo, up) reads one contiguous run of the input row, so each tap is one multiply-add
+// over (up - lo) * C contiguous values against `krows`, the tap's kernel repeated along the row
+// (filled by FillKernelRows for group g; (KH * KW, WO, C)): one long vectorised loop instead of
+// one C-long loop per output pixel.  The same products are added in the same order either way.
+template <typename T>
+void FillKernelRows(const Geometry& s, const T* k, int64_t gi, T* krows) {
+  for (int64_t t = 0; t < s.kh * s.kw; ++t) {
+    const T* kk = k + s.KIndex(gi, 0, 0) + t * s.c;
+    for (int64_t p = 0; p < s.wo; ++p) std::copy(kk, kk + s.c, krows + (t * s.wo + p) * s.c);
+  }
+}
+
 template <typename T>
 inline __attribute__((always_inline)) void ForwardBody(const Geometry& s, const T* x, const T* k, T* y, int64_t gi,
-                                                       int64_t ni) {
+                                                       int64_t ni, const T* krows) {
   const int64_t c = s.c;
   for (int64_t o = 0; o < s.ho; ++o) {
     T* yrow = y + s.YIndex(gi, ni, o, 0);
     std::fill(yrow, yrow + s.wo * c, T(0));
     ForEachTap(s, o, [&](int64_t hi, int64_t i, int64_t j, int64_t lo, int64_t up) {
       const T* xrow = x + s.XIndex(s.XGroup(gi), ni, hi, 0);
+      if (s.sw == 1) {
+        const T* xv = xrow + (lo - s.pw + j * s.dw) * c;
+        const T* kv = krows + ((i * s.kw + j) * s.wo + lo) * c;
+        T* yv = yrow + lo * c;
+        const int64_t len = (up - lo) * c;
+        for (int64_t e = 0; e < len; ++e) yv[e] += xv[e] * kv[e];
+        return;
+      }
       const T* kk = k + s.KIndex(gi, i, j);
       for (int64_t p = lo; p < up; ++p) {
         const T* xv = xrow + (p * s.sw - s.pw + j * s.dw) * c;
@@ -156,19 +176,30 @@ inline __attribute__((always_inline)) void ForwardBody(const Geometry& s, const 
 }
 
 // dx[gx, n] = sum over the groups g reading input group gx of ct[g, n] scattered through k[g]
+// (unit column stride: contiguous runs against `krows`, as in ForwardBody; krows is scratch of
+// (KH * KW, WO, C), refilled per group)
 template <typename T>
 inline __attribute__((always_inline)) void InputTransposeBody(const Geometry& s, const T* ct, const T* k, T* dx,
-                                                              int64_t ni) {
+                                                              int64_t ni, T* krows) {
   const int64_t c = s.c;
   for (int64_t gxi = 0; gxi < s.gx; ++gxi) {
     T* base = dx + s.XIndex(gxi, ni, 0, 0);
     std::fill(base, base + s.h * s.w * c, T(0));
   }
   for (int64_t gi = 0; gi < s.g; ++gi) {
+    if (s.sw == 1) FillKernelRows(s, k, gi, krows);
     for (int64_t o = 0; o < s.ho; ++o) {
       const T* crow = ct + s.YIndex(gi, ni, o, 0);
       ForEachTap(s, o, [&](int64_t hi, int64_t i, int64_t j, int64_t lo, int64_t up) {
         T* xrow = dx + s.XIndex(s.XGroup(gi), ni, hi, 0);
+        if (s.sw == 1) {
+          T* xv = xrow + (lo - s.pw + j * s.dw) * c;
+          const T* kv = krows + ((i * s.kw + j) * s.wo + lo) * c;
+          const T* cv = crow + lo * c;
+          const int64_t len = (up - lo) * c;
+          for (int64_t e = 0; e < len; ++e) xv[e] += cv[e] * kv[e];
+          return;
+        }
         const T* kk = k + s.KIndex(gi, i, j);
         for (int64_t p = lo; p < up; ++p) {
           T* xv = xrow + (p * s.sw - s.pw + j * s.dw) * c;
@@ -210,10 +241,11 @@ inline __attribute__((always_inline)) void KernelTransposeBody(const Geometry& s
     name##Body args;                                                \
   }
 
-DIFFNAS_LOOP_CLONES(Forward, (const Geometry& s, const T* x, const T* k, T* y, int64_t gi, int64_t ni),
-                    (s, x, k, y, gi, ni))
-DIFFNAS_LOOP_CLONES(InputTranspose, (const Geometry& s, const T* ct, const T* k, T* dx, int64_t ni),
-                    (s, ct, k, dx, ni))
+DIFFNAS_LOOP_CLONES(Forward, (const Geometry& s, const T* x, const T* k, T* y, int64_t gi, int64_t ni,
+                              const T* krows),
+                    (s, x, k, y, gi, ni, krows))
+DIFFNAS_LOOP_CLONES(InputTranspose, (const Geometry& s, const T* ct, const T* k, T* dx, int64_t ni, T* krows),
+                    (s, ct, k, dx, ni, krows))
 DIFFNAS_LOOP_CLONES(KernelTranspose, (const Geometry& s, const T* x, const T* ct, T* acc, int64_t gi, int64_t ni),
                     (s, x, ct, acc, gi, ni))
 
@@ -249,11 +281,18 @@ ffi::Error RunForward(ffi::ThreadPool pool, const Geometry& s, const T* x, const
   const int64_t items = s.g * s.n;
   const int64_t tasks = TaskCount(pool, items);
   ParallelFor(pool, tasks, [&](int64_t t) {
+    std::vector<T> krows(static_cast<size_t>(s.sw == 1 ? s.kh * s.kw * s.wo * s.c : 0));
+    int64_t filled = -1;  // the group krows holds
     for (int64_t it = t * items / tasks; it < (t + 1) * items / tasks; ++it) {
+      const int64_t gi = it / s.n;
+      if (s.sw == 1 && gi != filled) {
+        FillKernelRows(s, k, gi, krows.data());
+        filled = gi;
+      }
       if (avx2) {
-        ForwardAvx2(s, x, k, y, it / s.n, it % s.n);
+        ForwardAvx2(s, x, k, y, gi, it % s.n, krows.data());
       } else {
-        Forward(s, x, k, y, it / s.n, it % s.n);
+        Forward(s, x, k, y, gi, it % s.n, krows.data());
       }
     }
   });
@@ -265,11 +304,12 @@ ffi::Error RunInputTranspose(ffi::ThreadPool pool, const Geometry& s, const T* c
   const bool avx2 = HasAvx2();
   const int64_t tasks = TaskCount(pool, s.n);
   ParallelFor(pool, tasks, [&](int64_t t) {
+    std::vector<T> krows(static_cast<size_t>(s.sw == 1 ? s.kh * s.kw * s.wo * s.c : 0));
     for (int64_t ni = t * s.n / tasks; ni < (t + 1) * s.n / tasks; ++ni) {
       if (avx2) {
-        InputTransposeAvx2(s, ct, k, dx, ni);
+        InputTransposeAvx2(s, ct, k, dx, ni, krows.data());
       } else {
-        InputTranspose(s, ct, k, dx, ni);
+        InputTranspose(s, ct, k, dx, ni, krows.data());
       }
     }
   });
