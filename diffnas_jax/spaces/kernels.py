@@ -76,9 +76,9 @@ def default_formulation(backend: str | None = None) -> str:
     """The depthwise formulation used for ``backend`` (default: ``jax.default_backend()``).
 
     ``$DIFFNAS_DEPTHWISE`` (one of :data:`FORMULATIONS`) overrides it; otherwise on CPU ``"ffi"``
-    when its kernel was built (the full-size DARTS weight step compiles in 28-32 s against 40-48 s
-    with ``"hybrid"`` and steps 2.5-3.3 s against 3.7-4.6 s; the second-order step compiles in
-    117-148 s against 216 s; BUILD_NOTES section 5, round 8) and ``"hybrid"`` when it was not, and
+    when its kernel was built (the full-size DARTS weight step compiles in 25-32 s against 40-48 s
+    with ``"hybrid"`` and steps 2.1-3.3 s against 3.7-4.6 s; the second-order step compiles in
+    106-148 s against 216 s; BUILD_NOTES section 5, round 8) and ``"hybrid"`` when it was not, and
     ``"grouped"`` elsewhere (the native cuDNN / TPU kernel). Chosen at trace time, so a program is
     specialised for the backend it is traced on.
     """
