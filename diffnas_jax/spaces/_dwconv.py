@@ -32,7 +32,7 @@ from jax.interpreters import ad, batching, mlir
 
 from diffnas_jax._ffi_targets import register
 
-__all__ = ["available", "enabled", "depthwise_conv"]
+__all__ = ["available", "depthwise_conv"]
 
 @functools.cache
 def _targets() -> tuple[str, ...] | None:
@@ -43,12 +43,6 @@ def _targets() -> tuple[str, ...] | None:
 def available() -> bool:
     """Whether the CPU kernel was built and its targets are registered."""
     return _targets() is not None
-
-
-def enabled(backend: str | None = None) -> bool:
-    """Whether the ``ffi`` formulation can run: the kernel is built and the backend is the CPU."""
-    backend = jax.default_backend() if backend is None else backend
-    return backend == "cpu" and available()
 
 
 def _out_size(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
@@ -132,19 +126,19 @@ def _shape_of(v):
 # conv(x, k): transpose in x is input_t(ct, k), in k is kernel_t(x, ct)
 ad.defbilinear(
     conv_p,
-    lambda ct, x, k, **p: input_t_p.bind(ct, k, x_shape=tuple(_shape_of(x)), **p),
-    lambda ct, x, k, **p: kernel_t_p.bind(x, ct, kernel_hw=tuple(_shape_of(k)[1:3]), **p),
+    lambda ct, x, k, **p: input_t_p.bind(ct, k, x_shape=_shape_of(x), **p),
+    lambda ct, x, k, **p: kernel_t_p.bind(x, ct, kernel_hw=_shape_of(k)[1:3], **p),
 )
 # input_t(c, k): <input_t(c, k), a> = <c, conv(a, k)> = <k, kernel_t(a, c)>
 ad.defbilinear(
     input_t_p,
     lambda a, c, k, *, x_shape, **p: conv_p.bind(a, k, **p),
-    lambda a, c, k, *, x_shape, **p: kernel_t_p.bind(a, c, kernel_hw=tuple(_shape_of(k)[1:3]), **p),
+    lambda a, c, k, *, x_shape, **p: kernel_t_p.bind(a, c, kernel_hw=_shape_of(k)[1:3], **p),
 )
 # kernel_t(x, c): <kernel_t(x, c), b> = <x, input_t(c, b)> = <c, conv(x, b)>
 ad.defbilinear(
     kernel_t_p,
-    lambda b, x, c, *, kernel_hw, **p: input_t_p.bind(c, b, x_shape=tuple(_shape_of(x)), **p),
+    lambda b, x, c, *, kernel_hw, **p: input_t_p.bind(c, b, x_shape=_shape_of(x), **p),
     lambda b, x, c, *, kernel_hw, **p: conv_p.bind(x, b, **p),
 )
 
@@ -232,7 +226,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], pad
                    dilation: tuple[int, int]) -> jax.Array:
     """``x`` (N, H, W, C) * ``kernel`` (kh, kw, 1, C) -> (N, HO, WO, C) as one primitive (module
     docstring).  float32 / float64 (other floating dtypes are computed in float32 and cast back).
-    Runs the FFI kernel on the CPU; raises when that kernel is not built (check :func:`enabled`)."""
+    Runs the FFI kernel on the CPU; raises when that kernel is not built (check :func:`available`)."""
     if not available():
         raise RuntimeError("the depthwise kernel diffnas_jax.spaces._dwconv_cpu is not built "
                            "(reinstall with a C++17 compiler, or use another formulation)")

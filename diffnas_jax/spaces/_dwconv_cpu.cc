@@ -343,46 +343,48 @@ ffi::Error RunKernelTranspose(ffi::ThreadPool pool, const Geometry& s, const T* 
   return ffi::Error::Success();
 }
 
-#define DIFFNAS_DWCONV_DISPATCH(dtype_buffer, call_f32, call_f64)                  \
-  switch ((dtype_buffer).element_type()) {                                         \
-    case ffi::DataType::F32:                                                       \
-      return call_f32;                                                             \
-    case ffi::DataType::F64:                                                       \
-      return call_f64;                                                             \
-    default:                                                                       \
-      return ffi::Error::InvalidArgument("dwconv: float32 or float64 only");      \
+// The geometry of the x-like (Gx, N, H, W, C), y-like (G, N, HO, WO, C) and k-like (G, KH, KW,
+// C) buffers checked, then run(s, T{}) for their element type T (float32 or float64).
+template <typename Run>
+ffi::Error Checked(const ffi::AnyBuffer& xl, const ffi::AnyBuffer& yl, const ffi::AnyBuffer& kl, int64_t sh,
+                   int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, Run run) {
+  FlushDenormals flush;
+  Geometry s;
+  if (auto e = MakeGeometry(xl, yl, kl, sh, sw, ph, pw, dh, dw, &s); e.failure()) return e;
+  switch (xl.element_type()) {
+    case ffi::DataType::F32:
+      return run(s, float{});
+    case ffi::DataType::F64:
+      return run(s, double{});
+    default:
+      return ffi::Error::InvalidArgument("dwconv: float32 or float64 only");
   }
+}
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> y,
                        int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
-  FlushDenormals flush;
-  Geometry s;
-  if (auto e = MakeGeometry(x, *y, k, sh, sw, ph, pw, dh, dw, &s); e.failure()) return e;
-  DIFFNAS_DWCONV_DISPATCH(x,
-      RunForward(pool, s, x.typed_data<float>(), k.typed_data<float>(), y->typed_data<float>()),
-      RunForward(pool, s, x.typed_data<double>(), k.typed_data<double>(), y->typed_data<double>()))
+  return Checked(x, *y, k, sh, sw, ph, pw, dh, dw, [&](const Geometry& s, auto zero) {
+    using T = decltype(zero);
+    return RunForward(pool, s, x.typed_data<T>(), k.typed_data<T>(), y->typed_data<T>());
+  });
 }
 
 ffi::Error InputTransposeImpl(ffi::ThreadPool pool, ffi::AnyBuffer ct, ffi::AnyBuffer k,
                               ffi::Result<ffi::AnyBuffer> dx, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                               int64_t dh, int64_t dw) {
-  FlushDenormals flush;
-  Geometry s;
-  if (auto e = MakeGeometry(*dx, ct, k, sh, sw, ph, pw, dh, dw, &s); e.failure()) return e;
-  DIFFNAS_DWCONV_DISPATCH(ct,
-      RunInputTranspose(pool, s, ct.typed_data<float>(), k.typed_data<float>(), dx->typed_data<float>()),
-      RunInputTranspose(pool, s, ct.typed_data<double>(), k.typed_data<double>(), dx->typed_data<double>()))
+  return Checked(*dx, ct, k, sh, sw, ph, pw, dh, dw, [&](const Geometry& s, auto zero) {
+    using T = decltype(zero);
+    return RunInputTranspose(pool, s, ct.typed_data<T>(), k.typed_data<T>(), dx->typed_data<T>());
+  });
 }
 
 ffi::Error KernelTransposeImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer ct,
                                ffi::Result<ffi::AnyBuffer> dk, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                                int64_t dh, int64_t dw) {
-  FlushDenormals flush;
-  Geometry s;
-  if (auto e = MakeGeometry(x, ct, *dk, sh, sw, ph, pw, dh, dw, &s); e.failure()) return e;
-  DIFFNAS_DWCONV_DISPATCH(x,
-      RunKernelTranspose(pool, s, x.typed_data<float>(), ct.typed_data<float>(), dk->typed_data<float>()),
-      RunKernelTranspose(pool, s, x.typed_data<double>(), ct.typed_data<double>(), dk->typed_data<double>()))
+  return Checked(x, ct, *dk, sh, sw, ph, pw, dh, dw, [&](const Geometry& s, auto zero) {
+    using T = decltype(zero);
+    return RunKernelTranspose(pool, s, x.typed_data<T>(), ct.typed_data<T>(), dk->typed_data<T>());
+  });
 }
 
 }  // namespace
