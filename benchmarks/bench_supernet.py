@@ -5,7 +5,8 @@ original PyTorch code on the same CPU in the same run.
         --nb201-ref /work/refcode/autodl [--space darts|nb201|both|none] [--second-order]
         [--implicit] [--eval-net] [--full] [--C 8] [--layers 3] [--N 1] [--batch 16] [--size 16]
         [--steps 3] [--formulation default|grouped|shifted|hybrid|ffi] [--cell default|scan|groups|all]
-        [--barrier default|dot|none|all] [--profile]
+        [--barrier default|dot|none|all] [--profile] [--host-memory huge-pages|off]
+        [--torch-host-memory default|huge-pages]
 
 Rows (each behind a flag; the defaults are reduced sizes that run in minutes on 2 cores, ``--full``
 sets the issue's sizes: C=16, 8 layers, N=5, batch 32, 32x32, evaluation network C=36, 20 cells):
@@ -41,6 +42,11 @@ then the convolution kernels' time by what they compute (read from the optimised
 forward, input gradient, kernel gradient, other).
 ``--per-op`` prints the forward + backward time of each DARTS candidate op's edge group (4 edges)
 at the first normal cell's and the first reduction cell's shapes, JAX and PyTorch side by side.  A diverged step exits non-zero.
+``--host-memory`` (default ``huge-pages``): the script restarts itself with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, as the ``diffnas`` command does (``search.host_memory``:
+glibc maps each step's large temporary buffer on 2 MiB pages instead of faulting it in 4 KiB at a
+time); ``off`` measures glibc's defaults. ``--torch-host-memory huge-pages`` gives the PyTorch
+process the same tunable; by default it runs as its users run it.
 """
 from __future__ import annotations
 
@@ -59,6 +65,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from diffnas_jax.search import host_memory
 
 TORCH_COMMON = textwrap.dedent("""
     import sys, time, json, statistics, resource, types
@@ -318,7 +326,7 @@ def time_weight_step(sp, batch: int, size: int, steps: int, profile: bool = Fals
                         lambda a, o: (o[0], o[1], o[2]) + a[3:], lambda o: o[3], profile)
 
 
-def time_search_step(sp, estimator, batch: int, size: int, steps: int) -> dict:
+def time_search_step(sp, estimator, batch: int, size: int, steps: int, profile: bool = False) -> dict:
     """The full DARTS search step of ``search.make_step`` (architecture step with ``estimator``,
     then the weight step; softmax mixing; DARTS optimisers) on separate train / val batches."""
     from diffnas_jax import mixing
@@ -331,7 +339,7 @@ def time_search_step(sp, estimator, batch: int, size: int, steps: int) -> dict:
     step = make_step(sp, mixing.softmax(), estimator, w_opt, a_opt)
     key = jax.random.key(4)
     return time_program(step, (state, bt, bv, key), steps, lambda a, o: (o[0],) + a[1:],
-                        lambda o: o[1]["train_loss"])
+                        lambda o: o[1]["train_loss"], profile)
 
 
 def time_eval_step(net, batch: int, size: int, steps: int) -> dict:
@@ -354,10 +362,32 @@ def time_eval_step(net, batch: int, size: int, steps: int) -> dict:
                         lambda a, o: (o[0], o[1], o[2]) + a[3:], lambda o: o[3])
 
 
+def _without_hugetlb(environ) -> dict:
+    """``environ`` without ``glibc.malloc.hugetlb`` in its ``GLIBC_TUNABLES``."""
+    env = dict(environ)
+    kept = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and t.split("=")[0] != host_memory.TUNABLE]
+    if kept:
+        env["GLIBC_TUNABLES"] = ":".join(kept)
+    return env
+
+
+def _restart_for(setting: str) -> None:
+    """Start this script again with ``glibc.malloc.hugetlb=1`` (``huge-pages``) or without it (``off``)
+    unless the environment already says so."""
+    if setting == "huge-pages":
+        host_memory.restart_with_huge_pages(setting="huge-pages")
+    elif _without_hugetlb(os.environ) != dict(os.environ):
+        sys.stdout.flush()
+        os.execve(sys.executable, sys.orig_argv, _without_hugetlb(os.environ))
+
+
 def time_torch(script: str, ref: str, args, C: int, depth: int, batch: int, size: int) -> dict:
+    env = _without_hugetlb(os.environ)
+    if args.torch_host_memory == "huge-pages":
+        env.update(host_memory.tunables("huge-pages", environ=env))
     out = subprocess.run([args.torch_python, "-c", script + TORCH_STEP, ref, str(args.steps), str(os.cpu_count()),
                           str(C), str(depth), str(batch), str(size)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     if out.returncode:
         raise SystemExit(f"the PyTorch reference failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -470,9 +500,17 @@ def main(argv=None) -> int:
                     help="DARTS search cell formulation ($DIFFNAS_DARTS_CELL); all: each in turn")
     ap.add_argument("--profile", action="store_true",
                     help="print where the weight steps' time goes, per XLA kernel kind (jax.profiler)")
+    ap.add_argument("--host-memory", choices=("huge-pages", "off"), default="huge-pages",
+                    help="glibc.malloc.hugetlb=1 for this process, as the diffnas command sets it (default), "
+                         "or glibc's default allocator (search.host_memory; the script restarts itself)")
+    ap.add_argument("--torch-host-memory", choices=("default", "huge-pages"), default="default",
+                    help="the PyTorch process with glibc's default allocator (as its users run it, default) "
+                         "or with glibc.malloc.hugetlb=1 too")
     ap.add_argument("--barrier", choices=("default", "dot", "none", "all"), default="default",
                     help="$DIFFNAS_COTANGENT_BARRIER for the NB201 rows; all: dot then none, in one run")
     args = ap.parse_args(argv)
+    if argv is None:  # before the first JAX computation: glibc reads its tunables at start
+        _restart_for(args.host_memory)
     if args.full:
         args.C, args.layers, args.N, args.batch, args.size = 16, 8, 5, 32, 32
         args.eval_C, args.eval_layers, args.eval_batch = 36, 20, 32
@@ -484,7 +522,9 @@ def main(argv=None) -> int:
         kernels.default_formulation = lambda backend=None: form
     print(f"device: {jax.devices()[0].device_kind}, cpus: {os.cpu_count()}, jax {jax.__version__}, depthwise: "
           f"{kernels.default_formulation()}, C={args.C} layers={args.layers} N={args.N} batch={args.batch} "
-          f"{args.size}x{args.size}", flush=True)
+          f"{args.size}x{args.size}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
+          f"PyTorch allocator: {args.torch_host_memory}",
+          flush=True)
     if args.per_op:
         per_op_table(args)
     ref = _darts_ref(args.torch_ref) if args.torch_ref else None
@@ -507,7 +547,7 @@ def main(argv=None) -> int:
         if args.second_order:
             est = hypergrad.unrolled(SGD["lr"], weight_decay=SGD["weight_decay"], momentum=SGD["momentum"],
                                      hvp="exact")
-            r = time_search_step(sp, est, args.batch, args.size, args.steps)
+            r = time_search_step(sp, est, args.batch, args.size, args.steps, args.profile)
             if "second" not in torch_rows:
                 torch_rows["second"] = time_torch(TORCH_SECOND_ORDER, ref, args, args.C, args.layers, args.batch,
                                                   args.size) if ref else None

@@ -619,6 +619,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if argv is None:  # this process is the `diffnas` command: start again with huge pages
+        from diffnas_jax.search.host_memory import restart_with_huge_pages
+
+        try:
+            restart_with_huge_pages()
+        except ValueError as e:
+            print(f"diffnas: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     return int(args.func(args) or 0)
 
 
