@@ -3,7 +3,9 @@
 Compiles ONE program per process (the programs are large; keep runs apart) at a reduced size and
 prints a JSON line: cold lower and compile time, the CPU time of the compile (single-threaded
 when it is close to the wall time), StableHLO lines, optimised HLO instructions per opcode,
-XLA fusions (kernels), and the median run time.
+XLA fusions (kernels), and the median run time. Like the ``diffnas`` command, the script restarts
+itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (``search.host_memory``;
+``DIFFNAS_HOST_MEMORY=off`` keeps glibc's defaults).
 
     PYTHONPATH=. python benchmarks/bench_hypergrad_compile.py PROGRAM [--C 8 --layers 3 --batch 16 --size 16]
 
@@ -112,6 +114,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-temp-gib", type=float, default=None,
                     help="driver modes: do not run the step if a program's compiled temporary memory is larger")
     args = ap.parse_args(argv)
+    if argv is None:  # as the diffnas command: glibc.malloc.hugetlb=1 (DIFFNAS_HOST_MEMORY=off: not)
+        from diffnas_jax.search.host_memory import restart_with_huge_pages
+
+        restart_with_huge_pages()
 
     from diffnas_jax import hypergrad, mixing
     from diffnas_jax.hypergrad._core import tree_axpy, tree_vdot
