@@ -153,7 +153,9 @@ TORCH_STEP = textwrap.dedent("""
         nn.utils.clip_grad_norm_(model.parameters(), 5.0); opt.step()
         times.append(time.perf_counter() - t)
         if i == 0:
-            rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            # VmHWM: this process's own peak (ru_maxrss also counts the parent's peak at fork,
+            # which made the figure wrong after a large JAX program had run in the parent)
+            rss1 = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     print(json.dumps({"median": statistics.median(times[1:]), "first": times[0],
                       "rss_growth_bytes": 1024 * (rss1 - rss0)}))
 """)
