@@ -380,6 +380,7 @@ def _restart_for(setting: str) -> None:
         host_memory.restart_with_huge_pages(setting="huge-pages")
     elif _without_hugetlb(os.environ) != dict(os.environ):
         sys.stdout.flush()
+        sys.stderr.flush()
         os.execve(sys.executable, sys.orig_argv, _without_hugetlb(os.environ))
 
 

@@ -148,6 +148,31 @@ void FillKernelRows(const Geometry& s, const T* k, int64_t gi, T* krows) {
   }
 }
 
+// krows scratch for one task: (KH * KW, WO, C) with unit column stride, else unused (empty)
+template <typename T>
+std::vector<T> KernelRowsScratch(const Geometry& s) {
+  return std::vector<T>(static_cast<size_t>(s.sw == 1 ? s.kh * s.kw * s.wo * s.c : 0));
+}
+
+// One tap over an output row's run [lo, up): dst[p] += src[p] * k for each column p, where `dst`
+// and `src` step `dst_step` and `src_step` values a column (C or SW * C) and k is the tap's kernel
+// `kk` (C values).  With unit column stride both step C, so the run is one multiply-add over
+// (up - lo) * C contiguous values against `krow`, the tap's kernel repeated along the row from
+// column lo.
+template <typename T>
+inline __attribute__((always_inline)) void MulAddTap(const Geometry& s, T* dst, int64_t dst_step, const T* src,
+                                                     int64_t src_step, const T* kk, const T* krow, int64_t count) {
+  const int64_t c = s.c;
+  if (s.sw == 1) {
+    const int64_t len = count * c;
+    for (int64_t e = 0; e < len; ++e) dst[e] += src[e] * krow[e];
+    return;
+  }
+  for (int64_t p = 0; p < count; ++p, dst += dst_step, src += src_step) {
+    for (int64_t ci = 0; ci < c; ++ci) dst[ci] += src[ci] * kk[ci];
+  }
+}
+
 template <typename T>
 inline __attribute__((always_inline)) void ForwardBody(const Geometry& s, const T* x, const T* k, T* y, int64_t gi,
                                                        int64_t ni, const T* krows) {
@@ -157,20 +182,8 @@ inline __attribute__((always_inline)) void ForwardBody(const Geometry& s, const 
     std::fill(yrow, yrow + s.wo * c, T(0));
     ForEachTap(s, o, [&](int64_t hi, int64_t i, int64_t j, int64_t lo, int64_t up) {
       const T* xrow = x + s.XIndex(s.XGroup(gi), ni, hi, 0);
-      if (s.sw == 1) {
-        const T* xv = xrow + (lo - s.pw + j * s.dw) * c;
-        const T* kv = krows + ((i * s.kw + j) * s.wo + lo) * c;
-        T* yv = yrow + lo * c;
-        const int64_t len = (up - lo) * c;
-        for (int64_t e = 0; e < len; ++e) yv[e] += xv[e] * kv[e];
-        return;
-      }
-      const T* kk = k + s.KIndex(gi, i, j);
-      for (int64_t p = lo; p < up; ++p) {
-        const T* xv = xrow + (p * s.sw - s.pw + j * s.dw) * c;
-        T* yv = yrow + p * c;
-        for (int64_t ci = 0; ci < c; ++ci) yv[ci] += xv[ci] * kk[ci];
-      }
+      MulAddTap(s, yrow + lo * c, c, xrow + (lo * s.sw - s.pw + j * s.dw) * c, s.sw * c, k + s.KIndex(gi, i, j),
+                krows + ((i * s.kw + j) * s.wo + lo) * c, up - lo);
     });
   }
 }
@@ -192,20 +205,8 @@ inline __attribute__((always_inline)) void InputTransposeBody(const Geometry& s,
       const T* crow = ct + s.YIndex(gi, ni, o, 0);
       ForEachTap(s, o, [&](int64_t hi, int64_t i, int64_t j, int64_t lo, int64_t up) {
         T* xrow = dx + s.XIndex(s.XGroup(gi), ni, hi, 0);
-        if (s.sw == 1) {
-          T* xv = xrow + (lo - s.pw + j * s.dw) * c;
-          const T* kv = krows + ((i * s.kw + j) * s.wo + lo) * c;
-          const T* cv = crow + lo * c;
-          const int64_t len = (up - lo) * c;
-          for (int64_t e = 0; e < len; ++e) xv[e] += cv[e] * kv[e];
-          return;
-        }
-        const T* kk = k + s.KIndex(gi, i, j);
-        for (int64_t p = lo; p < up; ++p) {
-          T* xv = xrow + (p * s.sw - s.pw + j * s.dw) * c;
-          const T* cv = crow + p * c;
-          for (int64_t ci = 0; ci < c; ++ci) xv[ci] += cv[ci] * kk[ci];
-        }
+        MulAddTap(s, xrow + (lo * s.sw - s.pw + j * s.dw) * c, s.sw * c, crow + lo * c, c, k + s.KIndex(gi, i, j),
+                  krows + ((i * s.kw + j) * s.wo + lo) * c, up - lo);
       });
     }
   }
@@ -281,7 +282,7 @@ ffi::Error RunForward(ffi::ThreadPool pool, const Geometry& s, const T* x, const
   const int64_t items = s.g * s.n;
   const int64_t tasks = TaskCount(pool, items);
   ParallelFor(pool, tasks, [&](int64_t t) {
-    std::vector<T> krows(static_cast<size_t>(s.sw == 1 ? s.kh * s.kw * s.wo * s.c : 0));
+    std::vector<T> krows = KernelRowsScratch<T>(s);
     int64_t filled = -1;  // the group krows holds
     for (int64_t it = t * items / tasks; it < (t + 1) * items / tasks; ++it) {
       const int64_t gi = it / s.n;
@@ -304,7 +305,7 @@ ffi::Error RunInputTranspose(ffi::ThreadPool pool, const Geometry& s, const T* c
   const bool avx2 = HasAvx2();
   const int64_t tasks = TaskCount(pool, s.n);
   ParallelFor(pool, tasks, [&](int64_t t) {
-    std::vector<T> krows(static_cast<size_t>(s.sw == 1 ? s.kh * s.kw * s.wo * s.c : 0));
+    std::vector<T> krows = KernelRowsScratch<T>(s);
     for (int64_t ni = t * s.n / tasks; ni < (t + 1) * s.n / tasks; ++ni) {
       if (avx2) {
         InputTransposeAvx2(s, ct, k, dx, ni, krows.data());
