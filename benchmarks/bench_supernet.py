@@ -55,6 +55,7 @@ import json
 import math
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -289,13 +290,21 @@ def time_program(step, args, steps: int, feed, loss_of, profile: bool = False) -
     mem = compiled.memory_analysis()
     peak = None if mem is None else (mem.temp_size_in_bytes + mem.argument_size_in_bytes
                                      + mem.output_size_in_bytes)
-    times = []
+    times, cpu = [], []
     for _ in range(steps + 1):
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t = time.perf_counter()
         out = compiled(*args)
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu.append((r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt))
         args = feed(args, out)
+    # where a step's wall time went: a step far above (user + sys) / cores waited (other jobs on
+    # the machine); a large sys share is the kernel faulting in memory (see --host-memory)
+    user, sys_, faults = (statistics.median(c[i] for c in cpu[1:]) for i in range(3))
+    print(f"  (steps {', '.join(f'{x:.3f}' for x in times[1:])} s; per step user {user:.2f} s, "
+          f"sys {sys_:.2f} s, {faults:.0f} page faults; first call {times[0]:.3f} s)", flush=True)
     if profile:
         print_profile(compiled, args)
     loss = loss_of(out)

@@ -212,7 +212,22 @@ inline __attribute__((always_inline)) void InputTransposeBody(const Geometry& s,
   }
 }
 
-// acc[i, j, :] += sum over (o, p) of x[gx, n] shifted * ct[g, n]   (acc: (KH, KW, C))
+// a[ci] += sum over p < count of xv[p * x_step + ci] * cv[p * c_step + ci], for B channels, with
+// the B sums held in registers across p (through `a` itself the compiler must store and reload
+// each sum every column, as `a` may alias the inputs): the same products added in the same order.
+template <typename T, int B>
+inline __attribute__((always_inline)) void DotColumns(T* a, const T* xv, int64_t x_step, const T* cv,
+                                                      int64_t c_step, int64_t count) {
+  T sum[B];
+  for (int b = 0; b < B; ++b) sum[b] = a[b];
+  for (int64_t p = 0; p < count; ++p, xv += x_step, cv += c_step) {
+    for (int b = 0; b < B; ++b) sum[b] += xv[b] * cv[b];
+  }
+  for (int b = 0; b < B; ++b) a[b] = sum[b];
+}
+
+// acc[i, j, :] += sum over (o, p) of x[gx, n] shifted * ct[g, n]   (acc: (KH, KW, C)); the
+// channels in register blocks of 16, then 8, then one at a time
 template <typename T>
 inline __attribute__((always_inline)) void KernelTransposeBody(const Geometry& s, const T* x, const T* ct, T* acc,
                                                                int64_t gi, int64_t ni) {
@@ -220,13 +235,14 @@ inline __attribute__((always_inline)) void KernelTransposeBody(const Geometry& s
   for (int64_t o = 0; o < s.ho; ++o) {
     const T* crow = ct + s.YIndex(gi, ni, o, 0);
     ForEachTap(s, o, [&](int64_t hi, int64_t i, int64_t j, int64_t lo, int64_t up) {
-      const T* xrow = x + s.XIndex(s.XGroup(gi), ni, hi, 0);
+      const T* xv = x + s.XIndex(s.XGroup(gi), ni, hi, 0) + (lo * s.sw - s.pw + j * s.dw) * c;
+      const T* cv = crow + lo * c;
       T* a = acc + (i * s.kw + j) * c;
-      for (int64_t p = lo; p < up; ++p) {
-        const T* xv = xrow + (p * s.sw - s.pw + j * s.dw) * c;
-        const T* cv = crow + p * c;
-        for (int64_t ci = 0; ci < c; ++ci) a[ci] += xv[ci] * cv[ci];
-      }
+      const int64_t x_step = s.sw * c, count = up - lo;
+      int64_t ci = 0;
+      for (; ci + 16 <= c; ci += 16) DotColumns<T, 16>(a + ci, xv + ci, x_step, cv + ci, c, count);
+      for (; ci + 8 <= c; ci += 8) DotColumns<T, 8>(a + ci, xv + ci, x_step, cv + ci, c, count);
+      for (; ci < c; ++ci) DotColumns<T, 1>(a + ci, xv + ci, x_step, cv + ci, c, count);
     });
   }
 }
