@@ -35,6 +35,21 @@ def test_each_form_equals_its_xla_reference(ksize, stride, padding, dilation, gx
                                rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("c", [8, 16, 25, 41])
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
+def test_kernel_transpose_over_its_channel_blocks(c, stride):
+    # the kernel's channel loop runs in register blocks of 16, then 8, then one channel at a time:
+    # channel counts that exercise each block (16 + 8 + 1 = 25, 2 * 16 + 8 + 1 = 41)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 3, 9, 10, c)))
+    p = dict(stride=stride, padding=(2, 2), dilation=(1, 1))
+    ct = jnp.asarray(rng.normal(size=_dwconv._reference_conv(x[:1], jnp.zeros((4, 5, 5, c)), stride, (2, 2),
+                                                                (1, 1)).shape))
+    dk = jax.jit(lambda x, c_: _dwconv.kernel_t_p.bind(x, c_, kernel_hw=(5, 5), **p))(x, ct)
+    np.testing.assert_allclose(dk, _dwconv._reference_kernel_t(x, ct, stride, (2, 2), (1, 1), (5, 5)),
+                               rtol=1e-11, atol=1e-11)
+
+
 @pytest.mark.parametrize("ksize,stride,padding,dilation", GEOMETRIES[:3])
 def test_derivatives_to_second_order_in_both_modes(ksize, stride, padding, dilation):
     rng = np.random.default_rng(1)
