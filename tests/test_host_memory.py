@@ -74,6 +74,29 @@ def test_setting_is_checked(monkeypatch):
     assert host_memory.tunables(environ={}) == {}
 
 
+@pytest.mark.skipif(not HUGETLB, reason="needs glibc >= 2.35")
+def test_advice_only_for_a_cpu_process_started_without_the_tunable(monkeypatch, capsys):
+    hint = host_memory.advice("cpu", environ={})
+    assert hint is not None and "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in hint
+    assert host_memory.advice("gpu", environ={}) is None
+    assert host_memory.advice("cpu", environ={"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) is None
+    assert host_memory.advice("cpu", "off", environ={}) is None
+    # the search driver prints it once, before it compiles
+    import jax
+    import jax.numpy as jnp
+    from diffnas_jax.search import driver
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
+    driver._compile(jax.jit(lambda x: x + 1), (jnp.ones(2),))
+    err = capsys.readouterr().err
+    assert err.count("GLIBC_TUNABLES=glibc.malloc.hugetlb=1") == (1 if jax.default_backend() == "cpu" else 0)
+    assert err.index("compiling the search step") > (err.find("GLIBC_TUNABLES") if "GLIBC" in err else -1)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    driver._compile(jax.jit(lambda x: x + 2), (jnp.ones(2),))
+    assert "GLIBC_TUNABLES" not in capsys.readouterr().err
+
+
 class _Exec(Exception):
     pass
 

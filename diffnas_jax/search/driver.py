@@ -56,6 +56,7 @@ from ..spaces import registry
 from ..spaces.registry import make_space
 from .._json import NON_FINITE_KEY, write_json
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, restore_checkpoint, save_checkpoint
+from . import host_memory
 from .compile_cache import enable_compile_cache
 from .native_log import xla_log_to_debug
 from .decision import summarize_decisions
@@ -701,6 +702,9 @@ def _compile(jstep: Callable, args: tuple) -> tuple[Callable, dict]:
     Tracing (Python, every run) and XLA compilation (cached on disk) are timed apart: the
     persistent cache removes the second part only.
     """
+    hint = host_memory.advice(jax.default_backend())
+    if hint:
+        print(hint, file=sys.stderr, flush=True)
     print("compiling the search step (first run only; cached afterwards) ...", end="", file=sys.stderr,
           flush=True)
     if isinstance(jstep, StagedStep):

@@ -13,7 +13,8 @@ so:
 - the ``diffnas`` command starts itself again, once, with the tunable set
   (:func:`restart_with_huge_pages`, before JAX is imported);
 - scripts and notebooks get it by starting Python with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
-  (:func:`tunables` gives the variable, merged with any tunables already set).
+  (:func:`tunables` gives the variable, merged with any tunables already set); the search driver
+  prints :func:`advice` once before it compiles when a CPU process was started without it.
 
 ``DIFFNAS_HOST_MEMORY=off`` leaves the allocator alone; a ``glibc.malloc.hugetlb`` the user set is
 kept as it is. Other C libraries (musl, macOS, Windows) are left alone.
@@ -26,7 +27,7 @@ import os
 import sys
 from typing import Mapping, Sequence
 
-__all__ = ["ENV_VAR", "TUNABLE", "glibc_version", "tunables", "restart_with_huge_pages"]
+__all__ = ["ENV_VAR", "TUNABLE", "glibc_version", "tunables", "restart_with_huge_pages", "advice"]
 
 ENV_VAR = "DIFFNAS_HOST_MEMORY"
 TUNABLE = "glibc.malloc.hugetlb"
@@ -103,3 +104,23 @@ def restart_with_huge_pages(argv: Sequence[str] | None = None, setting: str | No
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, {**os.environ, **extra})
+
+
+def advice(platform: str, setting: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """A one-line hint for a process about to run XLA:CPU steps without huge pages, else ``None``.
+
+    ``None`` when ``platform`` is not ``"cpu"`` or :func:`tunables` has nothing to add (turned off,
+    not glibc >= 2.35, or the tunable already set when the process started).
+
+    Args:
+      platform: the JAX backend the steps run on (``jax.default_backend()``).
+      setting, environ: as in :func:`tunables`.
+    """
+    if platform != "cpu":
+        return None
+    extra = tunables(setting, environ)
+    if not extra:
+        return None
+    return (f"note: start Python with GLIBC_TUNABLES={extra['GLIBC_TUNABLES']} for faster CPU steps: "
+            "without it every step faults its XLA buffers in 4 KiB at a time (the `diffnas` command "
+            f"sets it itself; {ENV_VAR}=off silences this)")
