@@ -69,6 +69,62 @@ def test_pools_equal_direct_loops_with_exact_gradients(k, stride, padding):
             np.testing.assert_allclose(jax.vmap(f)(xs)[1], f(2 * x), rtol=1e-12)
 
 
+def _max_pool_chain(x, k, stride, padding):
+    """The previous formulation: a chain of pairwise maxima over the shifted windows, differentiated
+    by JAX (ties share the gradient)."""
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-np.inf)
+    n, h, w, c = x.shape
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    out = None
+    for i in range(k):
+        for j in range(k):
+            s = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+            out = s if out is None else jnp.maximum(out, s)
+    return out
+
+
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (2, 2, 0), (3, 2, 1)])
+def test_max_pool_derivatives_equal_the_pairwise_maxima_without_ties(k, stride, padding):
+    """Without ties the explicit JVP equals JAX's derivative of the pairwise-maximum chain: VJP,
+    and forward-over-reverse (the second-order DARTS step's product)."""
+    with jax.enable_x64():
+        x = jax.random.normal(jax.random.key(7), (2, 9, 8, 3), jnp.float64)
+        g = jax.random.normal(jax.random.key(8), layers.max_pool(x, k, stride, padding).shape, jnp.float64)
+        vjp = jax.vjp(lambda x: layers.max_pool(x, k, stride, padding), x)[1]
+        vjp_ref = jax.vjp(lambda x: _max_pool_chain(x, k, stride, padding), x)[1]
+        np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
+        loss = lambda pool: lambda x: jnp.sum(jnp.sin(pool(x, k, stride, padding)) * g)  # noqa: E731
+        v = jax.random.normal(jax.random.key(9), x.shape, jnp.float64)
+        hvp = jax.jit(lambda x, v: jax.jvp(jax.grad(loss(layers.max_pool)), (x,), (v,))[1])(x, v)
+        np.testing.assert_allclose(hvp, jax.jvp(jax.grad(loss(_max_pool_chain)), (x,), (v,))[1],
+                                   rtol=1e-12, atol=1e-13)
+        from jax.test_util import check_grads
+        check_grads(loss(layers.max_pool), (x,), order=2, modes=("fwd", "rev"))
+
+
+def test_max_pool_ties_and_nan_follow_pytorch():
+    # ties: the whole gradient goes to the window's first maximum (row-major), as MaxPool2d's index
+    x = jnp.zeros((1, 4, 4, 1), jnp.float32)
+    g = jax.grad(lambda x: jnp.sum(layers.max_pool(x, 2, 2, 0)))(x)[0, :, :, 0]
+    want = np.zeros((4, 4), np.float32)
+    want[::2, ::2] = 1
+    np.testing.assert_array_equal(g, want)
+    # 3x3 / stride 1 / padding 1 over a constant image: each output's gradient to its window's
+    # first in-image cell
+    g = jax.grad(lambda x: jnp.sum(layers.max_pool(x, 3, 1, 1)))(jnp.ones((1, 3, 3, 1)))[0, :, :, 0]
+    np.testing.assert_array_equal(g, [[4, 2, 0], [2, 1, 0], [0, 0, 0]])
+    # NaN: the window holding it gives NaN and carries the NaN cell's tangent (PyTorch's index);
+    # the other windows and their gradients are untouched
+    x = jnp.arange(16.0).reshape(1, 4, 4, 1).at[0, 0, 1, 0].set(jnp.nan)
+    y = layers.max_pool(x, 2, 2, 0)[0, :, :, 0]
+    assert bool(jnp.isnan(y[0, 0])) and bool(jnp.all(jnp.isfinite(y.ravel()[1:])))
+    g = jax.grad(lambda x: jnp.sum(jnp.where(jnp.isnan(layers.max_pool(x, 2, 2, 0)), 1.0,
+                                             layers.max_pool(x, 2, 2, 0))))(x)[0, :, :, 0]
+    assert float(g[0, 1]) == 0.0 and float(jnp.sum(g)) == 3.0
+    dy = jax.jvp(lambda x: layers.max_pool(x, 2, 2, 0), (x,), (jnp.ones_like(x),))[1][0, :, :, 0]
+    np.testing.assert_array_equal(dy, np.ones((2, 2)))
+
+
 def _avg_pool_2d_window(x, k, stride, padding):
     """The previous formulation: one k x k ``reduce_window`` sum, divided by the in-image counts."""
     total = jax.lax.reduce_window(x, np.array(0, x.dtype), jax.lax.add, (1, k, k, 1), (1, stride, stride, 1),

@@ -18,6 +18,9 @@ References: the PyTorch modules ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.AvgPool2
 """
 from __future__ import annotations
 
+import functools
+
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -378,20 +381,45 @@ def avg_pool(x: Array, kernel_size: int, stride: int, padding: int = 0) -> Array
     return total * jnp.asarray(1.0 / counts, x.dtype)[None, :, :, None]
 
 
+def _max_and_first_argmax(x: Array, kernel_size: int, stride: int, padding: int) -> tuple[Array, Array]:
+    """Each window's maximum and the index (row-major over the window) of its first maximum, as
+    PyTorch's MaxPool2d picks it: a later cell wins only if larger or NaN (so NaN propagates)."""
+    best = idx = None
+    for t, s in enumerate(_window_slices(x, kernel_size, stride, -np.inf, padding)):
+        if best is None:
+            best, idx = s, jnp.zeros(s.shape, jnp.int32)
+            continue
+        take = (s > best) | jnp.isnan(s)
+        best = jnp.where(take, s, best)
+        idx = jnp.where(take, jnp.int32(t), idx)
+    return best, idx
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def max_pool(x: Array, kernel_size: int, stride: int, padding: int = 0) -> Array:
     """``nn.MaxPool2d(k, stride, padding)`` on NHWC ``x`` (padding cells never win).
 
-    Written as an elementwise maximum of ``k*k`` shifted slices: the ``reduce_window`` form
-    differentiates into ``select_and_scatter``, which XLA on CPU compiles and runs very slowly
-    (minutes of compile inside the vmapped DARTS cell).  On exact ties inside a window the
-    gradient is shared between the tied cells instead of going to the first one. A barrier on
-    the padded input keeps XLA from copying the producer of ``x`` into each of the ``k*k``
-    slices (see :func:`avg_pool`).
+    Written as a maximum over ``k*k`` shifted slices: the ``reduce_window`` form differentiates
+    into ``select_and_scatter``, which XLA on CPU compiles and runs very slowly (minutes of compile
+    inside the vmapped DARTS cell). The derivative is explicit (``custom_jvp``): the tangent of the
+    window's first maximum (PyTorch's choice on ties), selected by that cell's index, so reverse mode
+    and forward-over-reverse read one index per output instead of differentiating the chain of
+    pairwise maxima (whose gradient XLA recomputed per window and tap: the costliest kernel of the
+    DARTS weight step's backward pass). A barrier on the padded input keeps XLA from copying the
+    producer of ``x`` into each of the ``k*k`` slices (see :func:`avg_pool`).
     """
-    out = None
-    for s in _window_slices(x, kernel_size, stride, -np.inf, padding):
-        out = s if out is None else jnp.maximum(out, s)
-    return out
+    return _max_and_first_argmax(x, kernel_size, stride, padding)[0]
+
+
+@max_pool.defjvp
+def _max_pool_jvp(kernel_size, stride, padding, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y, idx = _max_and_first_argmax(x, kernel_size, stride, padding)
+    dy = None
+    for t, ds in enumerate(_window_slices(dx, kernel_size, stride, 0.0, padding)):
+        term = jnp.where(idx == t, ds, jnp.zeros_like(ds))
+        dy = term if dy is None else dy + term
+    return y, dy
 
 
 def global_avg_pool(x: Array) -> Array:
