@@ -19,8 +19,6 @@ References: the PyTorch modules ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.AvgPool2
 from __future__ import annotations
 
 import functools
-
-import functools
 import math
 from typing import Callable, Sequence
 
