@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+import jax.test_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -183,6 +184,47 @@ def test_batch_norm_equals_the_direct_formula_with_gradients_and_forward_over_re
         hvp = jax.jvp(lambda x: jax.grad(ours)(x, scale, bias), (x,), (v,))[1]
         hvp_ref = jax.jvp(lambda x: jax.grad(ref)(x, scale, bias), (x,), (v,))[1]
         np.testing.assert_allclose(hvp, hvp_ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("affine,train", [(False, True), (True, True), (False, False), (True, False)])
+def test_batch_norm_out_scale_equals_scaling_its_output(affine, train):
+    # The search cell folds its mixing weight into the op's closing BatchNorm: same value, running
+    # statistics, gradients (the weight's included) and forward-over-reverse as scaling after it.
+    with jax.enable_x64():
+        bn = layers.BatchNorm2d(affine)
+        x = 1.0 + 2.0 * jax.random.normal(jax.random.key(10), (3, 4, 5, 6), jnp.float64)
+        variables = bn.init(jax.random.key(11), x, True)
+        if affine:
+            k1, k2 = jax.random.split(jax.random.key(12))
+            variables = {**variables, "params": {"scale": jax.random.normal(k1, (6,), jnp.float64),
+                                                 "bias": jax.random.normal(k2, (6,), jnp.float64)}}
+        stats = jax.tree_util.tree_map(lambda a: a + 0.5 if a.dtype == jnp.float64 else a,
+                                       variables["batch_stats"])
+
+        def run(folded):
+            def f(p, x, s):
+                y, new = bn.apply({"params": p, "batch_stats": stats}, x, train, s if folded else None,
+                                  mutable=["batch_stats"])
+                return (y if folded else s * y), new
+            return f
+
+        p = variables.get("params", {})
+        s = jnp.asarray(0.37, jnp.float64)
+        (ya, na), (yb, nb) = run(True)(p, x, s), run(False)(p, x, s)
+        np.testing.assert_allclose(ya, yb, rtol=1e-13, atol=1e-14)
+        for a, b in zip(jax.tree_util.tree_leaves(na), jax.tree_util.tree_leaves(nb)):
+            np.testing.assert_array_equal(a, b)
+        loss = lambda f: lambda p, x, s: jnp.sum(jnp.sin(f(p, x, s)[0]) * x)  # noqa: E731
+        ga = jax.grad(loss(run(True)), (0, 1, 2))(p, x, s)
+        gb = jax.grad(loss(run(False)), (0, 1, 2))(p, x, s)
+        for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
+        v = jnp.cos(x)
+        ha = jax.jvp(lambda x: jax.grad(loss(run(True)), (1, 2))(p, x, s), (x,), (v,))[1]
+        hb = jax.jvp(lambda x: jax.grad(loss(run(False)), (1, 2))(p, x, s), (x,), (v,))[1]
+        for a, b in zip(ha, hb):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-11)
+        jax.test_util.check_grads(lambda x, s: run(True)(p, x, s)[0], (x, s), order=2, modes=("fwd", "rev"))
 
 
 def test_pointwise_conv_equals_channel_einsum_under_vmap_and_forward_over_reverse():

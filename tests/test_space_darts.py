@@ -175,6 +175,61 @@ def test_init_shapes_vmap():
     assert np.abs(np.asarray(arch["normal"])).max() < 1e-2
 
 
+@pytest.mark.parametrize("stride,train", [(1, True), (2, True), (2, False)])
+def test_mixed_op_equals_the_weighted_sum_of_its_ops(stride, train):
+    # MixedOp folds each mixing weight into the op's closing BatchNorm (layers.BatchNorm2d's
+    # out_scale) except on the shared pools: the same function as sum_k w_k * op_k(x) with every
+    # op run alone (float64: value, running statistics, gradients in weights, mix and input, and
+    # forward-over-reverse along the weights, the second-order estimators' product).
+    import flax.linen as nn
+    from diffnas_jax.spaces.darts_ops import make_op
+    from diffnas_jax.spaces.genotypes import PRIMITIVES
+    C = 4
+    mixed = darts.MixedOp(C, stride, PRIMITIVES, 1, train)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, C), jnp.float64)
+    w = jax.nn.softmax(jax.random.normal(jax.random.key(1), (len(PRIMITIVES),), jnp.float64))
+    shapes = jax.eval_shape(lambda: mixed.init(jax.random.key(2), x, w))
+    rng = np.random.default_rng(3)
+    v = jax.tree_util.tree_map(lambda a: jnp.asarray(0.3 * rng.normal(size=a.shape) + 1.0, a.dtype), shapes)
+
+    def ours(p, w, x):
+        return mixed.apply({"params": p, "batch_stats": v["batch_stats"]}, x, w, mutable=["batch_stats"])
+
+    def weighted_sum(p, w, x):
+        out, new = 0.0, {}
+        for idx, name in enumerate(PRIMITIVES):
+            if name == "none":
+                continue
+            op, key = make_op(name, C, stride, affine=False, name=None, pool_bn=True), f"_ops.{idx}"
+            if isinstance(op, nn.Module):
+                y, upd = op.apply({"params": p.get(key, {}), "batch_stats": v["batch_stats"].get(key, {})}, x,
+                                  train, mutable=["batch_stats"])
+                new[key] = upd["batch_stats"]
+            else:
+                y = op(x, train)
+            out = out + w[idx] * y
+        return out, {"batch_stats": new}
+
+    (a, na), (b, nb) = ours(v["params"], w, x), weighted_sum(v["params"], w, x)
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+    assert jax.tree_util.tree_structure(na) == jax.tree_util.tree_structure(nb)
+    for u, t in zip(jax.tree_util.tree_leaves(na), jax.tree_util.tree_leaves(nb)):
+        np.testing.assert_array_equal(u, t)
+    loss = lambda f: lambda p, w, x: jnp.sum(jnp.sin(f(p, w, x)[0]) * jnp.cos(x[:, ::stride, ::stride]))  # noqa: E731
+    ga = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(v["params"], w, x)
+    gb = jax.jit(jax.grad(loss(weighted_sum), (0, 1, 2)))(v["params"], w, x)
+    for u, t in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+        np.testing.assert_allclose(u, t, rtol=1e-10, atol=1e-12)
+    direction = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), v["params"])
+
+    def hvp(f):
+        return jax.jit(lambda p: jax.jvp(lambda p: jax.grad(loss(f), (0, 1))(p, w, x), (p,), (direction,))[1])
+
+    for u, t in zip(jax.tree_util.tree_leaves(hvp(ours)(v["params"])),
+                    jax.tree_util.tree_leaves(hvp(weighted_sum)(v["params"]))):
+        np.testing.assert_allclose(u, t, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("stride,k,train", [(1, 1, True), (2, 2, True), (2, 1, False)])
 def test_edge_group_with_shared_pools_equals_per_edge_pools(stride, k, train):
     # The cell pools each state once for all its edges (and takes the PC-DARTS bypass once);

@@ -120,8 +120,17 @@ class MixedOp(nn.Module):
             if name == "none":
                 continue
             op = make_op(name, c_part, self.stride, affine=False, name=f"_ops.{idx}", pool_bn=True)
-            y = op(xin, self.train, pooled=shared[name]) if name in shared else op(xin, self.train)
-            y = w[idx] * y
+            if name in shared:
+                # a pool shared by the edges: its BatchNorm's output is the same for all of them
+                # (so are its statistics), and a weight per edge inside it would make one per edge
+                y = w[idx] * op(xin, self.train, pooled=shared[name])
+            elif isinstance(op, nn.Module):
+                # the weight scales the op's closing BatchNorm: reverse mode then takes its gradient
+                # and the op's scaled cotangent from BatchNorm's own sums and multiply, one pass over
+                # the op's output fewer each (and again in a second-order tangent pass)
+                y = op(xin, self.train, out_scale=w[idx])
+            else:
+                y = w[idx] * op(xin, self.train)
             out = y if out is None else out + y
         if out is None:
             out = jnp.zeros_like(xin[:, ::self.stride, ::self.stride, :])

@@ -28,13 +28,13 @@ class FactorizedReduce(nn.Module):
     affine: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, out_scale: Array | None = None) -> Array:
         if self.features % 2:
             raise ValueError(f"FactorizedReduce needs an even number of output channels, got {self.features}")
         x = jax.nn.relu(x)
         a = PointwiseConv2d(self.features // 2, name="conv_1")(x[:, ::2, ::2, :])
         b = PointwiseConv2d(self.features // 2, name="conv_2")(x[:, 1::2, 1::2, :])
-        return BatchNorm2d(self.affine, name="bn")(jnp.concatenate([a, b], axis=-1), train)
+        return BatchNorm2d(self.affine, name="bn")(jnp.concatenate([a, b], axis=-1), train, out_scale)
 
 
 class SepConv(nn.Module):
@@ -46,7 +46,7 @@ class SepConv(nn.Module):
     affine: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, out_scale: Array | None = None) -> Array:
         c = x.shape[-1]
         x = jax.nn.relu(x)
         x = DepthwiseConv2d(self.kernel_size, self.stride, self.padding, name="op.1")(x)
@@ -55,7 +55,7 @@ class SepConv(nn.Module):
         x = jax.nn.relu(x)
         x = DepthwiseConv2d(self.kernel_size, 1, self.padding, name="op.5")(x)
         x = PointwiseConv2d(self.features, name="op.6")(x)
-        return BatchNorm2d(self.affine, name="op.7")(x, train)
+        return BatchNorm2d(self.affine, name="op.7")(x, train, out_scale)
 
 
 class DilConv(nn.Module):
@@ -68,11 +68,11 @@ class DilConv(nn.Module):
     affine: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, out_scale: Array | None = None) -> Array:
         x = jax.nn.relu(x)
         x = DepthwiseConv2d(self.kernel_size, self.stride, self.padding, self.dilation, name="op.1")(x)
         x = PointwiseConv2d(self.features, name="op.2")(x)
-        return BatchNorm2d(self.affine, name="op.3")(x, train)
+        return BatchNorm2d(self.affine, name="op.3")(x, train, out_scale)
 
 
 class Conv7x1_1x7(nn.Module):
@@ -82,11 +82,11 @@ class Conv7x1_1x7(nn.Module):
     affine: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, out_scale: Array | None = None) -> Array:
         x = jax.nn.relu(x)
         x = Conv2d(self.features, (1, 7), (1, self.stride), (0, 3), name="1")(x)
         x = Conv2d(self.features, (7, 1), (self.stride, 1), (3, 0), name="2")(x)
-        return BatchNorm2d(self.affine, name="3")(x, train)
+        return BatchNorm2d(self.affine, name="3")(x, train, out_scale)
 
 
 class PoolBN(nn.Module):
@@ -99,10 +99,11 @@ class PoolBN(nn.Module):
     stride: int
 
     @nn.compact
-    def __call__(self, x: Array, train: bool, pooled: Array | None = None) -> Array:
+    def __call__(self, x: Array, train: bool, pooled: Array | None = None,
+                 out_scale: Array | None = None) -> Array:
         if pooled is None:
             pooled = pool_3x3(self.kind, x, self.stride)
-        return BatchNorm2d(False, name="1")(pooled, train)
+        return BatchNorm2d(False, name="1")(pooled, train, out_scale)
 
 
 def pool_3x3(kind: str, x: Array, stride: int) -> Array:
@@ -128,6 +129,8 @@ def make_op(op_name: str, C: int, stride: int, affine: bool, name: str, pool_bn:
     """The module (or parameter-free function ``f(x, train)``) for ``op_name``.
 
     ``pool_bn``: wrap pools with a non-affine BatchNorm as the search cell's ``MixedOp`` does.
+    Every module returned ends with a BatchNorm and takes ``out_scale`` (a scalar multiplying its
+    output, folded into that BatchNorm: :class:`~diffnas_jax.spaces.layers.BatchNorm2d`).
     """
     if op_name not in EVAL_OPS:
         raise ValueError(f"unknown op name {op_name!r}; expected one of {EVAL_OPS}")

@@ -296,13 +296,17 @@ class BatchNorm2d(nn.Module):
     Running statistics are updated (and ``num_batches_tracked`` counted) only in train mode when
     the ``batch_stats`` collection is mutable and not during ``init``.
     ``affine``: learnable ``scale`` (PyTorch ``weight``) and ``bias``.
+    ``out_scale`` (a scalar, optional): returns ``out_scale * BatchNorm(x)`` with the product
+    folded into the normalisation (a search cell's mixing weight, ``darts.MixedOp``), so reverse
+    mode gets the scalar's gradient from the per-channel sums it forms anyway instead of one more
+    pass over the output; the running statistics do not depend on it.
     """
     affine: bool = True
     momentum: float = 0.1
     eps: float = 1e-5
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool, out_scale: Array | None = None) -> Array:
         c = x.shape[-1]
         stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), stat_dtype))
@@ -312,6 +316,12 @@ class BatchNorm2d(nn.Module):
         if self.affine:
             scale = self.param("scale", nn.initializers.ones, (c,), stat_dtype)
             bias = self.param("bias", nn.initializers.zeros, (c,), stat_dtype)
+        if out_scale is not None:
+            # the output times a scalar, folded into the normalisation's own multiply-add: its
+            # derivative then comes out of the reductions BatchNorm's backward pass makes anyway
+            out_scale = jnp.asarray(out_scale, stat_dtype)
+            scale = jnp.broadcast_to(out_scale, (c,)) if scale is None else scale * out_scale
+            bias = None if bias is None else bias * out_scale
         y, new = batch_norm(x, ra_mean.value, ra_var.value, scale, bias, train, self.momentum, self.eps)
         if new is not None and not self.is_initializing() and self.is_mutable_collection("batch_stats"):
             ra_mean.value, ra_var.value = new
