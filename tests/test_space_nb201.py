@@ -274,3 +274,68 @@ def test_affine_and_untracked_variants_map_to_reference_names():
     mix = {"cell": jax.ShapeDtypeStruct((6, 5), jnp.float32)}
     out, s3 = jax.eval_shape(lambda w, s, m: sp.apply(w, s, m, x, False), w, s, mix)
     assert out.shape == (2, 10)
+
+
+@pytest.mark.parametrize("affine,track,train", [(False, True, True), (True, True, True), (False, True, False),
+                                                (True, False, True)])
+def test_search_cell_equals_the_weighted_sum_of_per_edge_ops(affine, track, train):
+    # The cell runs each conv op of the edges leaving a node as one wide convolution and BatchNorm,
+    # with each edge's mixing weight folded into that BatchNorm's channels: the same function as
+    # node_i = sum_j sum_k w[(i, j), k] * op_k(node_j) with one ReLUConvBN per edge (float64:
+    # value, running statistics, gradients in weights, mix and input, forward-over-reverse).
+    from diffnas_jax.spaces.layers import ReLUConvBN
+    C, nodes = 3, 4
+    cell = nb201.NB201SearchCell(C, nodes, nb201.NB201_OPS, affine=affine, track_running_stats=track)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, C), jnp.float64)
+    keys = nb201.edge_keys(nodes)
+    mix = jax.nn.softmax(jax.random.normal(jax.random.key(1), (len(keys), len(nb201.NB201_OPS)), jnp.float64))
+    shapes = jax.eval_shape(lambda: cell.init(jax.random.key(2), x, mix, train))
+    rng = np.random.default_rng(3)
+    v = jax.tree_util.tree_map(lambda a: jnp.asarray(0.3 * rng.normal(size=a.shape) + 1.0, a.dtype)
+                               if a.dtype == jnp.float64 else jnp.zeros(a.shape, a.dtype), shapes)
+    stats = v.get("batch_stats", {})
+
+    def ours(p, m, x):
+        return cell.apply({"params": p, "batch_stats": stats}, x, m, train, mutable=["batch_stats"])
+
+    def per_edge(p, m, x):
+        states, new = [x], {}
+        for i in range(1, nodes):
+            total = 0.0
+            for j in range(i):
+                e = keys.index(f"{i}<-{j}")
+                for k, op in enumerate(nb201.NB201_OPS):
+                    name = f"edges.{i}<-{j}.{k}"
+                    if op in nb201._CONV_OPS:
+                        ksz, pad = nb201._CONV_OPS[op]
+                        mod = ReLUConvBN(C, ksz, 1, pad, affine=affine, use_bias=not affine)
+                        if track:
+                            y, upd = mod.apply({"params": p[name], "batch_stats": stats[name]}, states[j], train,
+                                               mutable=["batch_stats"])
+                            new[name] = upd["batch_stats"]
+                        else:  # batch statistics in both modes, nothing kept
+                            y = mod.apply({"params": p[name]}, states[j], True, mutable=["batch_stats"])[0]
+                    else:
+                        y = nb201._param_free_op(op, states[j])
+                        if y is None:
+                            continue
+                    total = total + m[e, k] * y
+            states.append(total)
+        return states[-1], {"batch_stats": new}
+
+    (a, na), (b, nb) = ours(v["params"], mix, x), per_edge(v["params"], mix, x)
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    for name, s in nb["batch_stats"].items():
+        for u, t in zip(jax.tree_util.tree_leaves(na["batch_stats"][name]), jax.tree_util.tree_leaves(s)):
+            np.testing.assert_allclose(u, t, rtol=1e-12, atol=1e-14)
+    loss = lambda f: lambda p, m, x: jnp.sum(jnp.sin(f(p, m, x)[0]) * jnp.cos(x))  # noqa: E731
+    ga = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(v["params"], mix, x)
+    gb = jax.jit(jax.grad(loss(per_edge), (0, 1, 2)))(v["params"], mix, x)
+    for u, t in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+        np.testing.assert_allclose(u, t, rtol=1e-10, atol=1e-11)
+    direction = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), v["params"])
+
+    def hvp(f):
+        return jax.jit(lambda p: jax.jvp(lambda p: jax.grad(loss(f), 1)(p, mix, x), (p,), (direction,))[1])
+
+    np.testing.assert_allclose(hvp(ours)(v["params"]), hvp(per_edge)(v["params"]), rtol=1e-9, atol=1e-10)

@@ -162,6 +162,7 @@ class NB201SearchCell(nn.Module):
             names = [f"{t}<-{j}" for t in targets]
             outs: dict[int, list[jax.Array]] = {}
             h = jax.nn.relu(src) if conv_ops else None
+            weights = jnp.stack([mix[index[n]] for n in names])  # (targets, ops)
             for k, op in conv_ops:
                 ksz, pad = _CONV_OPS[op]
                 ids = [f"edges.{n}.{k}" for n in names]
@@ -173,7 +174,9 @@ class NB201SearchCell(nn.Module):
                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
                 if not self.affine:
                     y = y + jnp.concatenate([params[i]["op.1"]["bias"] for i in ids]).astype(y.dtype)
-                y = self._batch_norm(y, ids, params, stats, train, update)
+                # each edge's mixing weight scales its channels inside the BatchNorm: reverse mode
+                # then takes the weight's gradient from BatchNorm's own sums (layers.BatchNorm2d)
+                y = self._batch_norm(y, ids, params, stats, train, update, jnp.repeat(weights[:, k], c))
                 outs[k] = [y[..., n * c:(n + 1) * c] for n in range(len(targets))]
             for k, op in enumerate(self.op_names):
                 if op not in _CONV_OPS:
@@ -184,7 +187,7 @@ class NB201SearchCell(nn.Module):
                 w = mix[index[names[n]]]
                 edge = None
                 for k in sorted(outs):
-                    term = outs[k][n] * w[k]
+                    term = outs[k][n] if self.op_names[k] in _CONV_OPS else outs[k][n] * w[k]
                     edge = term if edge is None else edge + term
                 if edge is None:  # every op of the edge is "none"
                     edge = jnp.zeros_like(src)
@@ -194,17 +197,19 @@ class NB201SearchCell(nn.Module):
             nodes.append(cotangent_barrier(pending.pop(j + 1)))
         return nodes[-1]
 
-    def _batch_norm(self, y, ids, params, stats, train, update):
+    def _batch_norm(self, y, ids, params, stats, train, update, out_scale):
         """BatchNorm2d over the concatenated channels of several edges (per-channel, so equal to
-        one BN per edge); running statistics are split back to their edges."""
+        one BN per edge), its output times ``out_scale`` (per channel: each edge's mixing weight),
+        folded into the normalisation; running statistics are split back to their edges."""
         cat = lambda f: jnp.concatenate([f(i) for i in ids])  # noqa: E731
         if self.track_running_stats:
             mean, var = cat(lambda i: stats[i].value["op.2"]["mean"]), cat(lambda i: stats[i].value["op.2"]["var"])
         else:  # normalise with batch statistics in both modes; nothing to update
             sdt = jnp.promote_types(y.dtype, jnp.float32)
             mean, var = jnp.zeros(y.shape[-1], sdt), jnp.ones(y.shape[-1], sdt)
-        scale = cat(lambda i: params[i]["op.2"]["scale"]) if self.affine else None
-        bias = cat(lambda i: params[i]["op.2"]["bias"]) if self.affine else None
+        out_scale = out_scale.astype(jnp.promote_types(y.dtype, jnp.float32))
+        scale = cat(lambda i: params[i]["op.2"]["scale"]) * out_scale if self.affine else out_scale
+        bias = cat(lambda i: params[i]["op.2"]["bias"]) * out_scale if self.affine else None
         out, new = batch_norm(y, mean, var, scale, bias, train or not self.track_running_stats,
                               self.momentum, self.eps)
         if update:
