@@ -75,6 +75,23 @@ def rel_err(ours, ref, floor: float = 0.0) -> float:
     return float(np.max(np.abs(ours - ref))) / denom if ref.size else 0.0
 
 
+def assert_same_derivatives(f, g, args: tuple, direction, hvp_argnums, grad_tol=(1e-10, 1e-12),
+                            hvp_tol=(1e-9, 1e-11)) -> None:
+    """Two formulations of one scalar function of ``args`` (jitted): equal gradients in every
+    argument, and equal forward-over-reverse products (the second-order estimators' tangent of
+    the gradient in ``hvp_argnums``) along ``direction`` in ``args[0]``. Tolerances (rtol, atol)."""
+    argnums = tuple(range(len(args)))
+    for u, t in zip(jax.tree_util.tree_leaves(jax.jit(jax.grad(f, argnums))(*args)),
+                    jax.tree_util.tree_leaves(jax.jit(jax.grad(g, argnums))(*args))):
+        np.testing.assert_allclose(u, t, rtol=grad_tol[0], atol=grad_tol[1])
+
+    def hvp(h):
+        return jax.jit(lambda p: jax.jvp(lambda p: jax.grad(h, hvp_argnums)(p, *args[1:]), (p,), (direction,))[1])
+
+    for u, t in zip(jax.tree_util.tree_leaves(hvp(f)(args[0])), jax.tree_util.tree_leaves(hvp(g)(args[0]))):
+        np.testing.assert_allclose(u, t, rtol=hvp_tol[0], atol=hvp_tol[1])
+
+
 def load_script(path: pathlib.Path, name: str):
     """Import a script that is not in a package (``examples/``, ``benchmarks/``) as module ``name``."""
     spec = importlib.util.spec_from_file_location(name, path)

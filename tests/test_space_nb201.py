@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_fixture, rel_err
+from conftest import assert_same_derivatives, load_fixture, rel_err
 from diffnas_jax.spaces import nb201
 
 # Test-only: XLA backend optimisation level 0 halves compile time (one call per program here).
@@ -329,13 +329,6 @@ def test_search_cell_equals_the_weighted_sum_of_per_edge_ops(affine, track, trai
         for u, t in zip(jax.tree_util.tree_leaves(na["batch_stats"][name]), jax.tree_util.tree_leaves(s)):
             np.testing.assert_allclose(u, t, rtol=1e-12, atol=1e-14)
     loss = lambda f: lambda p, m, x: jnp.sum(jnp.sin(f(p, m, x)[0]) * jnp.cos(x))  # noqa: E731
-    ga = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(v["params"], mix, x)
-    gb = jax.jit(jax.grad(loss(per_edge), (0, 1, 2)))(v["params"], mix, x)
-    for u, t in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
-        np.testing.assert_allclose(u, t, rtol=1e-10, atol=1e-11)
     direction = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), v["params"])
-
-    def hvp(f):
-        return jax.jit(lambda p: jax.jvp(lambda p: jax.grad(loss(f), 1)(p, mix, x), (p,), (direction,))[1])
-
-    np.testing.assert_allclose(hvp(ours)(v["params"]), hvp(per_edge)(v["params"]), rtol=1e-9, atol=1e-10)
+    assert_same_derivatives(loss(ours), loss(per_edge), (v["params"], mix, x), direction, 1,
+                            grad_tol=(1e-10, 1e-11), hvp_tol=(1e-9, 1e-10))
