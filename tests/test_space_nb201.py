@@ -276,8 +276,7 @@ def test_affine_and_untracked_variants_map_to_reference_names():
     assert out.shape == (2, 10)
 
 
-@pytest.mark.parametrize("affine,track,train", [(False, True, True), (True, True, True), (False, True, False),
-                                                (True, False, True)])
+@pytest.mark.parametrize("affine,track,train", [(False, True, True), (False, True, False), (True, False, True)])
 def test_search_cell_equals_the_weighted_sum_of_per_edge_ops(affine, track, train):
     # The cell runs each conv op of the edges leaving a node as one wide convolution and BatchNorm,
     # with each edge's mixing weight folded into that BatchNorm's channels: the same function as
