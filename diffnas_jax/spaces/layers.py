@@ -258,7 +258,8 @@ class Linear(nn.Module):
 
 
 def batch_norm(x: Array, running_mean: Array, running_var: Array, scale: Array | None, bias: Array | None,
-               train: bool, momentum: float = 0.1, eps: float = 1e-5) -> tuple[Array, tuple[Array, Array] | None]:
+               train: bool, momentum: float = 0.1, eps: float = 1e-5,
+               out_scale: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
     """Functional ``torch.nn.BatchNorm2d`` over the last (channel) axis, the one BatchNorm of every
     space (the :class:`BatchNorm2d` module and the spaces' wide per-edge / per-candidate kernels).
 
@@ -266,9 +267,17 @@ def batch_norm(x: Array, running_mean: Array, running_var: Array, scale: Array |
     statistics ``((1-m) mean + m batch_mean, (1-m) var + m unbiased_batch_var)`` (no gradient
     through them); ``train=False`` normalises with the running statistics and returns ``None``.
     ``scale`` / ``bias`` (PyTorch ``weight`` / ``bias``) are ``None`` for a non-affine BN.
-    Statistics are computed in at least float32; the output keeps ``x``'s dtype.
+    ``out_scale`` (optional, a scalar or one factor per channel, shape (C,)): returns ``out_scale *
+    BatchNorm(x)`` with the product folded into the normalisation's multiply-add (a search cell's
+    mixing weights), so reverse mode takes its gradient from the per-channel sums the backward pass
+    forms anyway instead of one more pass over the output; the running statistics do not depend on
+    it. Statistics are computed in at least float32; the output keeps ``x``'s dtype.
     """
     sdt = jnp.promote_types(x.dtype, jnp.float32)
+    if out_scale is not None:
+        out_scale = jnp.asarray(out_scale, sdt)
+        scale = jnp.broadcast_to(out_scale, x.shape[-1:]) if scale is None else scale.astype(sdt) * out_scale
+        bias = None if bias is None else bias.astype(sdt) * out_scale
     new = None
     if train:
         xf = x.astype(sdt)
@@ -296,10 +305,8 @@ class BatchNorm2d(nn.Module):
     Running statistics are updated (and ``num_batches_tracked`` counted) only in train mode when
     the ``batch_stats`` collection is mutable and not during ``init``.
     ``affine``: learnable ``scale`` (PyTorch ``weight``) and ``bias``.
-    ``out_scale`` (a scalar, optional): returns ``out_scale * BatchNorm(x)`` with the product
-    folded into the normalisation (a search cell's mixing weight, ``darts.MixedOp``), so reverse
-    mode gets the scalar's gradient from the per-channel sums it forms anyway instead of one more
-    pass over the output; the running statistics do not depend on it.
+    ``out_scale`` (a scalar, optional): returns ``out_scale * BatchNorm(x)``, folded into the
+    normalisation (:func:`batch_norm`; a search cell's mixing weight, ``darts.MixedOp``).
     """
     affine: bool = True
     momentum: float = 0.1
@@ -316,13 +323,8 @@ class BatchNorm2d(nn.Module):
         if self.affine:
             scale = self.param("scale", nn.initializers.ones, (c,), stat_dtype)
             bias = self.param("bias", nn.initializers.zeros, (c,), stat_dtype)
-        if out_scale is not None:
-            # the output times a scalar, folded into the normalisation's own multiply-add: its
-            # derivative then comes out of the reductions BatchNorm's backward pass makes anyway
-            out_scale = jnp.asarray(out_scale, stat_dtype)
-            scale = jnp.broadcast_to(out_scale, (c,)) if scale is None else scale * out_scale
-            bias = None if bias is None else bias * out_scale
-        y, new = batch_norm(x, ra_mean.value, ra_var.value, scale, bias, train, self.momentum, self.eps)
+        y, new = batch_norm(x, ra_mean.value, ra_var.value, scale, bias, train, self.momentum, self.eps,
+                            out_scale)
         if new is not None and not self.is_initializing() and self.is_mutable_collection("batch_stats"):
             ra_mean.value, ra_var.value = new
             count.value = count.value + 1

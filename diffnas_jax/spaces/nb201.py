@@ -175,7 +175,7 @@ class NB201SearchCell(nn.Module):
                 if not self.affine:
                     y = y + jnp.concatenate([params[i]["op.1"]["bias"] for i in ids]).astype(y.dtype)
                 # each edge's mixing weight scales its channels inside the BatchNorm: reverse mode
-                # then takes the weight's gradient from BatchNorm's own sums (layers.BatchNorm2d)
+                # then takes the weight's gradient from BatchNorm's own sums (layers.batch_norm)
                 y = self._batch_norm(y, ids, params, stats, train, update, jnp.repeat(weights[:, k], c))
                 outs[k] = [y[..., n * c:(n + 1) * c] for n in range(len(targets))]
             for k, op in enumerate(self.op_names):
@@ -184,10 +184,9 @@ class NB201SearchCell(nn.Module):
                     if y is not None:
                         outs[k] = [y] * len(targets)
             for n, t in enumerate(targets):
-                w = mix[index[names[n]]]
                 edge = None
                 for k in sorted(outs):
-                    term = outs[k][n] if self.op_names[k] in _CONV_OPS else outs[k][n] * w[k]
+                    term = outs[k][n] if self.op_names[k] in _CONV_OPS else outs[k][n] * weights[n, k]
                     edge = term if edge is None else edge + term
                 if edge is None:  # every op of the edge is "none"
                     edge = jnp.zeros_like(src)
@@ -207,11 +206,10 @@ class NB201SearchCell(nn.Module):
         else:  # normalise with batch statistics in both modes; nothing to update
             sdt = jnp.promote_types(y.dtype, jnp.float32)
             mean, var = jnp.zeros(y.shape[-1], sdt), jnp.ones(y.shape[-1], sdt)
-        out_scale = out_scale.astype(jnp.promote_types(y.dtype, jnp.float32))
-        scale = cat(lambda i: params[i]["op.2"]["scale"]) * out_scale if self.affine else out_scale
-        bias = cat(lambda i: params[i]["op.2"]["bias"]) * out_scale if self.affine else None
+        scale = cat(lambda i: params[i]["op.2"]["scale"]) if self.affine else None
+        bias = cat(lambda i: params[i]["op.2"]["bias"]) if self.affine else None
         out, new = batch_norm(y, mean, var, scale, bias, train or not self.track_running_stats,
-                              self.momentum, self.eps)
+                              self.momentum, self.eps, out_scale)
         if update:
             c = self.channels
             for e, i in enumerate(ids):
