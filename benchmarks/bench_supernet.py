@@ -2,7 +2,7 @@
 original PyTorch code on the same CPU in the same run.
 
     python benchmarks/bench_supernet.py --torch-ref /work/refcode/darts/cnn \\
-        --nb201-ref /work/refcode/autodl [--space darts|nb201|both|none] [--second-order]
+        --nb201-ref /work/refcode/autodl [--space darts|nb201|both|none] [--second-order [--hvp exact|finite_difference|both]]
         [--implicit] [--eval-net] [--full] [--C 8] [--layers 3] [--N 1] [--batch 16] [--size 16]
         [--steps 3] [--formulation default|grouped|shifted|hybrid|ffi] [--cell default|scan|groups|all]
         [--barrier default|dot|none|all] [--profile] [--host-memory huge-pages|off]
@@ -13,9 +13,10 @@ sets the issue's sizes: C=16, 8 layers, N=5, batch 32, 32x32, evaluation network
 
 - ``--space darts|nb201|both``: one first-order SGD weight step of the DARTS / NB201 supernet
   (quark0/darts ``cnn/model_search.Network``; AutoDL-Projects ``TinyNetworkDarts``).
-- ``--second-order``: the full DARTS search step (architecture step with the exact second-order
+- ``--second-order``: the full DARTS search step (architecture step with the second-order
   hypergradient + weight step, ``search.make_step``) against the reference ``Architect.step(...,
-  unrolled=True)`` + weight step, each also in units of its own weight step.
+  unrolled=True)`` + weight step, each also in units of its own weight step. ``--hvp`` picks its
+  Hessian-vector product: ``exact`` (default), ``finite_difference`` (the reference's), ``both``.
 - ``--implicit``: the DARTS search step with ``hypergrad.implicit("cg", maxiter=10)`` (no
   PyTorch reference), in weight steps.
 - ``--eval-net``: one training step (SGD, cross-entropy + 0.4 auxiliary, drop-path 0.2) of the
@@ -180,6 +181,8 @@ def _host_init(shapes, seed: int = 0):
 
 
 SGD = dict(lr=0.025, momentum=0.9, weight_decay=3e-4, clip=5.0)
+HVP_ROWS = {"exact": ("exact",), "finite_difference": ("finite_difference",),
+            "both": ("exact", "finite_difference")}
 
 
 def _weight_opt(clip: bool = True):
@@ -488,7 +491,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--space", choices=("darts", "nb201", "both", "none"), default="both",
                     help="first-order weight-step rows")
-    ap.add_argument("--second-order", action="store_true", help="DARTS search step, exact second-order hypergradient")
+    ap.add_argument("--second-order", action="store_true", help="DARTS search step, second-order hypergradient")
+    ap.add_argument("--hvp", choices=tuple(HVP_ROWS), default="exact",
+                    help="--second-order's Hessian-vector product: exact (forward-over-reverse), "
+                         "finite_difference (the reference's), or both rows in one run")
     ap.add_argument("--implicit", action="store_true", help="DARTS search step, implicit CG-10 hypergradient")
     ap.add_argument("--eval-net", action="store_true", help="DARTS_V2 evaluation network training step")
     ap.add_argument("--per-op", action="store_true", help="per-op forward + backward table of one DARTS edge group")
@@ -556,14 +562,14 @@ def main(argv=None) -> int:
             t = torch_rows["weight"]
             _report(f"DARTS weight step (C={args.C}, layers={args.layers}, {tag})", r, t)
             unit = (r["median"], t["median"] if t else None)
-        if args.second_order:
+        for hvp in (HVP_ROWS[args.hvp] if args.second_order else ()):
             est = hypergrad.unrolled(SGD["lr"], weight_decay=SGD["weight_decay"], momentum=SGD["momentum"],
-                                     hvp="exact")
+                                     hvp=hvp)
             r = time_search_step(sp, est, args.batch, args.size, args.steps, args.profile)
             if "second" not in torch_rows:
                 torch_rows["second"] = time_torch(TORCH_SECOND_ORDER, ref, args, args.C, args.layers, args.batch,
                                                   args.size) if ref else None
-            _report(f"DARTS second-order search step (JAX exact HVP; torch finite differences; {tag})", r,
+            _report(f"DARTS second-order search step (JAX {hvp} HVP; torch finite differences; {tag})", r,
                     torch_rows["second"], unit)
         if args.implicit:
             est = hypergrad.implicit("cg", maxiter=args.cg_iters, damping=1e-2)

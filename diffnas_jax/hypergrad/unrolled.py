@@ -99,13 +99,16 @@ def _finite_difference_mixed(lt, w, a, bt, v, r):
     # v = 0 makes the mixed term exactly zero; avoid 0/0 rather than returning NaN.
     big_r = r / jnp.where(nonzero, norm, 1.0)
 
-    def ga(w_):
-        return jax.grad(lambda a_: lt(w_, a_, bt)[0])(a)
+    def ga(sign):
+        return jax.grad(lambda a_: lt(tree_axpy(sign * big_r, v, w), a_, bt)[0])(a)
 
-    g_plus = ga(tree_axpy(big_r, v, w))
-    g_minus = ga(tree_axpy(-big_r, v, w))
+    # One loop over the two signs, not two calls: the supernet's gradient program is traced and
+    # compiled once instead of twice (full-size DARTS search step: compile 104 -> 60 s, StableHLO
+    # -24 %, step no slower; BUILD_NOTES section 5). The body holds no kernel gradients, so it
+    # avoids XLA:CPU's slow in-loop convolution emitter.
+    g = jax.lax.map(ga, jnp.array([1.0, -1.0], dtype=big_r.dtype))
     return jax.tree.map(
-        lambda p, m: jnp.where(nonzero, (p - m) / (2 * big_r), 0.0).astype(p.dtype), g_plus, g_minus)
+        lambda gi: jnp.where(nonzero, (gi[0] - gi[1]) / (2 * big_r), 0.0).astype(gi.dtype), g)
 
 
 def unrolled_k(k: int, inner_optimizer: optax.GradientTransformation) -> Hypergradient:
