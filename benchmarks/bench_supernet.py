@@ -6,7 +6,7 @@ original PyTorch code on the same CPU in the same run.
         [--implicit] [--eval-net] [--full] [--C 8] [--layers 3] [--N 1] [--batch 16] [--size 16]
         [--steps 3] [--formulation default|grouped|shifted|hybrid|ffi] [--cell default|scan|groups|all]
         [--barrier default|dot|none|all] [--profile] [--host-memory huge-pages|off]
-        [--torch-host-memory default|huge-pages]
+        [--torch-host-memory default|huge-pages] [--torch-device cpu|cuda]
 
 Rows (each behind a flag; the defaults are reduced sizes that run in minutes on 2 cores, ``--full``
 sets the issue's sizes: C=16, 8 layers, N=5, batch 32, 32x32, evaluation network C=36, 20 cells):
@@ -48,6 +48,9 @@ at the first normal cell's and the first reduction cell's shapes, JAX and PyTorc
 glibc maps each step's large temporary buffer on 2 MiB pages instead of faulting it in 4 KiB at a
 time); ``off`` measures glibc's defaults. ``--torch-host-memory huge-pages`` gives the PyTorch
 process the same tunable; by default it runs as its users run it.
+``--torch-device cuda`` runs the PyTorch rows on the GPU (synchronised around each step; memory is
+then the allocator's peak growth over the first step), to compare with JAX on the same GPU; the
+``--per-op`` table stays on the CPU.
 """
 from __future__ import annotations
 
@@ -73,10 +76,13 @@ from diffnas_jax.search import host_memory
 TORCH_COMMON = textwrap.dedent("""
     import sys, time, json, statistics, resource, types
     import torch, torch.nn as nn
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    nn.Module.cuda = lambda self, *a, **k: self
     ref, steps, threads, C, depth, batch, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \\
         int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+    dev = torch.device(sys.argv[8] if len(sys.argv) > 8 else "cpu")
+    if dev.type == "cpu":  # the reference code calls .cuda() where it builds tensors
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        nn.Module.cuda = lambda self, *a, **k: self
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
 """)
@@ -115,7 +121,7 @@ TORCH_SECOND_ORDER = TORCH_DARTS + TORCH_LEGACY + textwrap.dedent("""
     from architect import Architect
     _args = types.SimpleNamespace(momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-4, arch_weight_decay=1e-3)
     architect = Architect(model, _args)
-    xv = torch.randn(batch, 3, size, size); yv = torch.randint(0, 10, (batch,))
+    xv = torch.randn(batch, 3, size, size).to(dev); yv = torch.randint(0, 10, (batch,)).to(dev)
     _weight_step = loss_fn
     def arch_then_weight(x, y):
         architect.step(x, y, xv, yv, 0.025, opt, True)
@@ -130,8 +136,8 @@ TORCH_EVAL = TORCH_COMMON + textwrap.dedent("""
         sys.modules.setdefault(_m, types.ModuleType(_m))
     sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
     import utils
-    # drop_path draws its mask with torch.cuda.FloatTensor
-    utils.torch.cuda.FloatTensor = lambda *s: torch.empty(*s)
+    if dev.type == "cpu":  # drop_path draws its mask with torch.cuda.FloatTensor
+        utils.torch.cuda.FloatTensor = lambda *s: torch.empty(*s)
     from model import NetworkCIFAR
     import genotypes
     model = NetworkCIFAR(C, 10, depth, True, genotypes.DARTS_V2)
@@ -144,22 +150,30 @@ TORCH_EVAL = TORCH_COMMON + textwrap.dedent("""
 """)
 
 TORCH_STEP = textwrap.dedent("""
+    model.to(dev)  # in place: the architect's optimiser keeps its parameters
     opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
-    x = torch.randn(batch, 3, size, size); y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, 3, size, size).to(dev); y = torch.randint(0, 10, (batch,)).to(dev)
     times = []
-    # growth of the peak over the resident set before the first step (model and data built)
-    rss0 = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 1024
+    # growth of the peak over what is resident before the first step (model and data built):
+    # the process's resident set on the CPU, the allocator's device memory on a GPU
+    if dev.type == "cuda":
+        sync(); torch.cuda.reset_peak_memory_stats(); mem0 = torch.cuda.memory_allocated()
+    else:
+        mem0 = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
     for i in range(steps + 1):
-        t = time.perf_counter()
+        sync(); t = time.perf_counter()
         opt.zero_grad(); loss = loss_fn(x, y); loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 5.0); opt.step()
-        times.append(time.perf_counter() - t)
-        if i == 0:
+        sync(); times.append(time.perf_counter() - t)
+        if i == 0 and dev.type == "cuda":
+            mem1 = torch.cuda.max_memory_allocated()
+        elif i == 0:
             # VmHWM: this process's own peak (ru_maxrss also counts the parent's peak at fork,
             # which made the figure wrong after a large JAX program had run in the parent)
-            rss1 = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+            mem1 = 1024 * next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     print(json.dumps({"median": statistics.median(times[1:]), "first": times[0],
-                      "rss_growth_bytes": 1024 * (rss1 - rss0)}))
+                      "peak_growth_bytes": mem1 - mem0,
+                      "memory": "device memory" if dev.type == "cuda" else "RSS"}))
 """)
 
 
@@ -401,7 +415,7 @@ def time_torch(script: str, ref: str, args, C: int, depth: int, batch: int, size
     if args.torch_host_memory == "huge-pages":
         env.update(host_memory.tunables("huge-pages", environ=env))
     out = subprocess.run([args.torch_python, "-c", script + TORCH_STEP, ref, str(args.steps), str(os.cpu_count()),
-                          str(C), str(depth), str(batch), str(size)],
+                          str(C), str(depth), str(batch), str(size), args.torch_device],
                          capture_output=True, text=True, env=env)
     if out.returncode:
         raise SystemExit(f"the PyTorch reference failed:\n{out.stderr[-2000:]}")
@@ -418,7 +432,7 @@ def _report(name: str, r: dict, t: dict | None, unit: tuple[float, float | None]
     if t is not None:
         extra = f", {t['median'] / unit[1]:.2f} weight steps" if unit and unit[1] else ""
         print(f"torch {name}: {t['median']:.3f} s{extra} (first step {t['first']:.3f} s, "
-              f"peak RSS growth {t['rss_growth_bytes'] / 2**20:.0f} MiB)")
+              f"peak {t['memory']} growth {t['peak_growth_bytes'] / 2**20:.0f} MiB)")
         print(f"{name} ratio torch/jax = {t['median'] / r['median']:.2f}", flush=True)
 
 
@@ -503,6 +517,9 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-ref", help="directory holding quark0/darts cnn/ (model_search.py)")
     ap.add_argument("--nb201-ref", help="directory holding AutoDL-Projects' xautodl/ (the models folder suffices)")
     ap.add_argument("--torch-python", default="/work/benchvenv/bin/python")
+    ap.add_argument("--torch-device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the PyTorch reference runs (cuda: compare against JAX on a GPU; "
+                         "its memory is then the allocator's peak device memory growth)")
     ap.add_argument("--C", type=int, default=8)
     ap.add_argument("--layers", type=int, default=3, help="DARTS cells")
     ap.add_argument("--N", type=int, default=1, help="NB201 cells per stage")
