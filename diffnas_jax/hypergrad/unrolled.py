@@ -103,9 +103,9 @@ def _finite_difference_mixed(lt, w, a, bt, v, r):
         return jax.grad(lambda a_: lt(tree_axpy(sign * big_r, v, w), a_, bt)[0])(a)
 
     # One loop over the two signs, not two calls: the supernet's gradient program is traced and
-    # compiled once instead of twice (full-size DARTS search step: compile 104 -> 60 s, StableHLO
-    # -24 %, step no slower; BUILD_NOTES section 5). The body holds no kernel gradients, so it
-    # avoids XLA:CPU's slow in-loop convolution emitter.
+    # compiled once instead of twice (this estimator on the full-size DARTS supernet: XLA compile
+    # 104 -> 60 s, StableHLO -24 %, step no slower; BUILD_NOTES section 5, round 12). The body
+    # holds no kernel gradients, so it avoids XLA:CPU's slow in-loop convolution emitter.
     g = jax.lax.map(ga, jnp.array([1.0, -1.0], dtype=big_r.dtype))
     return jax.tree.map(
         lambda gi: jnp.where(nonzero, (gi[0] - gi[1]) / (2 * big_r), 0.0).astype(gi.dtype), g)
