@@ -107,6 +107,27 @@ def test_unrolled_fd_converges_to_exact(ridge, off_optimum):
     assert errs[2] < 1e-6
 
 
+def test_unrolled_fd_under_vmap_keeps_float32_and_zero_direction(ridge, off_optimum):
+    # The two finite-difference gradients run as one loop over the sign: batched over weight sets
+    # it must equal separate calls, keep float32, and give exactly the first-order term when the
+    # validation gradient v is zero (R = r / ||v|| undefined).
+    est = hg.unrolled(0.3, r=1e-2)
+    ws = {"w": jnp.stack([off_optimum["w"], ridge["w"]["w"], 2 * off_optimum["w"]])}
+    batched = jax.jit(jax.vmap(lambda w: _call(est, ridge, w)))(ws)
+    for i in range(3):
+        one = _call(est, ridge, {"w": ws["w"][i]})["log_lam"]
+        np.testing.assert_allclose(batched["log_lam"][i], one, rtol=1e-12, atol=1e-15)
+
+    f32 = dict(ridge, **{k: jax.tree.map(lambda x: x.astype(jnp.float32), ridge[k]) for k in ("w", "a", "bt", "bv")})
+    d32 = _call(est, f32, jax.tree.map(lambda x: x.astype(jnp.float32), off_optimum))
+    assert d32["log_lam"].dtype == jnp.float32
+    assert rel_err(d32["log_lam"], _call(est, ridge, off_optimum)["log_lam"]) < 1e-3
+
+    flat = dict(ridge, lv=lambda w, a, b: jnp.sum(a["log_lam"] ** 2) + 0.0 * jnp.sum(w["w"]))
+    d0 = _call(est, flat, off_optimum)["log_lam"]
+    np.testing.assert_array_equal(d0, 2 * ridge["a"]["log_lam"])
+
+
 def test_unrolled_momentum_buffer_enters_virtual_step(ridge, off_optimum):
     eta, mu = 0.3, 0.9
     buf = {"w": 0.1 * jnp.sin(jnp.arange(D, dtype=jnp.float64))}
